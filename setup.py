@@ -1,0 +1,39 @@
+"""torchreid-ext: the MSFL/MSGR, DRSL and Support Neighbor papers as Torchreid plug-ins."""
+from setuptools import find_packages, setup
+
+# PyPI `torchreid` 0.2.5 declares none of the packages it imports; they are listed here.
+TORCHREID_RUNTIME = [
+    "opencv-python-headless",  # torchreid.utils.reidtools (rank visualisation)
+    "scipy",  # torchreid.data.datasets (CUHK03 .mat files)
+    "h5py",  # CUHK03
+    "imageio",  # CUHK03
+    "gdown",  # pretrained OSNet downloads
+    "tb-nightly",  # torch.utils.tensorboard.SummaryWriter in torchreid.engine
+    "six",
+]
+
+setup(
+    name="torchreid-ext",
+    version="0.1.0",
+    description=__doc__,
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["torchreid_ext", "torchreid_ext.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        # torch and torchvision are resolved from the registry (see README): the registry's
+        # torchvision wheels are built against its newest torch.
+        "torch>=2.1",
+        "torchvision",
+        "torchreid==0.2.5",
+        "numpy",
+        "Pillow",
+        "PyYAML",
+        "yacs",
+        "matplotlib",
+        "tqdm",
+        *TORCHREID_RUNTIME,
+    ],
+    extras_require={"test": ["pytest>=7", "pytest-timeout"]},
+    entry_points={"console_scripts": ["torchreid-ext=torchreid_ext.cli:main"]},
+)

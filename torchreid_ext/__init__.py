@@ -1,0 +1,12 @@
+"""torchreid-ext: plug-ins for Torchreid (MSFL-ResNet50, MSGR, DRSL, SN, fast evaluator).
+
+``import torchreid_ext`` registers our models and datasets into Torchreid's registries.
+"""
+from .adapter import torchreid as _torchreid  # noqa: F401
+from .config import get_default_config, load_config  # noqa: F401
+from .models import available_models, build_model, register_model  # noqa: F401
+from .registry import register
+
+register()
+
+__version__ = "0.1.0"

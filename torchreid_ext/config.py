@@ -1,0 +1,415 @@
+"""Configuration: upstream Torchreid's keys and defaults, plus torchreid_ext's sections.
+
+Every key of upstream ``scripts/default_config.py`` is here with the same default, so
+upstream YAML files load unchanged. Our sections (``model.msfl``, ``loss.drsl``,
+``loss.sn``, ``msgr``, ``test.evaluator``, ``train.amp``, ...) are documented in the
+README. Loading differs from plain yacs in three ways:
+
+* a misspelt key fails with :class:`ConfigError` naming the key and the closest valid one;
+* ``_BASE_: other.yaml`` (a path or a list, relative to the file) inherits from other files;
+* values are coerced where the intent is unambiguous: int -> float, a numeric string
+  (``inf``) -> float, a scalar -> a one-element list, list <-> tuple.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from typing import Any, Iterable, List, Optional, Sequence
+
+import yaml
+from yacs.config import CfgNode as CN
+
+__all__ = [
+    "CN",
+    "ConfigError",
+    "get_default_config",
+    "load_config",
+    "merge_dict",
+    "merge_from_file",
+    "merge_from_list",
+    "validate_config",
+    "flat_keys",
+]
+
+BASE_KEY = "_BASE_"
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message says what and how to fix it."""
+
+
+def get_default_config() -> CN:
+    cfg = CN()
+    cfg.use_gpu = True  # use a GPU when one is present (upstream sets this in main.py)
+
+    # ---------------- upstream: model ----------------
+    cfg.model = CN()
+    cfg.model.name = "resnet50"
+    cfg.model.pretrained = True
+    cfg.model.load_weights = ""
+    cfg.model.resume = ""  # path, or "auto": <save_dir>/model/model-last.pth.tar if present
+    # ours: local torchvision-format ImageNet ResNet50 state dict (METHOD.md M7)
+    cfg.model.backbone_weights = ""
+    # ours: MSFL-ResNet50 switches (METHOD.md M2-M6); ignored by other models
+    cfg.model.msfl = CN()
+    cfg.model.msfl.lateral = True  # Table I "no lateral" row: False
+    cfg.model.msfl.topdown = True  # Table I "no top-down" row: False
+    cfg.model.msfl.topdown_kernel = 1  # M5: 1 matches Table II's compute; the paper's text says 3
+    cfg.model.msfl.lateral_channels = 512
+    cfg.model.msfl.msff_blocks = [3, 2, 1, 0]  # extra bottlenecks on P2, P3, P4, P5
+    cfg.model.msfl.fuse_levels = [2, 3, 4, 5]  # pyramid levels pooled and concatenated
+    cfg.model.msfl.direct_fuse = ""  # "" | "c45" | "c2345": Table I direct-fusion rows
+    cfg.model.msfl.embedding_dim = 512
+
+    # ---------------- upstream: data ----------------
+    cfg.data = CN()
+    cfg.data.type = "image"
+    cfg.data.root = "reid-data"
+    cfg.data.sources = ["market1501"]
+    cfg.data.targets = ["market1501"]
+    cfg.data.workers = 4
+    cfg.data.split_id = 0
+    cfg.data.height = 256
+    cfg.data.width = 128
+    cfg.data.combineall = False
+    cfg.data.transforms = ["random_flip"]
+    cfg.data.k_tfm = 1
+    cfg.data.norm_mean = [0.485, 0.456, 0.406]
+    cfg.data.norm_std = [0.229, 0.224, 0.225]
+    cfg.data.save_dir = "log"
+    cfg.data.load_train_targets = False
+
+    cfg.market1501 = CN()
+    cfg.market1501.use_500k_distractors = False
+    cfg.cuhk03 = CN()
+    cfg.cuhk03.labeled_images = False
+    cfg.cuhk03.classic_split = False
+    cfg.cuhk03.use_metric_cuhk03 = False
+
+    cfg.sampler = CN()
+    cfg.sampler.train_sampler = "RandomSampler"
+    cfg.sampler.train_sampler_t = "RandomSampler"
+    cfg.sampler.num_instances = 4
+    cfg.sampler.num_cams = 1
+    cfg.sampler.num_datasets = 1
+
+    cfg.video = CN()
+    cfg.video.seq_len = 15
+    cfg.video.sample_method = "evenly"
+    cfg.video.pooling_method = "avg"
+
+    # ---------------- upstream: train ----------------
+    cfg.train = CN()
+    cfg.train.optim = "adam"
+    cfg.train.lr = 0.0003
+    cfg.train.weight_decay = 5e-4
+    cfg.train.max_epoch = 60
+    cfg.train.start_epoch = 0
+    cfg.train.batch_size = 32
+    cfg.train.fixbase_epoch = 0
+    cfg.train.open_layers = ["classifier"]
+    cfg.train.staged_lr = False
+    cfg.train.new_layers = ["classifier"]
+    cfg.train.base_lr_mult = 0.1
+    cfg.train.lr_scheduler = "single_step"
+    cfg.train.stepsize = [20]
+    cfg.train.gamma = 0.1
+    cfg.train.print_freq = 20
+    cfg.train.seed = 1
+    # ours
+    cfg.train.checkpoint_freq = 1  # epochs between resumable checkpoints (0: eval epochs only)
+    cfg.train.deterministic = False  # torch.use_deterministic_algorithms + no cudnn.benchmark
+    cfg.train.amp = "none"  # none | fp16 | bf16
+    cfg.train.channels_last = False
+    cfg.train.sync_bn = False
+
+    cfg.sgd = CN()
+    cfg.sgd.momentum = 0.9
+    cfg.sgd.dampening = 0.0
+    cfg.sgd.nesterov = False
+    cfg.rmsprop = CN()
+    cfg.rmsprop.alpha = 0.99
+    cfg.adam = CN()
+    cfg.adam.beta1 = 0.9
+    cfg.adam.beta2 = 0.999
+
+    # ---------------- upstream: loss ----------------
+    cfg.loss = CN()
+    cfg.loss.name = "softmax"  # softmax | triplet | drsl | sn
+    cfg.loss.softmax = CN()
+    cfg.loss.softmax.label_smooth = True
+    cfg.loss.triplet = CN()
+    cfg.loss.triplet.margin = 0.3
+    cfg.loss.triplet.weight_t = 1.0
+    cfg.loss.triplet.weight_x = 0.0
+    # ours: DRSL (METHOD.md D5)
+    cfg.loss.drsl = CN()
+    cfg.loss.drsl.tau_rel = 0.05
+    cfg.loss.drsl.lambda_sort = 1.0
+    cfg.loss.drsl.weight = 1.0
+    cfg.loss.drsl.weight_x = 1.0
+    cfg.loss.drsl.weight_t = 0.0
+    # ours: Support Neighbor loss (METHOD.md S4-S5: the authors train with SN alone)
+    cfg.loss.sn = CN()
+    cfg.loss.sn.alpha = 50.0
+    cfg.loss.sn.k = 10
+    cfg.loss.sn.weight_squeeze = 0.1
+    cfg.loss.sn.squeeze = "spread"  # spread | nearest
+    cfg.loss.sn.weight = 1.0
+    cfg.loss.sn.weight_x = 0.0
+    cfg.loss.sn.weight_t = 0.0
+
+    # ---------------- ours: MSGR (METHOD.md G) ----------------
+    cfg.msgr = CN()
+    cfg.msgr.enabled = False
+    cfg.msgr.mode = "exact"  # exact (G4) | fast (G5)
+    cfg.msgr.stages = ["layer1", "layer2"]
+    cfg.msgr.eps = [0.01]  # one value for all stages, or one per stage
+    cfg.msgr.q = 2.0  # 1, 2 or inf
+    cfg.msgr.squared = False
+    cfg.msgr.grad_of = "sum"  # sum | mean
+    cfg.msgr.fast_h = 0.1  # G5 finite-difference step, relative to eps
+
+    # ---------------- ours: distributed ----------------
+    cfg.dist = CN()
+    cfg.dist.backend = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    cfg.dist.gather_features = False  # ranking losses see all ranks' features
+
+    # ---------------- upstream: test ----------------
+    cfg.test = CN()
+    cfg.test.batch_size = 100
+    cfg.test.dist_metric = "euclidean"
+    cfg.test.normalize_feature = False
+    cfg.test.ranks = [1, 5, 10, 20]
+    cfg.test.evaluate = False
+    cfg.test.eval_freq = -1
+    cfg.test.start_eval = 0
+    cfg.test.rerank = False
+    cfg.test.visrank = False
+    cfg.test.visrank_topk = 10
+    cfg.test.visactmap = False  # legacy upstream key, still present in its OSNet configs
+    # ours
+    cfg.test.evaluator = "fast"  # fast (torchreid_ext.metrics) | torchreid
+
+    return cfg
+
+
+# Keys whose value may legitimately be a scalar or a list of scalars.
+_SCALAR_OR_LIST = {"msgr.eps"}
+
+CHOICES = {
+    "data.type": ("image",),
+    "loss.name": ("softmax", "triplet", "drsl", "sn"),
+    "loss.sn.squeeze": ("spread", "nearest"),
+    "msgr.mode": ("exact", "fast"),
+    "msgr.grad_of": ("sum", "mean"),
+    "train.amp": ("none", "fp16", "bf16"),
+    "test.evaluator": ("fast", "torchreid"),
+    "test.dist_metric": ("euclidean", "cosine"),
+    "model.msfl.direct_fuse": ("", "c45", "c2345"),
+    "dist.backend": ("auto", "nccl", "gloo"),
+}
+
+
+def flat_keys(node: CN, prefix: str = "") -> List[str]:
+    """All leaf keys of a config as dotted paths."""
+    keys = []
+    for k, v in node.items():
+        full = f"{prefix}{k}"
+        if isinstance(v, CN):
+            keys.extend(flat_keys(v, full + "."))
+        else:
+            keys.append(full)
+    return keys
+
+
+def _unknown_key(full_key: str, cfg: CN, where: str) -> ConfigError:
+    valid = flat_keys(cfg) + list(_all_section_keys(cfg))
+    close = difflib.get_close_matches(full_key, valid, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"Unknown config key '{full_key}'{where}{hint}")
+
+
+def _all_section_keys(node: CN, prefix: str = "") -> Iterable[str]:
+    for k, v in node.items():
+        if isinstance(v, CN):
+            yield f"{prefix}{k}"
+            yield from _all_section_keys(v, f"{prefix}{k}.")
+
+
+def _coerce(value: Any, original: Any, full_key: str, where: str) -> Any:
+    """Return ``value`` converted to the type of ``original``, or raise ConfigError."""
+    if isinstance(original, CN):
+        raise ConfigError(f"Config key '{full_key}'{where} is a section, not a value")
+    if full_key in _SCALAR_OR_LIST and not isinstance(value, (list, tuple)):
+        value = [value]
+    if isinstance(original, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(original, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif isinstance(original, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(original, str):
+        if isinstance(value, str):
+            return value
+    elif isinstance(original, (list, tuple)):
+        if isinstance(value, (list, tuple)):
+            return type(original)(value)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return type(original)([value])
+    elif original is None:
+        return value
+    raise ConfigError(
+        f"Config key '{full_key}'{where} expects {type(original).__name__} "
+        f"(default {original!r}), got {type(value).__name__} {value!r}"
+    )
+
+
+def merge_dict(cfg: CN, data: dict, where: str = "", _prefix: str = "", _root: Optional[CN] = None) -> None:
+    """Merge a plain nested dict into ``cfg`` with key checks and coercion."""
+    root = cfg if _root is None else _root
+    for key, value in data.items():
+        full_key = f"{_prefix}{key}"
+        if key not in cfg:
+            raise _unknown_key(full_key, root, where)
+        if isinstance(cfg[key], CN):
+            if not isinstance(value, dict):
+                raise ConfigError(
+                    f"Config key '{full_key}'{where} is a section; expected a mapping, got {value!r}"
+                )
+            merge_dict(cfg[key], value, where, full_key + ".", root)
+        else:
+            cfg[key] = _coerce(value, cfg[key], full_key, where)
+
+
+def _read_yaml_with_bases(path: str, seen: Sequence[str] = ()) -> List[tuple]:
+    """Return [(path, mapping), ...] with base files first."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if path in seen:
+        raise ConfigError(f"Config inheritance cycle: {' -> '.join(list(seen) + [path])}")
+    if not os.path.isfile(path):
+        raise ConfigError(f"Config file '{path}' does not exist")
+    with open(path, "r") as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"Config file '{path}' is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file '{path}' must hold a mapping, got {type(data).__name__}")
+    bases = data.pop(BASE_KEY, None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    chain: List[tuple] = []
+    for base in bases:
+        base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
+        chain.extend(_read_yaml_with_bases(base_path, list(seen) + [path]))
+    chain.append((path, data))
+    return chain
+
+
+def merge_from_file(cfg: CN, path: str) -> CN:
+    for file_path, data in _read_yaml_with_bases(path):
+        merge_dict(cfg, data, where=f" in {file_path}")
+    return cfg
+
+
+def _decode(value: str) -> Any:
+    """Decode a command-line value as YAML (so 'True', '[1, 2]', '1e-3', 'inf' work)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+
+
+def merge_from_list(cfg: CN, opts: Sequence[str]) -> CN:
+    """Apply ``KEY VALUE`` pairs (upstream's trailing command-line overrides)."""
+    opts = list(opts or [])
+    if len(opts) % 2:
+        raise ConfigError(
+            f"Overrides must be KEY VALUE pairs; got an odd number of items: {opts}"
+        )
+    for full_key, raw in zip(opts[0::2], opts[1::2]):
+        node = cfg
+        parts = full_key.split(".")
+        for part in parts[:-1]:
+            if part not in node or not isinstance(node[part], CN):
+                raise _unknown_key(full_key, cfg, " on the command line")
+            node = node[part]
+        if parts[-1] not in node:
+            raise _unknown_key(full_key, cfg, " on the command line")
+        value = _decode(raw)
+        # A string default stays a string even if the text looks like a number or bool.
+        if isinstance(node[parts[-1]], str) and not isinstance(value, str):
+            value = str(raw)
+        node[parts[-1]] = _coerce(value, node[parts[-1]], full_key, " on the command line")
+    return cfg
+
+
+def validate_config(cfg: CN) -> None:
+    """Fail fast on values that are invalid whatever the data (before any long work)."""
+    for key, allowed in CHOICES.items():
+        value = cfg
+        for part in key.split("."):
+            value = value[part]
+        if value not in allowed:
+            raise ConfigError(f"{key} = {value!r} is not valid; choose one of {list(allowed)}")
+    q = cfg.msgr.q
+    if q not in (1.0, 2.0, float("inf")):
+        raise ConfigError(f"msgr.q = {q!r} is not valid; choose one of [1, 2, inf]")
+    if cfg.msgr.enabled:
+        if not cfg.msgr.stages:
+            raise ConfigError("msgr.stages is empty; name at least one module, e.g. ['layer1']")
+        if len(cfg.msgr.eps) not in (1, len(cfg.msgr.stages)):
+            raise ConfigError(
+                f"msgr.eps has {len(cfg.msgr.eps)} values for {len(cfg.msgr.stages)} stages "
+                f"{list(cfg.msgr.stages)}; give one value or one per stage"
+            )
+    for name in ("train.batch_size", "test.batch_size", "train.max_epoch"):
+        sec, key = name.split(".")
+        if cfg[sec][key] < (0 if key == "max_epoch" else 1):
+            raise ConfigError(f"{name} = {cfg[sec][key]} must be positive")
+    if cfg.sampler.train_sampler == "RandomIdentitySampler":
+        bs, k = cfg.train.batch_size, cfg.sampler.num_instances
+        if k < 1 or bs % k:
+            raise ConfigError(
+                f"train.batch_size = {bs} is not divisible by sampler.num_instances = {k}; "
+                "RandomIdentitySampler draws batch_size / num_instances identities with "
+                f"num_instances images each (e.g. batch_size {max(k, 1) * max(bs // max(k, 1), 1)})"
+            )
+    # upstream's check_cfg: with no ID-loss term the classifier gets no gradient
+    weight_x = {
+        "softmax": 1.0,
+        "triplet": cfg.loss.triplet.weight_x,
+        "drsl": cfg.loss.drsl.weight_x,
+        "sn": cfg.loss.sn.weight_x,
+    }[cfg.loss.name]
+    if weight_x == 0 and cfg.train.fixbase_epoch > 0:
+        raise ConfigError(
+            f"train.fixbase_epoch = {cfg.train.fixbase_epoch} trains only "
+            f"{list(cfg.train.open_layers)} at first, but loss '{cfg.loss.name}' has no "
+            "cross-entropy term (weight_x = 0), so the classifier gets no gradient; "
+            "set train.fixbase_epoch 0 or a positive weight_x"
+        )
+
+
+def load_config(
+    path: Optional[str] = None, opts: Optional[Sequence[str]] = None, validate: bool = True
+) -> CN:
+    """Default config, then the file (with its bases), then ``KEY VALUE`` overrides."""
+    cfg = get_default_config()
+    if path:
+        merge_from_file(cfg, path)
+    merge_from_list(cfg, opts or [])
+    if validate:
+        validate_config(cfg)
+    return cfg

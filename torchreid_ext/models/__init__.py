@@ -1,0 +1,105 @@
+"""Model registry: our factories, plus a ``build_model`` that also reaches Torchreid's.
+
+A factory has Torchreid's signature ``(num_classes, loss='softmax', pretrained=True,
+use_gpu=True, **kwargs)``; :func:`torchreid_ext.register` copies every factory here into
+Torchreid's own model factory, so ``torchreid.models.build_model('<our model>', ...)``
+works in any Torchreid script (with default options: Torchreid passes no kwargs).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import torch.nn as nn
+
+from ..adapter import torchreid
+
+__all__ = [
+    "MODELS",
+    "register_model",
+    "available_models",
+    "build_model",
+    "build_model_from_config",
+    "UnknownModelError",
+]
+
+MODELS: Dict[str, Callable[..., nn.Module]] = {}
+# Dotted config keys each of our models takes as keyword options (kwarg = last part).
+MODEL_OPTIONS: Dict[str, Tuple[str, ...]] = {}
+
+
+class UnknownModelError(KeyError):
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0])
+
+
+def register_model(name: str, options: Sequence[str] = ()) -> Callable:
+    """Decorator: add a factory to torchreid_ext's registry under ``name``.
+
+    ``options`` are dotted config keys (e.g. ``'model.msfl.lateral'``) that
+    :func:`build_model_from_config` passes to the factory as keyword arguments named
+    after the last part of the key.
+    """
+
+    def decorator(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in MODELS and MODELS[name].__qualname__ != factory.__qualname__:
+            raise ValueError(f"model name '{name}' is already registered to {MODELS[name]}")
+        MODELS[name] = factory
+        MODEL_OPTIONS[name] = tuple(options)
+        return factory
+
+    return decorator
+
+
+def available_models() -> List[str]:
+    """Every buildable name: ours and Torchreid's."""
+    return sorted(set(MODELS) | set(torchreid().model_factory()))
+
+
+def build_model(
+    name: str,
+    num_classes: int,
+    loss: str = "softmax",
+    pretrained: bool = True,
+    use_gpu: bool = True,
+    **kwargs,
+) -> nn.Module:
+    """Build one of our models (with options) or a Torchreid model (options not allowed).
+
+    Torchreid's own models know only ``loss='softmax'`` and ``'triplet'``; for the
+    metric losses they are built with ``'triplet'`` so that training mode returns
+    ``(logits, features)``.
+    """
+    if name in MODELS:
+        return MODELS[name](
+            num_classes=num_classes, loss=loss, pretrained=pretrained, use_gpu=use_gpu, **kwargs
+        )
+    factory = torchreid().model_factory()
+    if name not in factory:
+        raise UnknownModelError(
+            f"Unknown model '{name}'. Available models: {', '.join(available_models())}"
+        )
+    if kwargs:
+        raise TypeError(f"Torchreid model '{name}' takes no extra options, got {sorted(kwargs)}")
+    tr_loss = "softmax" if loss == "softmax" else "triplet"
+    return factory[name](
+        num_classes=num_classes, loss=tr_loss, pretrained=pretrained, use_gpu=use_gpu
+    )
+
+
+def build_model_from_config(cfg, num_classes: int) -> nn.Module:
+    """Build ``cfg.model.name`` with the options its factory declares."""
+    name = cfg.model.name
+    kwargs = {}
+    for key in MODEL_OPTIONS.get(name, ()):
+        value = cfg
+        for part in key.split("."):
+            value = value[part]
+        kwargs[key.rsplit(".", 1)[-1]] = value
+    return build_model(
+        name,
+        num_classes=num_classes,
+        loss=cfg.loss.name,
+        pretrained=cfg.model.pretrained,
+        use_gpu=cfg.use_gpu,
+        **kwargs,
+    )

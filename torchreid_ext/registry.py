@@ -1,0 +1,38 @@
+"""Put torchreid_ext's models and datasets into Torchreid's own registries.
+
+Called once by ``import torchreid_ext``; calling it again is harmless. Torchreid's
+``register_image_dataset`` raises on a duplicate name, so a name already bound to our
+class (or to a re-imported copy of it) is left alone or rebound, and a name bound to
+somebody else's class is an error.
+"""
+from __future__ import annotations
+
+from .adapter import torchreid
+from .data import DATASETS
+from .models import MODELS
+
+__all__ = ["register"]
+
+
+def _same_class(a: type, b: type) -> bool:
+    return a is b or (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
+
+
+def register() -> None:
+    tr = torchreid()
+    factory = tr.model_factory()
+    for name, fn in MODELS.items():
+        factory[name] = fn
+
+    registry = tr.image_datasets()
+    for name, cls in DATASETS.items():
+        current = registry.get(name)
+        if current is None:
+            tr.data.register_image_dataset(name, cls)
+        elif not _same_class(current, cls):
+            raise ValueError(
+                f"Torchreid already has a dataset named '{name}' ({current.__module__}."
+                f"{current.__qualname__}); torchreid_ext cannot register its own under that name"
+            )
+        elif current is not cls:  # a re-imported torchreid_ext: point at the live class
+            registry[name] = cls
