@@ -1,6 +1,8 @@
 """Put torchreid_ext's models and datasets into Torchreid's own registries.
 
-Called once by ``import torchreid_ext``; calling it again is harmless. Torchreid's
+Called once by ``import torchreid_ext``; calling it again is harmless. It also swaps
+the image reader of Torchreid's ``ImageDataset`` for one that raises on an unreadable
+file instead of retrying it forever. Torchreid's
 ``register_image_dataset`` raises on a duplicate name, so a name already bound to our
 class (or to a re-imported copy of it) is left alone or rebound, and a name bound to
 somebody else's class is an error.
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 from .adapter import torchreid
 from .data import DATASETS
+from .data.checks import read_image
 from .models import MODELS
 
 __all__ = ["register"]
@@ -20,6 +23,9 @@ def _same_class(a: type, b: type) -> bool:
 
 def register() -> None:
     tr = torchreid()
+    # Torchreid's ImageDataset retries an unreadable image forever; ours names the file.
+    tr.dataset_base.read_image = read_image
+
     factory = tr.model_factory()
     for name, fn in MODELS.items():
         factory[name] = fn

@@ -1,4 +1,6 @@
 """Datasets torchreid_ext registers into Torchreid's dataset registry."""
 from typing import Dict
 
-DATASETS: Dict[str, type] = {}
+from .synthetic import SyntheticReID, SynthSpec, ensure_generated, generate  # noqa: F401
+
+DATASETS: Dict[str, type] = {"synthreid": SyntheticReID}

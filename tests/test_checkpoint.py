@@ -1,0 +1,110 @@
+"""Checkpoints: weights-only loading with a numpy allowlist, atomic saves, RNG state."""
+import argparse
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from torchreid_ext.adapter import torchreid
+from torchreid_ext.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    resume_from_checkpoint,
+    save_checkpoint,
+)
+
+
+def small_setup():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    tr = torchreid()
+    opt = tr.optim.build_optimizer(model, optim="adam", lr=0.01)
+    sched = tr.optim.build_lr_scheduler(opt, lr_scheduler="multi_step", stepsize=[2, 4])
+    model(torch.randn(8, 4)).sum().backward()
+    opt.step()
+    sched.step()
+    return model, opt, sched
+
+
+def test_torchreid_checkpoint_with_numpy_scalar_loads(tmp_path):
+    """Torchreid's own save_checkpoint pickles rank1 as a numpy scalar."""
+    model, opt, sched = small_setup()
+    state = {"state_dict": model.state_dict(), "epoch": 3, "rank1": np.float32(0.625),
+             "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
+    torchreid().utils.save_checkpoint(state, str(tmp_path))
+    ckpt = load_checkpoint(str(tmp_path / "model.pth.tar-3"))
+    assert float(ckpt["rank1"]) == 0.625
+    model2, opt2, sched2 = small_setup()
+    for p in model2.parameters():
+        p.data.zero_()
+    epoch = resume_from_checkpoint(str(tmp_path / "model.pth.tar-3"), model2, opt2, sched2)
+    assert epoch == 3
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+        assert torch.equal(a, b)
+    assert sched2.last_epoch == sched.last_epoch
+
+
+def test_file_needing_other_globals_is_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {}, "args": argparse.Namespace(lr=0.1)}, path)
+    with pytest.raises(CheckpointError, match=r"argparse\.Namespace.*run code"):
+        load_checkpoint(str(path))
+
+
+def test_saved_values_are_plain(tmp_path):
+    path = save_checkpoint({"rank1": np.float64(0.5), "arr": np.arange(3), "nested": [np.int64(2)]},
+                           str(tmp_path / "c.pth"))
+    # loads without any allowlist at all
+    ckpt = torch.load(path, weights_only=True)
+    assert type(ckpt["rank1"]) is float and type(ckpt["nested"][0]) is int
+    assert torch.equal(ckpt["arr"], torch.arange(3))
+
+
+def test_killed_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "model.pth.tar-1")
+    save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
+    before = open(path, "rb").read()
+
+    def dying_save(obj, f):
+        f.write(b"partial garbage")
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, path)
+    assert open(path, "rb").read() == before
+    assert load_checkpoint(path)["epoch"] == 1
+    assert os.listdir(tmp_path) == ["model.pth.tar-1"]  # no temp file left
+
+
+def test_truncated_file_is_a_clear_error(tmp_path):
+    path = str(tmp_path / "model.pth.tar-1")
+    save_checkpoint({"w": torch.ones(1000)}, path)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="unreadable or truncated"):
+        load_checkpoint(path)
+
+
+def test_rng_state_round_trip(tmp_path):
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    np.random.randn()  # leave a cached gaussian in numpy's state
+    path = save_checkpoint({"rng": capture_rng_state()}, str(tmp_path / "rng.pth"))
+    want = (random.random(), np.random.randn(3).tolist(), torch.rand(3).tolist())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    restore_rng_state(load_checkpoint(path)["rng"])
+    got = (random.random(), np.random.randn(3).tolist(), torch.rand(3).tolist())
+    assert got == want
+
+
+def test_latest_checkpoint(tmp_path):
+    assert latest_checkpoint(str(tmp_path)) is None
+    for e in (1, 10, 2):
+        (tmp_path / f"model.pth.tar-{e}").write_bytes(b"")
+    (tmp_path / "model.pth.tar-11.tmp-123").write_bytes(b"")
+    assert latest_checkpoint(str(tmp_path)).endswith("model.pth.tar-10")

@@ -1,0 +1,204 @@
+"""Checkpoints that are safe to load, survive a kill, and resume bit-for-bit.
+
+* Saving writes plain Python numbers and tensors only, to a temporary file that is
+  fsync'ed and renamed over the target: a run killed at any moment leaves the previous
+  checkpoint loadable.
+* Loading always uses ``torch.load(weights_only=True)``. Torchreid's own checkpoints
+  pickle a numpy scalar (``rank1``), which that mode rejects; we allow exactly the numpy
+  scalar/dtype types such files contain. A file that needs anything else is refused:
+  unpickling arbitrary globals runs code from the file.
+* The Python, numpy and torch RNG states travel with the checkpoint, so a resumed run
+  draws the same batches and augmentations as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import os.path as osp
+import pickle
+import random
+import re
+from collections import OrderedDict
+from typing import Any, Dict, Optional, Union
+
+import numpy as np
+import torch
+
+__all__ = [
+    "CheckpointError",
+    "atomic_write_bytes",
+    "save_checkpoint",
+    "load_checkpoint",
+    "capture_rng_state",
+    "restore_rng_state",
+    "latest_checkpoint",
+    "resume_from_checkpoint",
+]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be loaded safely or does not fit the model."""
+
+
+def _numpy_allowlist() -> list:
+    """The numpy globals a Torchreid checkpoint (numpy 1.x or 2.x) may reference."""
+    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
+    allow = [
+        scalar,
+        (scalar, "numpy.core.multiarray.scalar"),  # written by numpy 1.x
+        (scalar, "numpy._core.multiarray.scalar"),
+        np.dtype,
+    ]
+    for name in ("Float16DType", "Float32DType", "Float64DType", "Int32DType", "Int64DType"):
+        cls = getattr(getattr(np, "dtypes", None), name, None)
+        if cls is not None:
+            allow.append(cls)
+    return allow
+
+
+def _to_plain(obj: Any) -> Any:
+    """Replace numpy scalars/arrays by Python numbers/tensors, recursively."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, OrderedDict):
+        return OrderedDict((k, _to_plain(v)) for k, v in obj.items())
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_plain(v) for v in obj)
+    return obj
+
+
+def atomic_write_bytes(path: str, writer) -> None:
+    """Call ``writer(fileobj)`` on a temp file next to ``path``, then rename it into place."""
+    directory = osp.dirname(osp.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            writer(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if osp.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:  # make the rename itself durable
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def save_checkpoint(state: Dict[str, Any], path: str) -> str:
+    """Atomically save ``state`` (numpy values converted to plain ones) to ``path``."""
+    plain = _to_plain(state)
+    atomic_write_bytes(path, lambda f: torch.save(plain, f))
+    return path
+
+
+def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` and the numpy allowlist."""
+    path = osp.abspath(osp.expanduser(path))
+    if not osp.isfile(path):
+        raise FileNotFoundError(f"Checkpoint '{path}' does not exist")
+    try:
+        with torch.serialization.safe_globals(_numpy_allowlist()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        what = f"the Python object '{found.group(1)}'" if found else "a Python object"
+        raise CheckpointError(
+            f"Refusing to load '{path}': it contains {what}, which is not a tensor, a plain "
+            "number/string/container or one of the numpy scalar types Torchreid writes. "
+            "Unpickling arbitrary objects can run code hidden in the file, so torchreid_ext "
+            "never loads checkpoints with weights_only=False. If you made this file yourself, "
+            "re-save its tensors and numbers as a plain dict."
+        ) from exc
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"Checkpoint '{path}' is unreadable or truncated: {exc}") from exc
+
+
+def capture_rng_state() -> Dict[str, Any]:
+    """Python, numpy and torch (CPU and CUDA) RNG states, as plain values and tensors."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"])
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+_CKPT = re.compile(r"model\.pth\.tar-(\d+)$")
+
+
+def latest_checkpoint(directory: str) -> Optional[str]:
+    """The ``model.pth.tar-<epoch>`` with the highest epoch in ``directory``, if any."""
+    found = []
+    for path in glob.glob(osp.join(directory, "model.pth.tar-*")):
+        m = _CKPT.search(path)
+        if m:
+            found.append((int(m.group(1)), path))
+    return max(found)[1] if found else None
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(model.module, torch.nn.Module) else model
+
+
+def resume_from_checkpoint(
+    checkpoint: Union[str, Dict[str, Any]],
+    model: torch.nn.Module,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    scheduler: Any = None,
+    extra: Optional[Dict[str, Any]] = None,
+    restore_rng: bool = True,
+    source: str = "",
+) -> int:
+    """Restore weights, optimizer, scheduler (and ``extra`` objects with state dicts) from
+    a path or an already loaded checkpoint; return the epoch to start from. RNG states
+    are restored last."""
+    ckpt = load_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
+    path = checkpoint if isinstance(checkpoint, str) else source
+    state_dict = ckpt.get("state_dict", ckpt)
+    state_dict = OrderedDict((k[7:] if k.startswith("module.") else k, v) for k, v in state_dict.items())
+    try:
+        _unwrap(model).load_state_dict(state_dict)
+    except RuntimeError as exc:
+        raise CheckpointError(f"Checkpoint '{path}' does not fit this model: {exc}") from exc
+    if optimizer is not None and "optimizer" in ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if scheduler is not None and ckpt.get("scheduler") is not None:
+        scheduler.load_state_dict(ckpt["scheduler"])
+    for key, obj in (extra or {}).items():
+        if obj is not None and key in ckpt:
+            obj.load_state_dict(ckpt[key])
+    if restore_rng and "rng" in ckpt:
+        restore_rng_state(ckpt["rng"])
+    epoch = int(ckpt.get("epoch", 0))
+    print(f"Resumed from '{path}' (completed epochs: {epoch})")
+    return epoch

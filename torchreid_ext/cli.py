@@ -1,0 +1,290 @@
+"""``scripts/main.py``: upstream Torchreid's command line, running torchreid_ext's engines.
+
+    python scripts/main.py --config configs/quickstart.yaml [KEY VALUE ...]
+
+Same arguments as upstream (``--config-file`` too, ``--root``, ``-s``, ``-t``,
+``--transforms``, trailing overrides). Everything that can be wrong with the input is
+checked before the log file, the data loaders or the model are created.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import os.path as osp
+import platform
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from .adapter import torchreid
+from .checkpoint import latest_checkpoint
+from .config import ConfigError, get_default_config, merge_from_file, merge_from_list, validate_config
+from .data.checks import check_dataset_present, check_images
+from .engines import build_engine
+from .models import available_models, build_model_from_config
+
+__all__ = ["build_parser", "load_run_config", "preflight", "build_datamanager", "build_model", "main"]
+
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Train / evaluate a re-ID model with Torchreid and torchreid_ext",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", "--config-file", dest="config", default="", help="YAML config file")
+    p.add_argument("-s", "--sources", nargs="+", help="source datasets (space separated)")
+    p.add_argument("-t", "--targets", nargs="+", help="target datasets (space separated)")
+    p.add_argument("--transforms", nargs="+", help="data augmentation")
+    p.add_argument("--root", default="", help="path to data root")
+    p.add_argument("opts", nargs=argparse.REMAINDER, default=None, help="KEY VALUE config overrides")
+    return p
+
+
+def load_run_config(argv: Optional[Sequence[str]] = None):
+    args = build_parser().parse_args(argv)
+    cfg = get_default_config()
+    if args.config:
+        merge_from_file(cfg, args.config)
+    if args.root:
+        cfg.data.root = args.root
+    if args.sources:
+        cfg.data.sources = args.sources
+    if args.targets:
+        cfg.data.targets = args.targets
+    if args.transforms:
+        cfg.data.transforms = args.transforms
+    merge_from_list(cfg, args.opts or [])
+    validate_config(cfg)
+    return cfg, args
+
+
+def resolve_resume(cfg) -> str:
+    """The checkpoint to resume from ('' for none); 'auto' = newest in the save dir."""
+    resume = cfg.model.resume
+    model_dir = osp.join(cfg.data.save_dir, "model")
+    if resume == "auto":
+        return latest_checkpoint(model_dir) or ""
+    if resume and not osp.isfile(resume):
+        raise FileNotFoundError(f"model.resume = '{resume}' does not exist")
+    return resume
+
+
+def preflight(cfg) -> str:
+    """All checks that need no data loading; returns the checkpoint to resume from."""
+    tr = torchreid()
+    names = available_models()
+    if cfg.model.name not in names:
+        raise ConfigError(f"model.name = '{cfg.model.name}' is unknown. Available models: {', '.join(names)}")
+    samplers = list(tr.sampler.AVAI_SAMPLERS)
+    for key in ("train_sampler", "train_sampler_t"):
+        if cfg.sampler[key] not in samplers:
+            raise ConfigError(f"sampler.{key} = '{cfg.sampler[key]}' is unknown; choose one of {samplers}")
+    optims = list(tr.submodule("optim.optimizer").AVAI_OPTIMS)
+    if cfg.train.optim not in optims:
+        raise ConfigError(f"train.optim = '{cfg.train.optim}' is unknown; choose one of {optims}")
+    scheds = list(tr.submodule("optim.lr_scheduler").AVAI_SCH)
+    if cfg.train.lr_scheduler not in scheds:
+        raise ConfigError(f"train.lr_scheduler = '{cfg.train.lr_scheduler}' is unknown; choose one of {scheds}")
+    for name in dict.fromkeys(list(cfg.data.sources) + list(cfg.data.targets)):
+        check_dataset_present(name, cfg.data.root)
+    if cfg.model.load_weights and not osp.isfile(cfg.model.load_weights):
+        raise FileNotFoundError(f"model.load_weights = '{cfg.model.load_weights}' does not exist")
+    resume = resolve_resume(cfg)
+    existing = latest_checkpoint(osp.join(cfg.data.save_dir, "model"))
+    if existing and not resume and not cfg.test.evaluate:
+        raise ConfigError(
+            f"data.save_dir = '{cfg.data.save_dir}' already holds checkpoints (e.g. '{existing}'); "
+            "a new run would overwrite them. Continue it with `model.resume auto`, or choose "
+            "another data.save_dir."
+        )
+    return resume
+
+
+def datamanager_kwargs(cfg) -> Dict[str, Any]:
+    """Upstream's ``imagedata_kwargs`` (Torchreid 1.4.0 argument names)."""
+    return dict(
+        root=cfg.data.root, sources=list(cfg.data.sources), targets=list(cfg.data.targets),
+        height=cfg.data.height, width=cfg.data.width, transforms=list(cfg.data.transforms),
+        k_tfm=cfg.data.k_tfm, norm_mean=list(cfg.data.norm_mean), norm_std=list(cfg.data.norm_std),
+        use_gpu=cfg.use_gpu, split_id=cfg.data.split_id, combineall=cfg.data.combineall,
+        load_train_targets=cfg.data.load_train_targets, batch_size_train=cfg.train.batch_size,
+        batch_size_test=cfg.test.batch_size, workers=cfg.data.workers,
+        num_instances=cfg.sampler.num_instances, num_cams=cfg.sampler.num_cams,
+        num_datasets=cfg.sampler.num_datasets, train_sampler=cfg.sampler.train_sampler,
+        train_sampler_t=cfg.sampler.train_sampler_t, cuhk03_labeled=cfg.cuhk03.labeled_images,
+        cuhk03_classic_split=cfg.cuhk03.classic_split,
+        market1501_500k=cfg.market1501.use_500k_distractors,
+    )
+
+
+def build_datamanager(cfg):
+    dm = torchreid().data.ImageDataManager(**datamanager_kwargs(cfg))
+    ds = dm.train_loader.dataset
+    paths = [item[0] for item in ds.train]
+    for name, loaders in dm.test_dataset.items():
+        paths += [item[0] for item in loaders["query"]] + [item[0] for item in loaders["gallery"]]
+    n = check_images(paths)
+    print(f"Checked {n} image files: all readable")
+    return dm
+
+
+def _weights_hint(name: str) -> str:
+    tr = torchreid()
+    hub = osp.join(torch.hub.get_dir(), "checkpoints")
+    try:
+        urls = tr.submodule("models.resnet").model_urls
+    except (ImportError, AttributeError):
+        urls = {}
+    base = name.replace("_fc512", "")
+    if base in urls:
+        return f"put the file at '{osp.join(hub, osp.basename(urls[base]))}'"
+    if name.startswith("osnet"):
+        home = os.path.expanduser(os.getenv("TORCH_HOME", osp.join(os.getenv("XDG_CACHE_HOME", "~/.cache"), "torch")))
+        return f"put the file at '{osp.join(home, 'checkpoints', name + '_imagenet.pth')}'"
+    return f"put the file in '{hub}'"
+
+
+def build_model(cfg, num_classes: int) -> torch.nn.Module:
+    try:
+        return build_model_from_config(cfg, num_classes)
+    except OSError as exc:
+        if not cfg.model.pretrained:
+            raise
+        raise PretrainedWeightsUnavailable(
+            f"ImageNet weights for '{cfg.model.name}' could not be downloaded ({exc}). "
+            f"This machine may be offline: {_weights_hint(cfg.model.name)}, "
+            "or train from scratch with `model.pretrained False`."
+        ) from exc
+
+
+def model_complexity(model: torch.nn.Module, height: int, width: int) -> Dict[str, Optional[float]]:
+    """Params (classifier excluded) and MACs, for the run record."""
+    try:
+        from .models.complexity import count_macs, count_params
+    except ImportError:
+        return {"params": None, "macs": None}
+    return {"params": count_params(model), "macs": count_macs(model, height, width)}
+
+
+class _Tee:
+    def __init__(self, stream, path: str):
+        self.stream = stream
+        self.file = open(path, "a", buffering=1)
+
+    def write(self, msg: str) -> int:
+        self.stream.write(msg)
+        self.file.write(msg)
+        return len(msg)
+
+    def flush(self) -> None:
+        self.stream.flush()
+        self.file.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def tee_output(path: str):
+    """Copy stdout and stderr to ``path`` (appending) for the duration of the block."""
+    os.makedirs(osp.dirname(path) or ".", exist_ok=True)
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Tee(out, path), _Tee(err, path)
+    try:
+        yield path
+    finally:
+        sys.stdout.file.close()
+        sys.stdout, sys.stderr = out, err
+
+
+def set_determinism(cfg) -> None:
+    torchreid().utils.set_random_seed(cfg.train.seed)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    elif cfg.use_gpu:
+        torch.backends.cudnn.benchmark = True
+
+
+def run(cfg, config_path: str = "") -> Dict[str, Any]:
+    """Build everything ``cfg`` describes, resume if asked, train and evaluate."""
+    resume = preflight(cfg)
+    cfg.use_gpu = bool(cfg.use_gpu and torch.cuda.is_available())
+    save_dir = cfg.data.save_dir
+    log_name = ("test.log" if cfg.test.evaluate else "train.log") + time.strftime("-%Y-%m-%d-%H-%M-%S")
+    with tee_output(osp.join(save_dir, log_name)):
+        set_determinism(cfg)
+        tr = torchreid()
+        print(f"Show configuration\n{cfg}\n")
+        print(f"torch {torch.__version__}, torchreid layout '{tr.prefix}', python {platform.python_version()}, "
+              f"device {'cuda' if cfg.use_gpu else 'cpu'}, threads {torch.get_num_threads()}")
+        datamanager = build_datamanager(cfg)
+        print(f"Building model: {cfg.model.name}")
+        model = build_model(cfg, datamanager.num_train_pids)
+        stats = model_complexity(model, cfg.data.height, cfg.data.width)
+        if stats["params"] is not None:
+            print(f"Model complexity: params={stats['params']:,} (classifier excluded), "
+                  f"MACs={stats['macs']:,} at {cfg.data.height}x{cfg.data.width}")
+        if cfg.model.load_weights:
+            tr.utils.load_pretrained_weights(model, cfg.model.load_weights)
+        model = model.to(torch.device("cuda" if cfg.use_gpu else "cpu"))
+        optimizer = tr.optim.build_optimizer(
+            model, optim=cfg.train.optim, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+            momentum=cfg.sgd.momentum, sgd_dampening=cfg.sgd.dampening, sgd_nesterov=cfg.sgd.nesterov,
+            rmsprop_alpha=cfg.rmsprop.alpha, adam_beta1=cfg.adam.beta1, adam_beta2=cfg.adam.beta2,
+            staged_lr=cfg.train.staged_lr, new_layers=list(cfg.train.new_layers),
+            base_lr_mult=cfg.train.base_lr_mult,
+        )
+        scheduler = tr.optim.build_lr_scheduler(
+            optimizer, lr_scheduler=cfg.train.lr_scheduler, stepsize=list(cfg.train.stepsize),
+            gamma=cfg.train.gamma, max_epoch=cfg.train.max_epoch,
+        )
+        run_info = {
+            "config": osp.basename(config_path) if config_path else "",
+            "model": cfg.model.name,
+            "loss": cfg.loss.name,
+            "msgr": {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in cfg.msgr.items()},
+            "sources": list(cfg.data.sources),
+            "targets": list(cfg.data.targets),
+            "seed": cfg.train.seed,
+            "input_size": [cfg.data.height, cfg.data.width],
+            **stats,
+        }
+        engine = build_engine(cfg, datamanager, model, optimizer, scheduler, run_info=run_info)
+        start_epoch = cfg.train.start_epoch
+        if resume:
+            start_epoch = engine.resume(resume)
+        print(f"Building {cfg.loss.name}-engine{' with MSGR' if cfg.msgr.enabled else ''} for image-reid")
+        return engine.run(
+            save_dir=save_dir, max_epoch=cfg.train.max_epoch, start_epoch=start_epoch,
+            fixbase_epoch=cfg.train.fixbase_epoch, open_layers=list(cfg.train.open_layers),
+            start_eval=cfg.test.start_eval, eval_freq=cfg.test.eval_freq, test_only=cfg.test.evaluate,
+            print_freq=cfg.train.print_freq, dist_metric=cfg.test.dist_metric,
+            normalize_feature=cfg.test.normalize_feature, visrank=cfg.test.visrank,
+            visrank_topk=cfg.test.visrank_topk, use_metric_cuhk03=cfg.cuhk03.use_metric_cuhk03,
+            ranks=list(cfg.test.ranks), rerank=cfg.test.rerank,
+        )
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    try:
+        cfg, args = load_run_config(argv)
+        return run(cfg, args.config)
+    except (ConfigError, KeyError, FileNotFoundError, PretrainedWeightsUnavailable) as exc:
+        if os.environ.get("TORCHREID_EXT_TRACEBACK"):
+            raise
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"error: {msg}", file=sys.stderr)
+        raise SystemExit(2)

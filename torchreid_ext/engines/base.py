@@ -1,0 +1,337 @@
+"""ReIDEngine: Torchreid's ``Engine`` with what a long experiment needs.
+
+Kept from Torchreid: the training loop (``Engine.train``: per-iteration console line,
+TensorBoard ``Train/*`` scalars, fixbase epochs, LR schedule) and the loss-summary
+contract of ``forward_backward``. Replaced:
+
+* device: tensors go to ``self.device`` (never a hard-coded CUDA call);
+* evaluation: the fast evaluator (``test.evaluator: fast``, chunked, adds mINP) or
+  Torchreid's (``torchreid``), a progress bar on feature extraction, ``Test/<ds>/mINP``;
+* checkpoints: atomic, weights-only-safe, with RNG state, every ``checkpoint_freq``
+  epochs (older rolling ones pruned; evaluation epochs kept), so ``model.resume`` ends
+  with the same weights as an uninterrupted run;
+* ``metrics.json`` in the save dir: run info plus every evaluation's results.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import os.path as osp
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..adapter import torchreid
+from ..checkpoint import (
+    atomic_write_bytes,
+    capture_rng_state,
+    load_checkpoint,
+    resume_from_checkpoint,
+    save_checkpoint,
+)
+
+__all__ = ["ReIDEngine", "write_json_atomic"]
+
+_tr = torchreid()
+
+
+def write_json_atomic(obj: Any, path: str) -> None:
+    data = json.dumps(obj, indent=2, sort_keys=False).encode()
+    atomic_write_bytes(path, lambda f: f.write(data))
+
+
+class ReIDEngine(_tr.engine.Engine):
+    """Base engine; subclasses implement ``forward_backward(data) -> dict``."""
+
+    def __init__(
+        self,
+        datamanager,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler=None,
+        use_gpu: bool = True,
+        evaluator: str = "fast",
+        checkpoint_freq: int = 1,
+        run_info: Optional[Dict[str, Any]] = None,
+    ):
+        super().__init__(datamanager, use_gpu)
+        if evaluator not in ("fast", "torchreid"):
+            raise ValueError(f"evaluator = {evaluator!r}; choose 'fast' or 'torchreid'")
+        self.device = torch.device("cuda" if self.use_gpu else "cpu")
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.register_model("model", model, optimizer, scheduler)
+        self.evaluator = evaluator
+        self.checkpoint_freq = int(checkpoint_freq)
+        self.run_info: Dict[str, Any] = dict(run_info or {})
+        self.history: List[Dict[str, Any]] = []
+        self.last_results: Dict[str, Dict[str, Any]] = {}
+        self.extra_state: Dict[str, Any] = {}  # objects with state_dict() saved in checkpoints
+        self._train_seconds = 0.0
+        self._train_images = 0
+
+    # ------------------------------------------------------------------ helpers
+    def to_device(self, *tensors: torch.Tensor):
+        out = tuple(t.to(self.device, non_blocking=True) for t in tensors)
+        return out if len(out) > 1 else out[0]
+
+    @property
+    def is_main_process(self) -> bool:
+        return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+            torch.distributed.get_rank() == 0
+        )
+
+    # ------------------------------------------------------------------ training
+    def run(
+        self,
+        save_dir: str = "log",
+        max_epoch: int = 0,
+        start_epoch: int = 0,
+        print_freq: int = 10,
+        fixbase_epoch: int = 0,
+        open_layers=None,
+        start_eval: int = 0,
+        eval_freq: int = -1,
+        test_only: bool = False,
+        dist_metric: str = "euclidean",
+        normalize_feature: bool = False,
+        visrank: bool = False,
+        visrank_topk: int = 10,
+        use_metric_cuhk03: bool = False,
+        ranks: Sequence[int] = (1, 5, 10, 20),
+        rerank: bool = False,
+    ) -> Dict[str, Any]:
+        """Train from ``start_epoch`` to ``max_epoch`` and evaluate (Torchreid's contract);
+        returns the last evaluation's results per target dataset."""
+        if visrank and not test_only:
+            raise ValueError("visrank can be set to True only if test_only=True")
+        self.save_dir = save_dir
+        test_kwargs = dict(
+            dist_metric=dist_metric, normalize_feature=normalize_feature, visrank=visrank,
+            visrank_topk=visrank_topk, save_dir=save_dir, use_metric_cuhk03=use_metric_cuhk03,
+            ranks=list(ranks), rerank=rerank,
+        )
+        if self.is_main_process and self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=save_dir)
+        try:
+            if test_only:
+                self.epoch = start_epoch
+                self.test(**test_kwargs)
+                return self.last_results
+            time_start = time.time()
+            self.start_epoch, self.max_epoch = start_epoch, max_epoch
+            print("=> Start training")
+            rank1 = 0.0
+            for self.epoch in range(start_epoch, max_epoch):
+                t0 = time.time()
+                self.train(print_freq=print_freq, fixbase_epoch=fixbase_epoch, open_layers=open_layers)
+                self._train_seconds += time.time() - t0
+                self._train_images += self.num_batches * self.datamanager.train_loader.batch_size
+                last = self.epoch + 1 == max_epoch
+                evaluate = (
+                    not last and eval_freq > 0 and self.epoch + 1 >= start_eval
+                    and (self.epoch + 1) % eval_freq == 0
+                )
+                if evaluate:
+                    rank1 = self.test(**test_kwargs)
+                periodic = self.checkpoint_freq > 0 and (self.epoch + 1) % self.checkpoint_freq == 0
+                if evaluate or (periodic and not last):
+                    self.save_model(self.epoch, rank1, save_dir, keep=evaluate)
+            if max_epoch > 0:
+                print("=> Final test")
+                self.epoch = max(max_epoch - 1, start_epoch)
+                rank1 = self.test(**test_kwargs)
+                self.save_model(max_epoch - 1, rank1, save_dir, keep=True)
+            print(f"Elapsed {datetime.timedelta(seconds=round(time.time() - time_start))}")
+            return self.last_results
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+                self.writer = None
+
+    def checkpoint_state(self, epoch: int, rank1: float) -> Dict[str, Any]:
+        model = self.model.module if hasattr(self.model, "module") else self.model
+        state = {
+            "state_dict": model.state_dict(),
+            "epoch": epoch + 1,
+            "rank1": float(rank1),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "rng": capture_rng_state(),
+            "train_seconds": self._train_seconds,
+            "train_images": self._train_images,
+            "history": self.history,
+        }
+        for key, obj in self.extra_state.items():
+            if obj is not None:
+                state[key] = obj.state_dict()
+        return state
+
+    def save_model(self, epoch: int, rank1: float, save_dir: str, is_best: bool = False, keep: bool = True) -> None:
+        """Save ``<save_dir>/model/model.pth.tar-<epoch+1>`` atomically (Torchreid's name).
+
+        ``keep=False`` marks a rolling checkpoint: the previous rolling one is removed once
+        the new file is in place. Checkpoints of evaluation epochs and the last are kept.
+        """
+        if not self.is_main_process:
+            return
+        directory = osp.join(save_dir, "model")
+        path = osp.join(directory, f"model.pth.tar-{epoch + 1}")
+        save_checkpoint(self.checkpoint_state(epoch, rank1), path)
+        print(f'Checkpoint saved to "{path}"')
+        previous = getattr(self, "_rolling_checkpoint", None)
+        if previous and previous != path and osp.exists(previous):
+            os.remove(previous)
+        self._rolling_checkpoint = None if keep else path
+
+    def resume(self, path: str) -> int:
+        """Restore everything a checkpoint holds (RNG last); return the epoch to start at."""
+        ckpt = load_checkpoint(path)
+        epoch = resume_from_checkpoint(
+            ckpt, self.model, self.optimizer, self.scheduler, extra=self.extra_state, source=path
+        )
+        self._train_seconds = float(ckpt.get("train_seconds", 0.0))
+        self._train_images = int(ckpt.get("train_images", 0))
+        self.history = list(ckpt.get("history", []))
+        return epoch
+
+    # ------------------------------------------------------------------ evaluation
+    def test(
+        self,
+        dist_metric: str = "euclidean",
+        normalize_feature: bool = False,
+        visrank: bool = False,
+        visrank_topk: int = 10,
+        save_dir: str = "",
+        use_metric_cuhk03: bool = False,
+        ranks: Sequence[int] = (1, 5, 10, 20),
+        rerank: bool = False,
+    ) -> float:
+        """Evaluate on every target; log to TensorBoard and metrics.json; return rank-1."""
+        self.set_model_mode("eval")
+        entry: Dict[str, Any] = {"epoch": self.epoch + 1, "results": {}}
+        for name in self.test_loader:
+            domain = "source" if name in self.datamanager.sources else "target"
+            print(f"##### Evaluating {name} ({domain}) #####")
+            res = self._evaluate(
+                dataset_name=name,
+                query_loader=self.test_loader[name]["query"],
+                gallery_loader=self.test_loader[name]["gallery"],
+                dist_metric=dist_metric, normalize_feature=normalize_feature, visrank=visrank,
+                visrank_topk=visrank_topk, save_dir=save_dir, use_metric_cuhk03=use_metric_cuhk03,
+                ranks=ranks, rerank=rerank,
+            )
+            self.last_results[name] = res
+            entry["results"][name] = res
+            if self.writer is not None:
+                for key in ("rank1", "mAP", "mINP"):
+                    if res.get(key) is not None:
+                        self.writer.add_scalar(f"Test/{name}/{key}", res[key], self.epoch)
+        first = next(iter(entry["results"].values()), None)
+        rank1 = first["rank1"] if first else 0.0
+        self.history.append(entry)
+        if save_dir and self.is_main_process:
+            self.write_metrics(save_dir)
+        return rank1
+
+    def metrics_summary(self) -> Dict[str, Any]:
+        seconds = self._train_seconds
+        return {
+            **self.run_info,
+            "train_seconds": round(seconds, 2),
+            "images_per_second": round(self._train_images / seconds, 2) if seconds > 0 else None,
+            "evaluations": self.history,
+        }
+
+    def write_metrics(self, save_dir: str) -> None:
+        write_json_atomic(self.metrics_summary(), osp.join(save_dir, "metrics.json"))
+
+    @torch.no_grad()
+    def extract(self, loader, desc: str):
+        """Features, pids and camids of a loader, with a progress bar."""
+        from tqdm import tqdm
+
+        feats, pids, camids = [], [], []
+        for data in tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True):
+            imgs, pid, camid = self.parse_data_for_eval(data)
+            feats.append(self.extract_features(self.to_device(imgs)).float().cpu())
+            pids.append(np.asarray(pid))
+            camids.append(np.asarray(camid))
+        return torch.cat(feats), np.concatenate(pids), np.concatenate(camids)
+
+    @torch.no_grad()
+    def _evaluate(
+        self,
+        dataset_name: str = "",
+        query_loader=None,
+        gallery_loader=None,
+        dist_metric: str = "euclidean",
+        normalize_feature: bool = False,
+        visrank: bool = False,
+        visrank_topk: int = 10,
+        save_dir: str = "",
+        use_metric_cuhk03: bool = False,
+        ranks: Sequence[int] = (1, 5, 10, 20),
+        rerank: bool = False,
+    ) -> Dict[str, Any]:
+        from .. import metrics
+
+        t0 = time.time()
+        qf, q_pids, q_camids = self.extract(query_loader, "query features")
+        gf, g_pids, g_camids = self.extract(gallery_loader, "gallery features")
+        print(f"Extracted query {tuple(qf.shape)} and gallery {tuple(gf.shape)} features "
+              f"in {time.time() - t0:.1f} s")
+        if normalize_feature:
+            qf, gf = F.normalize(qf, p=2, dim=1), F.normalize(gf, p=2, dim=1)
+        max_rank = max(50, max(ranks))
+        t0 = time.time()
+        distmat = None
+        if rerank or visrank or self.evaluator == "torchreid":
+            distmat = _tr.metrics.compute_distance_matrix(qf, gf, dist_metric).numpy()
+            if rerank:
+                print("Applying person re-ranking ...")
+                qq = _tr.metrics.compute_distance_matrix(qf, qf, dist_metric).numpy()
+                gg = _tr.metrics.compute_distance_matrix(gf, gf, dist_metric).numpy()
+                distmat = _tr.utils.re_ranking(distmat, qq, gg)
+        if self.evaluator == "torchreid":
+            cmc, mAP = _tr.metrics.evaluate_rank(
+                distmat, q_pids, g_pids, q_camids, g_camids, max_rank=max_rank,
+                use_metric_cuhk03=use_metric_cuhk03,
+            )
+            res = {"cmc": np.asarray(cmc), "mAP": float(mAP), "mINP": None, "num_valid_queries": None}
+        else:
+            if distmat is not None:
+                out = metrics.evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids,
+                                            max_rank=max_rank, use_metric_cuhk03=use_metric_cuhk03)
+            else:
+                out = metrics.evaluate_features(
+                    qf.to(self.device), gf.to(self.device), q_pids, g_pids, q_camids, g_camids,
+                    metric=dist_metric, max_rank=max_rank, use_metric_cuhk03=use_metric_cuhk03,
+                    progress=True,
+                )
+            res = {"cmc": np.asarray(out.cmc), "mAP": float(out.mAP), "mINP": float(out.mINP),
+                   "num_valid_queries": int(out.num_valid_queries)}
+        print(f"Evaluated with the {self.evaluator} evaluator in {time.time() - t0:.2f} s")
+        print("** Results **")
+        print(f"mAP: {res['mAP']:.1%}")
+        if res["mINP"] is not None:
+            print(f"mINP: {res['mINP']:.1%}")
+        print("CMC curve")
+        for r in ranks:
+            print(f"Rank-{r:<3}: {res['cmc'][r - 1]:.1%}")
+        if visrank:
+            _tr.utils.visualize_ranked_results(
+                distmat, self.datamanager.fetch_test_loaders(dataset_name), self.datamanager.data_type,
+                width=self.datamanager.width, height=self.datamanager.height,
+                save_dir=osp.join(save_dir, "visrank_" + dataset_name), topk=visrank_topk,
+            )
+        cmc = res.pop("cmc")
+        return {"rank1": float(cmc[0]), **{f"rank{r}": float(cmc[r - 1]) for r in ranks}, **res,
+                "cmc": [float(c) for c in cmc[: max(ranks)]]}
