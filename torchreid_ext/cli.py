@@ -209,13 +209,12 @@ def tee_output(path: str):
 
 def set_determinism(cfg) -> None:
     torchreid().utils.set_random_seed(cfg.train.seed)
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
+    deterministic = bool(cfg.train.deterministic)
+    if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    elif cfg.use_gpu:
-        torch.backends.cudnn.benchmark = True
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = bool(cfg.use_gpu and not deterministic)
 
 
 def run(cfg, config_path: str = "") -> Dict[str, Any]:

@@ -1,6 +1,6 @@
 """Datasets torchreid_ext registers into Torchreid's dataset registry."""
 from typing import Dict
 
-from .synthetic import SyntheticReID, SynthSpec, ensure_generated, generate  # noqa: F401
+from .synthetic import SyntheticReID, SyntheticReIDSmall, SynthSpec, ensure_generated, generate  # noqa: F401
 
-DATASETS: Dict[str, type] = {"synthreid": SyntheticReID}
+DATASETS: Dict[str, type] = {"synthreid": SyntheticReID, "synthreid_small": SyntheticReIDSmall}

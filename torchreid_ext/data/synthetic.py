@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from ..adapter import torchreid
 
-__all__ = ["SynthSpec", "generate", "ensure_generated", "SyntheticReID"]
+__all__ = ["SynthSpec", "generate", "ensure_generated", "SyntheticReID", "SyntheticReIDSmall"]
 
 GENERATOR_VERSION = 1
 MARKER = "GENERATED.json"
@@ -340,3 +340,10 @@ class SyntheticReID(_Market1501):
         kwargs.pop("market1501_500k", None)
         # Skip Market1501.__init__ (it would try to download); go to ImageDataset's.
         super(_Market1501, self).__init__(train, query, gallery, **kwargs)
+
+
+class SyntheticReIDSmall(SyntheticReID):
+    """``synthreid_small``: 24 + 24 identities, for smoke tests and CI (seconds per epoch)."""
+
+    dataset_dir = "synthreid_small"
+    spec = SynthSpec(num_train_ids=24, num_test_ids=24, num_distractors=20, num_junk=5, seed=1)
