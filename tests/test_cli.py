@@ -184,14 +184,20 @@ def test_scripts_main_accepts_upstream_arguments(data_root, tmp_path):
     save = str(tmp_path / "run")
     opts = ["data.height", "64", "data.width", "32", "data.workers", "0", "data.save_dir", save,
             "train.max_epoch", "1", "train.batch_size", "16", "test.batch_size", "64"]
-    ok = subprocess.run(main_cmd(["--config-file", str(cfg), "--root", data_root, "-s", "synthreid_small",
-                                  "-t", "synthreid_small", "--transforms", "random_flip"] + opts),
-                        capture_output=True, text=True)
+    ok = subprocess.run(main_cmd(["--config-file", str(cfg), "-s", "synthreid_small", "-t", "synthreid_small",
+                                  "--transforms", "random_flip", "random_crop", "--root", data_root] + opts),
+                        capture_output=True, text=True, cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "Rank-1" in ok.stdout
-    bad = subprocess.run(main_cmd(["--config", str(cfg), "train.lrr", "0.1"]), capture_output=True, text=True)
+    bad = subprocess.run(main_cmd(["--config", str(cfg), "train.lrr", "0.1"]), capture_output=True, text=True,
+                         cwd=tmp_path)
     assert bad.returncode == 2
     assert "error: Unknown config key 'train.lrr' on the command line; did you mean 'train.lr'?" in bad.stderr
+    # overrides swallowed by a multi-value option are caught, not silently ignored
+    swallowed = subprocess.run(main_cmd(["--config", str(cfg), "--transforms", "random_flip", "train.lr", "0.1"]),
+                               capture_output=True, text=True, cwd=tmp_path)
+    assert swallowed.returncode == 2 and "unknown entries ['train.lr', '0.1']" in swallowed.stderr
+    assert os.listdir(tmp_path) == ["c.yaml", "run"]
 
 
 def test_build_engine_from_python(tiny, tmp_path):

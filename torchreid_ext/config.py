@@ -211,6 +211,10 @@ CHOICES = {
 }
 
 
+# Torchreid's build_transforms knows these names (anything else is silently ignored there).
+TRANSFORMS = ("random_flip", "random_crop", "random_patch", "color_jitter", "random_erase")
+
+
 def flat_keys(node: CN, prefix: str = "") -> List[str]:
     """All leaf keys of a config as dotted paths."""
     keys = []
@@ -363,6 +367,13 @@ def validate_config(cfg: CN) -> None:
             value = value[part]
         if value not in allowed:
             raise ConfigError(f"{key} = {value!r} is not valid; choose one of {list(allowed)}")
+    unknown = [t for t in cfg.data.transforms if str(t).lower() not in TRANSFORMS]
+    if unknown:
+        raise ConfigError(
+            f"data.transforms has unknown entries {unknown}; choose from {list(TRANSFORMS)} "
+            "(on the command line, put KEY VALUE overrides after an option that takes one value, "
+            "e.g. after --root, not right after --transforms, -s or -t)"
+        )
     q = cfg.msgr.q
     if q not in (1.0, 2.0, float("inf")):
         raise ConfigError(f"msgr.q = {q!r} is not valid; choose one of [1, 2, inf]")
