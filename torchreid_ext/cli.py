@@ -21,7 +21,17 @@ import torch
 
 from .adapter import torchreid
 from .checkpoint import latest_checkpoint
-from .config import ConfigError, get_default_config, merge_from_file, merge_from_list, validate_config
+from .config import (
+    ConfigError,
+    engine_run_kwargs,
+    get_default_config,
+    imagedata_kwargs,
+    lr_scheduler_kwargs,
+    merge_from_file,
+    merge_from_list,
+    optimizer_kwargs,
+    validate_config,
+)
 from .data.checks import check_dataset_present, check_images
 from .engines import build_engine
 from .models import available_models, build_model_from_config
@@ -107,25 +117,8 @@ def preflight(cfg) -> str:
     return resume
 
 
-def datamanager_kwargs(cfg) -> Dict[str, Any]:
-    """Upstream's ``imagedata_kwargs`` (Torchreid 1.4.0 argument names)."""
-    return dict(
-        root=cfg.data.root, sources=list(cfg.data.sources), targets=list(cfg.data.targets),
-        height=cfg.data.height, width=cfg.data.width, transforms=list(cfg.data.transforms),
-        k_tfm=cfg.data.k_tfm, norm_mean=list(cfg.data.norm_mean), norm_std=list(cfg.data.norm_std),
-        use_gpu=cfg.use_gpu, split_id=cfg.data.split_id, combineall=cfg.data.combineall,
-        load_train_targets=cfg.data.load_train_targets, batch_size_train=cfg.train.batch_size,
-        batch_size_test=cfg.test.batch_size, workers=cfg.data.workers,
-        num_instances=cfg.sampler.num_instances, num_cams=cfg.sampler.num_cams,
-        num_datasets=cfg.sampler.num_datasets, train_sampler=cfg.sampler.train_sampler,
-        train_sampler_t=cfg.sampler.train_sampler_t, cuhk03_labeled=cfg.cuhk03.labeled_images,
-        cuhk03_classic_split=cfg.cuhk03.classic_split,
-        market1501_500k=cfg.market1501.use_500k_distractors,
-    )
-
-
 def build_datamanager(cfg):
-    dm = torchreid().data.ImageDataManager(**datamanager_kwargs(cfg))
+    dm = torchreid().data.ImageDataManager(**imagedata_kwargs(cfg))
     ds = dm.train_loader.dataset
     paths = [item[0] for item in ds.train]
     for name, loaders in dm.test_dataset.items():
@@ -239,17 +232,8 @@ def run(cfg, config_path: str = "") -> Dict[str, Any]:
         if cfg.model.load_weights:
             tr.utils.load_pretrained_weights(model, cfg.model.load_weights)
         model = model.to(torch.device("cuda" if cfg.use_gpu else "cpu"))
-        optimizer = tr.optim.build_optimizer(
-            model, optim=cfg.train.optim, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-            momentum=cfg.sgd.momentum, sgd_dampening=cfg.sgd.dampening, sgd_nesterov=cfg.sgd.nesterov,
-            rmsprop_alpha=cfg.rmsprop.alpha, adam_beta1=cfg.adam.beta1, adam_beta2=cfg.adam.beta2,
-            staged_lr=cfg.train.staged_lr, new_layers=list(cfg.train.new_layers),
-            base_lr_mult=cfg.train.base_lr_mult,
-        )
-        scheduler = tr.optim.build_lr_scheduler(
-            optimizer, lr_scheduler=cfg.train.lr_scheduler, stepsize=list(cfg.train.stepsize),
-            gamma=cfg.train.gamma, max_epoch=cfg.train.max_epoch,
-        )
+        optimizer = tr.optim.build_optimizer(model, **optimizer_kwargs(cfg))
+        scheduler = tr.optim.build_lr_scheduler(optimizer, **lr_scheduler_kwargs(cfg))
         run_info = {
             "config": osp.basename(config_path) if config_path else "",
             "model": cfg.model.name,
@@ -266,15 +250,7 @@ def run(cfg, config_path: str = "") -> Dict[str, Any]:
         if resume:
             start_epoch = engine.resume(resume)
         print(f"Building {cfg.loss.name}-engine{' with MSGR' if cfg.msgr.enabled else ''} for image-reid")
-        return engine.run(
-            save_dir=save_dir, max_epoch=cfg.train.max_epoch, start_epoch=start_epoch,
-            fixbase_epoch=cfg.train.fixbase_epoch, open_layers=list(cfg.train.open_layers),
-            start_eval=cfg.test.start_eval, eval_freq=cfg.test.eval_freq, test_only=cfg.test.evaluate,
-            print_freq=cfg.train.print_freq, dist_metric=cfg.test.dist_metric,
-            normalize_feature=cfg.test.normalize_feature, visrank=cfg.test.visrank,
-            visrank_topk=cfg.test.visrank_topk, use_metric_cuhk03=cfg.cuhk03.use_metric_cuhk03,
-            ranks=list(cfg.test.ranks), rerank=cfg.test.rerank,
-        )
+        return engine.run(**engine_run_kwargs(cfg, start_epoch=start_epoch))
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:

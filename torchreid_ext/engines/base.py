@@ -10,7 +10,8 @@ contract of ``forward_backward``. Replaced:
 * checkpoints: atomic, weights-only-safe, with RNG state, every ``checkpoint_freq``
   epochs (older rolling ones pruned; evaluation epochs kept), so ``model.resume`` ends
   with the same weights as an uninterrupted run;
-* ``metrics.json`` in the save dir: run info plus every evaluation's results.
+* ``metrics.json`` in the save dir: run info plus every evaluation's results
+  (``metrics-test.json`` for evaluation-only runs).
 """
 from __future__ import annotations
 
@@ -74,6 +75,7 @@ class ReIDEngine(_tr.engine.Engine):
         self.extra_state: Dict[str, Any] = {}  # objects with state_dict() saved in checkpoints
         self._train_seconds = 0.0
         self._train_images = 0
+        self.metrics_file = "metrics.json"
 
     # ------------------------------------------------------------------ helpers
     def to_device(self, *tensors: torch.Tensor):
@@ -111,6 +113,8 @@ class ReIDEngine(_tr.engine.Engine):
         if visrank and not test_only:
             raise ValueError("visrank can be set to True only if test_only=True")
         self.save_dir = save_dir
+        # an evaluation-only run must not overwrite the training run's record
+        self.metrics_file = "metrics-test.json" if test_only else "metrics.json"
         test_kwargs = dict(
             dist_metric=dist_metric, normalize_feature=normalize_feature, visrank=visrank,
             visrank_topk=visrank_topk, save_dir=save_dir, use_metric_cuhk03=use_metric_cuhk03,
@@ -251,7 +255,7 @@ class ReIDEngine(_tr.engine.Engine):
         }
 
     def write_metrics(self, save_dir: str) -> None:
-        write_json_atomic(self.metrics_summary(), osp.join(save_dir, "metrics.json"))
+        write_json_atomic(self.metrics_summary(), osp.join(save_dir, self.metrics_file))
 
     @torch.no_grad()
     def extract(self, loader, desc: str):
@@ -293,13 +297,11 @@ class ReIDEngine(_tr.engine.Engine):
         max_rank = max(50, max(ranks))
         t0 = time.time()
         distmat = None
-        if rerank or visrank or self.evaluator == "torchreid":
-            distmat = _tr.metrics.compute_distance_matrix(qf, gf, dist_metric).numpy()
-            if rerank:
-                print("Applying person re-ranking ...")
-                qq = _tr.metrics.compute_distance_matrix(qf, qf, dist_metric).numpy()
-                gg = _tr.metrics.compute_distance_matrix(gf, gf, dist_metric).numpy()
-                distmat = _tr.utils.re_ranking(distmat, qq, gg)
+        if rerank:
+            print("Applying person re-ranking ...")
+            distmat = metrics.reranked_distance_matrix(qf, gf, dist_metric)
+        elif visrank or self.evaluator == "torchreid":
+            distmat = metrics.compute_distance_matrix(qf, gf, dist_metric).cpu().numpy()
         if self.evaluator == "torchreid":
             cmc, mAP = _tr.metrics.evaluate_rank(
                 distmat, q_pids, g_pids, q_camids, g_camids, max_rank=max_rank,

@@ -1,0 +1,169 @@
+"""Query x gallery distances, whole or in chunks of query rows (METHOD.md E2).
+
+The two metrics rank the gallery exactly as Torchreid's ``compute_distance_matrix`` does:
+
+* ``euclidean``: the *squared* Euclidean distance ``|q|^2 + |g|^2 - 2 q.g`` (Torchreid's
+  ``euclidean_squared_distance``; same ranking as the Euclidean distance, and the values
+  Torchreid's re-ranking expects);
+* ``cosine``: ``1 - cos(q, g)``.
+
+``normalize=True`` L2-normalises both feature sets first, as Torchreid's engine does for
+``test.normalize_feature``.
+
+:func:`iter_distance_chunks` is what :func:`torchreid_ext.metrics.evaluate_features` uses: it never
+holds more than ``chunk_size`` query rows of the matrix. :func:`compute_distance_matrix` and
+:func:`reranked_distance_matrix` build full matrices; re-ranking (k-reciprocal, Zhong et al.)
+needs the query x gallery, query x query and gallery x gallery matrices at once, and Torchreid's
+``re_ranking`` then holds float32 distances, an int32 argsort and a float16 matrix of size (Q + G)^2:
+roughly 10-14 bytes per element, ~5 GB at the Market-1501 shape, over 100 GB at the MSMT17 shape.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Iterator, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+__all__ = [
+    "METRICS",
+    "auto_chunk_rows",
+    "compute_distance_matrix",
+    "iter_distance_chunks",
+    "reranked_distance_matrix",
+]
+
+ArrayLike = Union[np.ndarray, torch.Tensor]
+
+METRICS = ("euclidean", "cosine")
+
+# Elements of one query-rows x gallery block: bounds the evaluator's temporaries
+# (about 16 bytes per element on the dense path) while keeping per-chunk overhead small.
+_CHUNK_ELEMENTS = {"cpu": 1 << 22, "other": 1 << 26}
+
+
+def auto_chunk_rows(num_gallery: int, device: torch.device) -> int:
+    """Default number of query rows per chunk for a gallery of ``num_gallery`` items."""
+    budget = _CHUNK_ELEMENTS["cpu" if device.type == "cpu" else "other"]
+    return max(1, budget // max(1, int(num_gallery)))
+
+
+def _as_features(x: ArrayLike, name: str) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        if not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
+            raise TypeError(f"{name} must hold real numbers, got dtype {x.dtype}")
+        with warnings.catch_warnings():  # read-only arrays are fine: never written
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            x = torch.from_numpy(np.ascontiguousarray(x))
+    elif not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (num_samples x feature_dim), got shape {tuple(x.shape)}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} must be non-empty, got shape {tuple(x.shape)}")
+    if x.dtype in (torch.bool,) or x.is_complex():
+        raise TypeError(f"{name} must hold real numbers, got dtype {x.dtype}")
+    if not x.is_floating_point() or (x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16)):
+        x = x.float()  # integer features, or half precision where CPU matmul is slow
+    return x
+
+
+@torch.no_grad()
+def _prepare(
+    qf: ArrayLike, gf: ArrayLike, metric: str, normalize: bool
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Check inputs; return (q, g, |q|^2, |g|^2) ready for row blocks (norms only for euclidean)."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; allowed: {', '.join(map(repr, METRICS))}")
+    q = _as_features(qf, "qf")
+    g = _as_features(gf, "gf")
+    if q.shape[1] != g.shape[1]:
+        raise ValueError(
+            f"qf and gf must have the same feature dimension, got {q.shape[1]} and {g.shape[1]}"
+        )
+    if q.device != g.device:
+        raise ValueError(f"qf and gf must be on the same device, got {q.device} and {g.device}")
+    if q.dtype != g.dtype:
+        dtype = torch.promote_types(q.dtype, g.dtype)
+        q, g = q.to(dtype), g.to(dtype)
+    if normalize or metric == "cosine":
+        q = F.normalize(q, p=2, dim=1)
+        g = F.normalize(g, p=2, dim=1)
+    if metric == "euclidean":
+        return q, g, q.pow(2).sum(dim=1), g.pow(2).sum(dim=1)
+    return q, g, None, None
+
+
+def _block(q: torch.Tensor, g: torch.Tensor, qn: Optional[torch.Tensor], gn: Optional[torch.Tensor]) -> torch.Tensor:
+    if qn is not None:  # squared euclidean, Torchreid's formula: |q|^2 + |g|^2, then addmm(-2 q g^T)
+        out = qn.unsqueeze(1) + gn.unsqueeze(0)
+        return out.addmm_(q, g.t(), beta=1, alpha=-2)
+    return torch.mm(q, g.t()).neg_().add_(1)  # 1 - cos
+
+
+@torch.no_grad()
+def compute_distance_matrix(
+    qf: ArrayLike, gf: ArrayLike, metric: str = "euclidean", normalize: bool = False
+) -> torch.Tensor:
+    """The full ``Q x G`` distance matrix on the features' device (E2; needs ``Q * G`` floats).
+
+    Use it where the whole matrix is needed (re-ranking, visualisation); for plain evaluation
+    :func:`torchreid_ext.metrics.evaluate_features` works chunk by chunk instead.
+    """
+    q, g, qn, gn = _prepare(qf, gf, metric, normalize)
+    return _block(q, g, qn, gn)
+
+
+def iter_distance_chunks(
+    qf: ArrayLike,
+    gf: ArrayLike,
+    metric: str = "euclidean",
+    normalize: bool = False,
+    chunk_size: Optional[int] = None,
+) -> Iterator[Tuple[int, torch.Tensor]]:
+    """Yield ``(first_query_row, distances of chunk_size query rows x G)`` blocks in query order.
+
+    Only one block exists at a time, so memory is ``chunk_size * G`` floats plus the features.
+    ``chunk_size=None`` picks :func:`auto_chunk_rows`. Inputs are checked at the call, not lazily.
+    """
+    prepared = _prepare(qf, gf, metric, normalize)
+    rows = auto_chunk_rows(prepared[1].shape[0], prepared[0].device) if chunk_size is None else _check_chunk(chunk_size)
+    return _blocks(*prepared, rows)
+
+
+@torch.no_grad()
+def _blocks(q, g, qn, gn, rows: int) -> Iterator[Tuple[int, torch.Tensor]]:
+    for start in range(0, q.shape[0], rows):
+        stop = min(start + rows, q.shape[0])
+        yield start, _block(q[start:stop], g, None if qn is None else qn[start:stop], gn)
+
+
+def _check_chunk(chunk_size: int) -> int:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    return int(chunk_size)
+
+
+@torch.no_grad()
+def reranked_distance_matrix(
+    qf: ArrayLike,
+    gf: ArrayLike,
+    metric: str = "euclidean",
+    normalize: bool = False,
+    k1: int = 20,
+    k2: int = 6,
+    lambda_value: float = 0.3,
+) -> np.ndarray:
+    """Query x gallery distances after Torchreid's k-reciprocal re-ranking (``utils.re_ranking``).
+
+    Builds the full Q x G, Q x Q and G x G matrices (re-ranking needs all three), so memory grows
+    with ``(Q + G)^2``; feed the result to :func:`torchreid_ext.metrics.evaluate_rank`.
+    """
+    from ..adapter import torchreid
+
+    q, g, qn, gn = _prepare(qf, gf, metric, normalize)
+    qg = _block(q, g, qn, gn).cpu().numpy()
+    qq = _block(q, q, qn, qn).cpu().numpy()
+    gg = _block(g, g, gn, gn).cpu().numpy()
+    return torchreid().utils.re_ranking(qg, qq, gg, k1=k1, k2=k2, lambda_value=lambda_value)
