@@ -51,6 +51,7 @@ def test_train_and_evaluate_writes_all_outputs(tiny, tmp_path, capsys):
     assert metrics["model"] == "osnet_x0_25" and metrics["train_seconds"] > 0
     tags = scalars(save)
     assert len(tags["Test/synthreid_small/mAP"]) == 2 and "Train/loss" in tags
+    assert len(tags["Test/synthreid_small/mINP"]) == 2 and "mINP:" in out
     ckpt = load_checkpoint(osp.join(save, "model", "model.pth.tar-2"))
     assert ckpt["epoch"] == 2 and isinstance(ckpt["rank1"], float)
     assert glob.glob(osp.join(save, "train.log-*"))
@@ -213,3 +214,23 @@ def test_build_engine_from_python(tiny, tmp_path):
     summary = engine.forward_backward(next(iter(dm.train_loader)))
     assert {"loss", "loss_x", "loss_t", "acc"} <= set(summary)
     assert summary["loss"] == pytest.approx(0.5 * summary["loss_x"] + summary["loss_t"], rel=1e-5)
+
+
+def test_fast_and_torchreid_evaluators_agree_inside_the_engine(tiny, tmp_path):
+    save = str(tmp_path / "run")
+    run_main(tiny(save_dir=save, **{"train.max_epoch": 1}))
+    weights = osp.join(save, "model", "model.pth.tar-1")
+    out = {}
+    for evaluator in ("fast", "torchreid"):
+        for metric in ("euclidean", "cosine"):
+            res = run_main(tiny(save_dir=save, **{"test.evaluate": True, "model.load_weights": weights,
+                                                  "test.evaluator": evaluator, "test.dist_metric": metric}))
+            out[evaluator, metric] = res["synthreid_small"]
+    for metric in ("euclidean", "cosine"):
+        fast, ref = out["fast", metric], out["torchreid", metric]
+        assert fast["mAP"] == pytest.approx(ref["mAP"], abs=1e-6)
+        assert fast["cmc"] == pytest.approx(ref["cmc"], abs=1e-6)
+        assert fast["mINP"] is not None and ref["mINP"] is None
+    # evaluation-only runs write their own record and leave the training record alone
+    assert json.load(open(osp.join(save, "metrics.json")))["evaluations"][0]["epoch"] == 1
+    assert osp.exists(osp.join(save, "metrics-test.json"))

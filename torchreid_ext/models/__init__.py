@@ -103,3 +103,6 @@ def build_model_from_config(cfg, num_classes: int) -> nn.Module:
         use_gpu=cfg.use_gpu,
         **kwargs,
     )
+
+
+from . import complexity, msfl  # noqa: E402,F401
