@@ -121,8 +121,10 @@ def test_matches_torchreid(path, kind, seed, dtype):
 
 
 def test_clustered_input_takes_sparse_path_by_default():
+    # E4: only the items at or below each row's hardest positive are ordered (here ~2% of the matrix)
     res = evaluate_rank(*make_case(3, "clustered", num_g=2000, num_ids=200))
-    assert res.extras["sparse_chunks"] > 0 and res.extras["near_items"] > 0
+    assert res.extras["sparse_chunks"] > 0 and res.extras["dense_chunks"] == 0
+    assert 0 < res.extras["near_items"] < 0.1 * res.num_valid_queries * 2000
 
 
 @pytest.mark.parametrize("seed", [0, 5])
@@ -185,6 +187,18 @@ def test_tie_rule_many_ties_equals_brute_force(path, seed, dtype):
     assert_result(res, distmat, *labels, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_infinite_distances_equal_brute_force(path, dtype):
+    # +inf (e.g. masked pairs) ties among itself, so only the brute force with the tie rule is exact
+    distmat, *labels = make_case(0, "clustered")
+    rng = np.random.RandomState(1)
+    distmat[rng.rand(*distmat.shape) < 0.1] = np.inf
+    distmat[rng.rand(*distmat.shape) < 0.01] = -np.inf
+    distmat = distmat.astype(dtype)
+    res = evaluate_rank(distmat, *labels, max_rank=MAX_RANK, chunk_size=17)
+    assert_result(res, distmat, *labels, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------------
 # feature path, input types, devices
 
@@ -214,6 +228,35 @@ def test_features_chunked_equals_matrix(metric, normalize, chunk_size):
     assert_result(res, full.numpy(), q_pids, g_pids, q_cams, g_cams)
 
 
+def test_features_auto_blocks_are_ranked_in_sub_blocks(monkeypatch):
+    # automatic blocks: distances for >= _MATMUL_MIN_ROWS rows at once, ranked a few rows at a time
+    import torchreid_ext.metrics.distance as distance_mod
+
+    monkeypatch.setitem(distance_mod._CHUNK_ELEMENTS, "cpu", 400 * 6)  # rank 6 rows at a time
+    monkeypatch.setattr(rank_mod, "_MATMUL_MIN_ROWS", 32)  # distances for 36 rows at a time
+    blocks, ranked = [], []
+    add, make_blocks = rank_mod._RankAccumulator.add, rank_mod._blocks
+
+    def spy_add(self, start, dist):
+        ranked.append((start, len(dist)))
+        add(self, start, dist)
+
+    def spy_blocks(*args):
+        for start, block in make_blocks(*args):
+            blocks.append((start, len(block)))
+            yield start, block
+
+    monkeypatch.setattr(rank_mod._RankAccumulator, "add", spy_add)
+    monkeypatch.setattr(rank_mod, "_blocks", spy_blocks)
+    rng = np.random.RandomState(12)
+    q_pids, g_pids, q_cams, g_cams = make_labels(rng)
+    qf, gf = rng.randn(len(q_pids), 8), rng.randn(len(g_pids), 8)
+    res = evaluate_features(qf, gf, q_pids, g_pids, q_cams, g_cams, max_rank=MAX_RANK)
+    assert blocks == [(0, 36), (36, 36), (72, 8)]
+    assert ranked == [(s, 6) for s in range(0, 72, 6)] + [(72, 6), (78, 2)]
+    assert_result(res, compute_distance_matrix(qf, gf).numpy(), q_pids, g_pids, q_cams, g_cams)
+
+
 def test_features_match_torchreid_float32():
     # float32 features through Torchreid's own distance + evaluator vs ours (Torchreid's engine path)
     rng = np.random.RandomState(3)
@@ -240,6 +283,22 @@ def test_torch_inputs_equal_numpy():
         assert (other.mAP, other.mINP) == (ref.mAP, ref.mINP)
     np.testing.assert_allclose(res_f32.cmc, ref.cmc, atol=1e-6)
     assert res_f32.mAP == pytest.approx(ref.mAP, abs=1e-6)
+
+
+def test_big_endian_and_memory_mapped_inputs(tmp_path):
+    distmat, *labels = make_case(6, "clustered")
+    ref = evaluate_rank(distmat, *labels, max_rank=MAX_RANK)
+    np.save(tmp_path / "d.npy", distmat)
+    big_labels = [x.astype(">i8") for x in labels]
+    for d in (distmat.astype(">f8"), np.load(tmp_path / "d.npy", mmap_mode="r")):
+        res = evaluate_rank(d, *big_labels, max_rank=MAX_RANK)
+        np.testing.assert_array_equal(res.cmc, ref.cmc)
+        assert (res.mAP, res.mINP) == (ref.mAP, ref.mINP)
+    rng = np.random.RandomState(6)
+    qf, gf = rng.randn(len(labels[0]), 8), rng.randn(len(labels[1]), 8)
+    a = evaluate_features(qf, gf, *labels, max_rank=MAX_RANK)
+    b = evaluate_features(qf.astype(">f8"), gf.astype(">f8"), *big_labels, max_rank=MAX_RANK)
+    assert (a.mAP, a.mINP) == (b.mAP, b.mINP)
 
 
 def test_max_rank_beyond_gallery_and_threads_restored():
@@ -298,13 +357,13 @@ def _bad_cases():
         (dict(ok, g_camids=gc[:, None]), ValueError, "g_camids must be 1-D"),
         (dict(ok, distmat=d[0]), ValueError, "distmat must be 2-D"),
         (dict(ok, distmat=d[:, :0]), ValueError, "non-empty"),
-        (dict(ok, distmat=d.tolist()), TypeError, "numpy array or a torch tensor"),
-        (dict(ok, distmat=d > 0.5), TypeError, "real numbers"),
-        (dict(ok, q_pids=qp.astype(float)), TypeError, "q_pids must hold integers"),
+        (dict(ok, distmat=d.tolist()), TypeError, "numpy array or a torch tensor, got list"),
+        (dict(ok, distmat=d > 0.5), TypeError, "distmat must hold real numbers, got dtype bool"),
+        (dict(ok, q_pids=qp.astype(float)), TypeError, "q_pids must hold integers, got dtype float64"),
         (dict(ok, max_rank=0), ValueError, "max_rank must be an integer >= 1, got 0"),
-        (dict(ok, max_rank=2.5), ValueError, "max_rank"),
-        (dict(ok, chunk_size=0), ValueError, "chunk_size must be a positive integer"),
-        (dict(ok, num_threads=0), ValueError, "num_threads"),
+        (dict(ok, max_rank=2.5), ValueError, "max_rank must be an integer >= 1, got 2.5"),
+        (dict(ok, chunk_size=0), ValueError, "chunk_size must be a positive integer or None, got 0"),
+        (dict(ok, num_threads=0), ValueError, "num_threads must be a positive integer or None, got 0"),
         (dict(ok, distmat=nan), ValueError, r"NaN \(first at query 3, gallery 7\)"),
         (dict(ok, g_pids=gp + 1000), ValueError, "no valid query"),
         (dict(qf=f, gf=np.zeros((50, 3)), q_pids=qp, g_pids=gp, q_camids=qc, g_camids=gc), ValueError,
@@ -312,7 +371,11 @@ def _bad_cases():
         (dict(qf=f, gf=np.zeros((50, 4)), q_pids=qp, g_pids=gp, q_camids=qc, g_camids=gc, metric="l1"),
          ValueError, "unknown metric 'l1'; allowed: 'euclidean', 'cosine'"),
         (dict(qf=f[0], gf=np.zeros((50, 4)), q_pids=qp, g_pids=gp, q_camids=qc, g_camids=gc), ValueError,
-         "qf must be 2-D"),
+         r"qf must be 2-D \(num_samples x feature_dim\), got shape \(4,\)"),
+        (dict(qf=f.astype(str), gf=np.zeros((50, 4)), q_pids=qp, g_pids=gp, q_camids=qc, g_camids=gc), TypeError,
+         "qf must hold real numbers, got dtype <U32"),
+        (dict(qf=f, gf=np.zeros((50, 4)), q_pids=qp, g_pids=gp, q_camids=qc, g_camids=gc, chunk_size=-3),
+         ValueError, "chunk_size must be a positive integer or None, got -3"),
         (dict(qf=f, gf=np.zeros((50, 4)), q_pids=qp, g_pids=gp[:3], q_camids=qc, g_camids=gc), ValueError,
          "g_pids has length 3, expected 50"),
     ]

@@ -55,7 +55,7 @@ def _as_features(x: ArrayLike, name: str) -> torch.Tensor:
             raise TypeError(f"{name} must hold real numbers, got dtype {x.dtype}")
         with warnings.catch_warnings():  # read-only arrays are fine: never written
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            x = torch.from_numpy(np.ascontiguousarray(x))
+            x = torch.from_numpy(np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("=")))
     elif not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
     if x.dim() != 2:

@@ -1,0 +1,313 @@
+"""DRSL (METHOD.md D1-D7) against a plain float64 loop implementation, gradcheck, the exact-AP limit,
+invariances, edge cases, mixed precision and the no-B^3 memory rule; and ``build_metric_loss``."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from torchreid_ext.adapter import torchreid
+from torchreid_ext.config import get_default_config
+from torchreid_ext.losses import METRIC_LOSSES, DRSLoss, build_metric_loss, drsl_loss
+
+
+def pk_labels(p, k):
+    return torch.arange(p).repeat_interleave(k)
+
+
+def unequal_labels(seed):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.tensor([0] * 5 + [1] * 2 + [2] * 3 + [3] + [4] * 4 + [5] + [6] * 2)
+    return labels[torch.randperm(len(labels), generator=g)]
+
+
+def features(n, d, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, d, generator=g, dtype=torch.float64) * 3.0).to(dtype)
+
+
+def ref_drsl(f, y, tau_rel=0.05, lambda_sort=1.0, tau=None):
+    """D1-D5 written out pair by pair (float64 torch scalars, so autograd gives reference gradients)."""
+    y = y.tolist()
+    b = len(y)
+
+    def dist(i, j):
+        return torch.sqrt(((f[i] - f[j]) ** 2).sum())
+
+    def rel(i, j):
+        return (1 + torch.dot(f[i], f[j]) / (f[i].norm() * f[j].norm())) / 2
+
+    pos = {a: [j for j in range(b) if j != a and y[j] == y[a]] for a in range(b)}
+    neg = {a: [j for j in range(b) if y[j] != y[a]] for a in range(b)}
+    anchors = [a for a in range(b) if pos[a]]
+    if tau is None:
+        pairs = [dist(a, p).item() for a in anchors for p in pos[a]]
+        tau = tau_rel * sum(pairs) / len(pairs)
+
+    def step(t):
+        return torch.sigmoid(t / tau)
+
+    loss_r, loss_s = [], []
+    for a in anchors:
+        lr, ls = [], []
+        for p in pos[a]:
+            d_ap = dist(a, p)
+            n_fp = sum((step(d_ap - dist(a, n)) for n in neg[a]), torch.zeros((), dtype=f.dtype))
+            others = [q for q in pos[a] if q != p]
+            h = {q: step(d_ap - dist(a, q)) for q in others}
+            rank_plus = 1 + sum(h.values())
+            lr.append(n_fp / (rank_plus + n_fp))
+            r_p = rel(a, p)
+            cur = ((1 - r_p) + sum(h[q] * (1 - rel(a, q)) for q in others)) / rank_plus
+            above = [q for q in others if rel(a, q) >= r_p]
+            tgt = ((1 - r_p) + sum(h[q] * (1 - rel(a, q)) for q in above)) / (1 + sum(h[q] for q in above))
+            ls.append(cur - tgt.detach())
+        loss_r.append(sum(lr) / len(lr))
+        loss_s.append(sum(ls) / len(ls))
+    lr_mean = sum(loss_r) / len(loss_r)
+    ls_mean = sum(loss_s) / len(loss_s)
+    return lr_mean + lambda_sort * ls_mean, lr_mean, ls_mean
+
+
+CASES = [("pk", 0), ("pk", 1), ("unequal", 2), ("unequal", 3)]
+
+
+@pytest.mark.parametrize("kind,seed", CASES)
+@pytest.mark.parametrize("tau_rel,lambda_sort", [(0.05, 1.0), (0.3, 0.5)])
+def test_matches_loop_reference(kind, seed, tau_rel, lambda_sort):
+    y = pk_labels(4, 4) if kind == "pk" else unequal_labels(seed)
+    f = features(len(y), 8, seed).requires_grad_()
+    loss_fn = DRSLoss(tau_rel, lambda_sort)
+    loss = loss_fn(f, y)
+    (grad,) = torch.autograd.grad(loss, f)
+    f_ref = f.detach().clone().requires_grad_()
+    ref, ref_r, ref_s = ref_drsl(f_ref, y, tau_rel, lambda_sort)
+    (grad_ref,) = torch.autograd.grad(ref, f_ref)
+    assert loss.dtype == torch.float64
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert loss_fn.last_stats["loss_R"] == pytest.approx(ref_r.item(), rel=1e-6)
+    assert loss_fn.last_stats["loss_S"] == pytest.approx(ref_s.item(), rel=1e-6, abs=1e-12)
+    assert loss_fn.last_stats["ap"] == pytest.approx(1 - ref_r.item(), rel=1e-6)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-6, atol=1e-9)
+    assert loss_fn.last_stats["skipped"] == float(sum((y == v).sum() == 1 for v in y.tolist()))
+    # D1 / D7 distance diagnostics: means over (anchor, positive) and (anchor, negative) pairs.
+    d = [[((f[i] - f[j]) ** 2).sum().sqrt().item() for j in range(len(y))] for i in range(len(y))]
+    pos = [d[i][j] for i in range(len(y)) for j in range(len(y)) if i != j and y[i] == y[j]]
+    neg = [d[i][j] for i in range(len(y)) for j in range(len(y)) if y[i] != y[j]]
+    assert loss_fn.last_stats["d_pos"] == pytest.approx(sum(pos) / len(pos), rel=1e-6)
+    assert loss_fn.last_stats["d_neg"] == pytest.approx(sum(neg) / len(neg), rel=1e-6)
+    assert loss_fn.last_stats["tau"] == pytest.approx(tau_rel * sum(pos) / len(pos), rel=1e-6)
+
+
+def test_equal_relevance_counts_as_deserving():
+    # D4: A(a,p) uses r_ap' >= r_ap. Scaled copies have exactly equal cosines (scaling by 2 is exact),
+    # so r ties occur here and '>=' versus '>' changes the target.
+    y = pk_labels(3, 4)
+    f = features(12, 6, 13)
+    f[2], f[3] = 2 * f[1], 0.5 * f[1]
+    f[6] = 4 * f[5]
+    f.requires_grad_()
+    loss_fn = DRSLoss(tau_rel=0.3)
+    ref, _, ref_s = ref_drsl(f, y, tau_rel=0.3)
+    assert loss_fn(f, y).item() == pytest.approx(ref.item(), rel=1e-9)
+    assert loss_fn.last_stats["loss_S"] == pytest.approx(ref_s.item(), rel=1e-9)
+
+
+def test_gradcheck_retrieval_term():
+    # tau fixed: with D1's detached tau the numerical derivative would also see tau move.
+    y = torch.tensor([0, 1, 0, 2, 1, 0, 2, 1])
+    f = features(len(y), 4, 5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: drsl_loss(x, y, lambda_sort=0.0, tau=0.3)[0], (f,))
+
+
+def test_full_loss_is_not_plain_gradient_by_design():
+    # L_S's target is stop-gradient (D4), so full DRSL cannot pass gradcheck; its gradient is checked
+    # against the loop reference above. This pins that design: with one positive per anchor
+    # A(a,p) is empty, L_S == 0 for all inputs, yet cur still pulls the angle (non-zero gradient).
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    f = features(6, 4, 6).requires_grad_()
+    loss, stats = drsl_loss(f, y, lambda_sort=1.0, tau=0.3)
+    (g_full,) = torch.autograd.grad(loss, f)
+    (g_r,) = torch.autograd.grad(drsl_loss(f, y, lambda_sort=0.0, tau=0.3)[0], f)
+    assert stats["loss_S"] == pytest.approx(0.0, abs=1e-15)
+    assert (g_full - g_r).abs().max() > 1e-3
+
+
+def exact_map(f, y):
+    d = torch.cdist(f, f)
+    aps = []
+    for a in range(len(y)):
+        others = [j for j in range(len(y)) if j != a]
+        order = sorted(others, key=lambda j: d[a, j].item())
+        hits = [y[j] == y[a] for j in order]
+        if not any(hits):
+            continue
+        found, precisions = 0, []
+        for rank, hit in enumerate(hits, 1):
+            if hit:
+                found += 1
+                precisions.append(found / rank)
+        aps.append(sum(precisions) / len(precisions))
+    return sum(aps) / len(aps)
+
+
+# Positions on a line with no three-term progression (base-3 digits 0/1), so no anchor is equidistant
+# from two others, plus unit noise; the test asserts the resulting gaps are >> tau before using them.
+NO_TIES = [0, 1, 3, 4, 9, 10, 12, 13, 27, 28, 30, 31, 36, 37, 39, 40, 81, 82]
+
+
+def line_features(seed, dim=16):
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.tensor(NO_TIES, dtype=torch.float64)[torch.randperm(len(NO_TIES), generator=g)]
+    u = torch.randn(dim, generator=g, dtype=torch.float64)
+    return pos[:, None] * (u / u.norm()) + torch.randn(dim, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_small_tau_gives_one_minus_map(seed):
+    y = unequal_labels(seed)
+    f = line_features(seed)
+    d = torch.cdist(f, f)
+    tau = 1e-4 * d[(y[:, None] == y[None, :]) & ~torch.eye(len(y), dtype=torch.bool)].mean()
+    # Precondition (no near-ties): every gap between an anchor's distances is > 30 tau.
+    gaps = torch.stack([d[a][torch.arange(len(y)) != a].sort().values.diff().min() for a in range(len(y))])
+    assert gaps.min() > 30 * tau
+    loss = DRSLoss(tau_rel=1e-4, lambda_sort=0.0)
+    mean_ap = exact_map(f, y)
+    assert 0.2 < mean_ap < 0.9  # a non-trivial ranking
+    assert loss(f, y).item() == pytest.approx(1 - mean_ap, abs=1e-4)
+    assert loss.last_stats["ap"] == pytest.approx(mean_ap, abs=1e-4)
+
+
+def test_permutation_invariance():
+    y = unequal_labels(4)
+    f = features(len(y), 8, 4).requires_grad_()
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    loss = DRSLoss()(f, y)
+    (g,) = torch.autograd.grad(loss, f)
+    fp = f.detach()[perm].requires_grad_()
+    loss_p = DRSLoss()(fp, y[perm])
+    (gp,) = torch.autograd.grad(loss_p, fp)
+    assert loss_p.item() == pytest.approx(loss.item(), rel=1e-12)
+    torch.testing.assert_close(gp, g[perm], rtol=1e-9, atol=1e-12)
+
+
+def test_anchors_without_positive_are_skipped_and_counted():
+    y = torch.tensor([0, 0, 1, 2, 2, 3, 4])  # 1, 3, 4 are singletons
+    f = features(7, 5, 7)
+    loss = DRSLoss()
+    value = loss(f, y)
+    assert loss.last_stats["skipped"] == 3.0 and loss.last_stats["no_positives"] == 0.0
+    assert value.item() == pytest.approx(ref_drsl(f, y)[0].item(), rel=1e-6)
+
+
+def test_all_singletons_give_a_connected_zero():
+    f = features(6, 4, 8).requires_grad_()
+    loss = DRSLoss()
+    value = loss(f, torch.arange(6))
+    assert value.item() == 0.0 and value.grad_fn is not None
+    value.backward()
+    assert torch.equal(f.grad, torch.zeros_like(f))
+    assert loss.last_stats["skipped"] == 6.0 and loss.last_stats["no_positives"] == 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_computed_in_float32(dtype):
+    y = pk_labels(4, 4)
+    f32 = features(16, 8, 9, torch.float32)
+    low = f32.to(dtype).requires_grad_()
+    value = DRSLoss()(low, y)
+    assert value.dtype == torch.float32
+    # Same (rounded) inputs in float32 give the same loss: nothing is computed in low precision.
+    assert value.item() == pytest.approx(DRSLoss()(low.detach().float(), y).item(), rel=1e-6)
+    assert value.item() == pytest.approx(DRSLoss()(f32, y).item(), rel=2e-2)
+    value.backward()
+    assert low.grad.dtype == dtype and torch.isfinite(low.grad).all()
+
+
+def test_autocast_is_disabled_inside():
+    y = pk_labels(4, 4)
+    f = features(16, 64, 10, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = DRSLoss()(f, y)
+    assert value.dtype == torch.float32
+    assert value.item() == pytest.approx(DRSLoss()(f, y).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_identical_features_give_finite_gradients(dtype):
+    # Small integers: squared distances are exactly 0 on the diagonal and between the copies,
+    # where an unclamped sqrt has an infinite derivative (0 * inf = NaN in backward).
+    y = pk_labels(3, 3)
+    f = torch.randint(-3, 4, (9, 4), generator=torch.Generator().manual_seed(11)).to(dtype)
+    f[1] = f[0]
+    f[2] = f[0]
+    f.requires_grad_()
+    DRSLoss()(f, y).backward()
+    assert torch.isfinite(f.grad).all()
+
+
+def test_bad_inputs():
+    loss = DRSLoss()
+    with pytest.raises(ValueError, match=r"2-D.*got shape \(8,\)"):
+        loss(torch.randn(8), torch.zeros(8))
+    with pytest.raises(ValueError, match="8 feature rows but 6 targets"):
+        loss(torch.randn(8, 4), torch.zeros(6))
+    with pytest.raises(ValueError, match="tau_rel must be > 0, got 0"):
+        DRSLoss(tau_rel=0)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any ATen op returns (forward and autograd backward ops alike)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel, self.calls = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.calls += 1
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+# Why a dispatch mode: it sees the output of every ATen op, including the backward ops the autograd
+# engine runs, so "largest intermediate" is exact and deterministic, independent of the allocator
+# (RSS / profiler memory events depend on caching, threads and other processes on this machine).
+# The D6 rule is about the largest single tensor, so that is what is bounded.
+def test_recorder_catches_a_cube():
+    x = torch.randn(16, 4, requires_grad=True)
+    with LargestTensor() as rec:
+        (x[:, None, None, 0] * x[None, :, None, 1] * x[None, None, :, 2]).sum().backward()
+    assert rec.numel == 16**3
+
+
+def test_no_cubic_intermediate():
+    # B = 512, D = 64, P x K = 128 x 4: K - 1 = 3 positives per anchor. D6 allows B x (K - 1) x B;
+    # a B x B x B tensor would be 170 times larger.
+    b, k_pos = 512, 3
+    f = features(b, 64, 12, torch.float32).requires_grad_()
+    with LargestTensor() as rec:
+        value = DRSLoss()(f, pk_labels(b // 4, 4))
+        forward_calls = rec.calls
+        value.backward()
+    assert rec.calls > forward_calls  # the backward ops were recorded too
+    assert torch.isfinite(f.grad).all()
+    assert rec.numel <= b * k_pos * b < b**3 / 8
+
+
+def test_build_metric_loss():
+    cfg = get_default_config()
+    cfg.loss.triplet.margin = 0.7
+    cfg.loss.drsl.tau_rel, cfg.loss.drsl.lambda_sort = 0.1, 0.5
+    cfg.loss.sn.alpha, cfg.loss.sn.k, cfg.loss.sn.weight_squeeze, cfg.loss.sn.squeeze = 20.0, 5, 0.2, "nearest"
+    assert sorted(METRIC_LOSSES) == ["drsl", "sn", "triplet"]
+    triplet = build_metric_loss("triplet", cfg)
+    assert isinstance(triplet, torchreid().losses.TripletLoss) and triplet.margin == 0.7
+    drsl = build_metric_loss("drsl", cfg)
+    assert (drsl.tau_rel, drsl.lambda_sort) == (0.1, 0.5)
+    sn = build_metric_loss("sn", cfg)
+    assert (sn.alpha, sn.k, sn.weight_squeeze, sn.squeeze) == (20.0, 5, 0.2, "nearest")
+    with pytest.raises(KeyError, match=r"'arcface'.*\['drsl', 'sn', 'triplet'\]"):
+        build_metric_loss("arcface", cfg)

@@ -1,0 +1,226 @@
+"""Support Neighbor loss (METHOD.md S1-S4) against a plain float64 loop implementation, gradcheck,
+invariances, edge cases, mixed precision, bad input and the memory rule."""
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from torchreid_ext.losses import SupportNeighborLoss
+
+
+def pk_labels(p, k):
+    return torch.arange(p).repeat_interleave(k)
+
+
+def unequal_labels(seed):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.tensor([0] * 5 + [1] * 2 + [2] * 3 + [3] + [4] * 4 + [5] + [6] * 2)
+    return labels[torch.randperm(len(labels), generator=g)]
+
+
+def features(n, d, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, d, generator=g, dtype=torch.float64) * 2.0).to(dtype)
+
+
+def ref_sn(f, y, alpha=50.0, k=10, w=0.1, squeeze="spread"):
+    """S1-S4 written out anchor by anchor, with plain exp/log (float64 torch scalars)."""
+    y = y.tolist()
+    b = len(y)
+    fn = f / f.norm(dim=1, keepdim=True)
+
+    def dist(i, j):
+        return torch.sqrt(((fn[i] - fn[j]) ** 2).sum())
+
+    terms, sizes, thresholds = [], [], []
+    for a in range(b):
+        pos = [j for j in range(b) if j != a and y[j] == y[a]]
+        if not pos:
+            continue
+        neg = [j for j in range(b) if y[j] != y[a]]
+        t = sorted(dist(a, j).item() for j in range(b) if j != a)[k]  # (k+1)-th smallest
+        thresholds.append(t)
+        s_pos = [p for p in pos if dist(a, p).item() < t]
+        s_neg = [n for n in neg if dist(a, n).item() < t]
+        nearest = min(pos, key=lambda p: dist(a, p).item())
+        if not s_pos:
+            s_pos = [nearest]
+        num = sum(torch.exp(-alpha * dist(a, p)) for p in s_pos)
+        den = num + sum((torch.exp(-alpha * dist(a, n)) for n in s_neg), torch.zeros((), dtype=f.dtype))
+        sep = -torch.log(num / den)
+        if squeeze == "nearest":
+            sq = dist(a, nearest)
+        elif len(s_pos) == 1:
+            sq = dist(a, s_pos[0])
+        else:
+            ds = [dist(a, p) for p in s_pos]
+            sq = max(ds, key=lambda v: v.item()) - min(ds, key=lambda v: v.item())
+        terms.append(sep + w * sq)
+        sizes.append((len(s_pos), len(s_neg)))
+    mean_pos = sum(s for s, _ in sizes) / len(sizes)
+    mean_neg = sum(s for _, s in sizes) / len(sizes)
+    return sum(terms) / len(terms), mean_pos, mean_neg, sum(thresholds) / len(thresholds)
+
+
+CASES = [("pk", 0), ("pk", 1), ("unequal", 2), ("unequal", 3)]
+
+
+@pytest.mark.parametrize("kind,seed", CASES)
+@pytest.mark.parametrize("squeeze", ["spread", "nearest"])
+@pytest.mark.parametrize("alpha,k", [(50.0, 5), (8.0, 10)])
+def test_matches_loop_reference(kind, seed, squeeze, alpha, k):
+    y = pk_labels(5, 4) if kind == "pk" else unequal_labels(seed)
+    f = features(len(y), 6, seed).requires_grad_()
+    loss_fn = SupportNeighborLoss(alpha=alpha, k=k, weight_squeeze=0.3, squeeze=squeeze)
+    loss = loss_fn(f, y)
+    (grad,) = torch.autograd.grad(loss, f)
+    f_ref = f.detach().clone().requires_grad_()
+    ref, mean_pos, mean_neg, mean_t = ref_sn(f_ref, y, alpha, k, 0.3, squeeze)
+    (grad_ref,) = torch.autograd.grad(ref, f_ref)
+    assert loss.dtype == torch.float64
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-6, atol=1e-9)
+    assert loss_fn.last_stats["s_pos"] == pytest.approx(mean_pos)
+    assert loss_fn.last_stats["s_neg"] == pytest.approx(mean_neg)
+    assert loss_fn.last_stats["threshold"] == pytest.approx(mean_t, rel=1e-6)
+
+
+@pytest.mark.parametrize("squeeze", ["spread", "nearest"])
+def test_gradcheck(squeeze):
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 3, 3, 2, 0])
+    f = features(len(y), 5, 4).requires_grad_()
+    k = 4
+    # Precondition: no distance near t_a (sets and nearest/furthest fixed under the perturbation).
+    fn = f.detach() / f.detach().norm(dim=1, keepdim=True)
+    d = torch.cdist(fn, fn) + torch.diag(torch.full((len(y),), float("inf"), dtype=torch.float64))
+    assert d.sort(dim=1).values[:, : len(y) - 1].diff(dim=1).min() > 1e-3
+    loss = SupportNeighborLoss(alpha=10.0, k=k, weight_squeeze=0.5, squeeze=squeeze)
+    assert torch.autograd.gradcheck(lambda x: loss(x, y), (f,))
+
+
+def test_permutation_invariance():
+    y = unequal_labels(4)
+    f = features(len(y), 8, 4).requires_grad_()
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    loss = SupportNeighborLoss(k=5)(f, y)
+    (g,) = torch.autograd.grad(loss, f)
+    fp = f.detach()[perm].requires_grad_()
+    loss_p = SupportNeighborLoss(k=5)(fp, y[perm])
+    (gp,) = torch.autograd.grad(loss_p, fp)
+    assert loss_p.item() == pytest.approx(loss.item(), rel=1e-12)
+    torch.testing.assert_close(gp, g[perm], rtol=1e-9, atol=1e-12)
+
+
+def test_empty_support_positive_falls_back_to_nearest_positive():
+    # Anchor 0's only positive (index 1) lies opposite; the k nearest are negatives.
+    f = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [1.0, 0.1], [1.0, 0.2], [1.0, -0.1], [1.0, -0.2], [-1.0, 0.1]],
+                     dtype=torch.float64)
+    y = torch.tensor([0, 0, 1, 2, 3, 4, 5])
+    loss = SupportNeighborLoss(alpha=5.0, k=2)
+    value = loss(f, y)
+    assert value.item() == pytest.approx(ref_sn(f, y, 5.0, 2)[0].item(), rel=1e-9)
+    assert loss.last_stats["s_pos"] == 1.0 and loss.last_stats["skipped"] == 5.0
+
+
+def test_anchors_without_positive_are_skipped_and_counted():
+    y = torch.tensor([0, 0, 1, 2, 2, 3, 4, 5, 5, 6, 6, 6, 7, 8])  # 1, 3, 4, 7, 8 are singletons
+    f = features(len(y), 5, 7)
+    loss = SupportNeighborLoss(k=4)
+    value = loss(f, y)
+    assert loss.last_stats["skipped"] == 5.0 and loss.last_stats["no_positives"] == 0.0
+    assert value.item() == pytest.approx(ref_sn(f, y, k=4)[0].item(), rel=1e-6)
+
+
+def test_all_singletons_give_a_connected_zero():
+    f = features(12, 4, 8).requires_grad_()
+    loss = SupportNeighborLoss(k=5)
+    value = loss(f, torch.arange(12))
+    assert value.item() == 0.0 and value.grad_fn is not None
+    value.backward()
+    assert torch.equal(f.grad, torch.zeros_like(f))
+    assert loss.last_stats["skipped"] == 12.0 and loss.last_stats["no_positives"] == 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_computed_in_float32(dtype):
+    y = pk_labels(6, 4)
+    f32 = features(24, 16, 9, torch.float32)
+    low = f32.to(dtype).requires_grad_()
+    value = SupportNeighborLoss()(low, y)  # alpha = 50: plain exp would overflow fp16
+    assert value.dtype == torch.float32 and math.isfinite(value.item())
+    assert value.item() == pytest.approx(SupportNeighborLoss()(low.detach().float(), y).item(), rel=1e-6)
+    assert value.item() == pytest.approx(SupportNeighborLoss()(f32, y).item(), rel=5e-2)
+    value.backward()
+    assert low.grad.dtype == dtype and torch.isfinite(low.grad).all()
+
+
+def test_autocast_is_disabled_inside():
+    y = pk_labels(6, 4)
+    f = features(24, 64, 10, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = SupportNeighborLoss()(f, y)
+    assert value.dtype == torch.float32
+    assert value.item() == pytest.approx(SupportNeighborLoss()(f, y).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_identical_features_give_finite_gradients(dtype):
+    # Axis vectors normalise exactly, so squared distances are exactly 0 on the diagonal and between
+    # the copies, where an unclamped sqrt has an infinite derivative (0 * inf = NaN in backward).
+    y = pk_labels(4, 4)
+    f = torch.eye(4, dtype=dtype)[torch.arange(16) % 4] * torch.arange(1, 17, dtype=dtype)[:, None]
+    f.requires_grad_()
+    SupportNeighborLoss(k=5)(f, y).backward()
+    assert torch.isfinite(f.grad).all()
+
+
+def test_batch_too_small_for_k():
+    with pytest.raises(ValueError, match=r"batch size 8 is too small for k=10: .*batch_size - 1 >= k \+ 1"):
+        SupportNeighborLoss(k=10)(torch.randn(8, 4), pk_labels(2, 4))
+    with pytest.raises(ValueError, match="batch size 11 is too small for k=10"):
+        SupportNeighborLoss(k=10)(torch.randn(11, 4), torch.arange(11) // 2)
+    SupportNeighborLoss(k=10)(torch.randn(12, 4), pk_labels(3, 4))  # B - 1 = k + 1: fine
+
+
+def test_bad_arguments_and_inputs():
+    with pytest.raises(ValueError, match=r"squeeze='furthest'; choose one of \['spread', 'nearest'\]"):
+        SupportNeighborLoss(squeeze="furthest")
+    with pytest.raises(ValueError, match="k must be an integer >= 1, got 0"):
+        SupportNeighborLoss(k=0)
+    with pytest.raises(ValueError, match=r"2-D.*got shape \(16, 4, 1\)"):
+        SupportNeighborLoss(k=3)(torch.randn(16, 4, 1), pk_labels(4, 4))
+    with pytest.raises(ValueError, match="16 feature rows but 12 targets"):
+        SupportNeighborLoss(k=3)(torch.randn(16, 4), pk_labels(3, 4))
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any ATen op returns (forward and autograd backward ops alike)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel, self.calls = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.calls += 1
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+def test_no_cubic_intermediate():
+    # A dispatch mode sees every ATen op's output, backward ops included: exact and deterministic,
+    # unlike RSS or allocator statistics on a machine shared with other processes. SN needs only
+    # B x B tensors (S1-S4); B = 512, D = 64.
+    b = 512
+    f = features(b, 64, 12, torch.float32).requires_grad_()
+    with LargestTensor() as rec:
+        value = SupportNeighborLoss()(f, pk_labels(b // 4, 4))
+        forward_calls = rec.calls
+        value.backward()
+    assert rec.calls > forward_calls
+    assert torch.isfinite(f.grad).all()
+    assert rec.numel <= b * b

@@ -1,0 +1,184 @@
+"""DRSL: Differentiable Retrieval-Sort Loss (METHOD.md D1-D7).
+
+Only the abstract of the paper ("Rank-in-Rank Loss", ACM TOMM 2022) is available. The formulation
+here is OURS, built from that abstract on the Rank & Sort loss pattern (Oksuz et al., ICCV 2021) as
+written down in METHOD.md D; it is not the paper's equations.
+
+The helpers ``check_inputs``, ``compute_dtype``, ``pairwise_distance``, ``no_positive_result`` are
+shared with the Support Neighbor loss (``sn.py``).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["DRSLoss", "drsl_loss"]
+
+# Squared distances below this are clamped before sqrt: sqrt has an infinite slope at 0 (diagonal,
+# identical features), so the clamp (gradient 0 below it) keeps the backward pass finite.
+_SQ_EPS = 1e-12
+
+
+def check_inputs(features: torch.Tensor, targets: torch.Tensor, who: str) -> None:
+    """Raise a clear error for features that are not (B, D) floats or labels that are not (B,)."""
+    if not torch.is_tensor(features) or features.dim() != 2:
+        shape = tuple(features.shape) if torch.is_tensor(features) else type(features).__name__
+        raise ValueError(f"{who}: features must be a 2-D tensor (batch_size, dim), got shape {shape}")
+    if not features.is_floating_point():
+        raise TypeError(f"{who}: features must be floating point, got {features.dtype}")
+    if not torch.is_tensor(targets) or targets.dim() != 1:
+        shape = tuple(targets.shape) if torch.is_tensor(targets) else type(targets).__name__
+        raise ValueError(f"{who}: targets must be a 1-D tensor of identity labels, got shape {shape}")
+    if targets.numel() != features.size(0):
+        raise ValueError(
+            f"{who}: {features.size(0)} feature rows but {targets.numel()} targets; "
+            "they must have the same length"
+        )
+
+
+def compute_dtype(features: torch.Tensor) -> torch.Tensor:
+    """float16 / bfloat16 -> float32 (D6); float32 and float64 stay as they are."""
+    if features.dtype in (torch.float16, torch.bfloat16):
+        return features.float()
+    return features
+
+
+def pairwise_distance(f: torch.Tensor) -> torch.Tensor:
+    """B x B Euclidean distances (not squared), sqrt clamped at 0 so its gradient stays finite."""
+    sq = f.pow(2).sum(1)
+    d2 = (sq[:, None] + sq[None, :]).addmm_(f, f.t(), alpha=-2)
+    return d2.clamp_min(_SQ_EPS).sqrt()
+
+
+def no_positive_result(f: torch.Tensor, stats: Dict[str, float]) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """No anchor has a positive: a zero that is still part of the graph, so backward() works."""
+    return f.sum() * 0.0, stats
+
+
+def _gather_positives(pos_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Each row's positive columns first, padded to K = max positives: (A x K indices, A x K mask)."""
+    n_pos = pos_mask.sum(1)
+    k = int(n_pos.max())
+    order = torch.sort(pos_mask.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :k]
+    valid = torch.arange(k, device=pos_mask.device)[None, :] < n_pos[:, None]
+    return order, valid
+
+
+def drsl_loss(
+    features: torch.Tensor,
+    targets: torch.Tensor,
+    tau_rel: float = 0.05,
+    lambda_sort: float = 1.0,
+    tau: Optional[float] = None,
+) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """DRSL of a batch (D1-D6) and its diagnostics (D7).
+
+    ``tau`` overrides the data-dependent temperature of D1 (tests use it for gradcheck, since the
+    D1 temperature is detached). Memory is A x K x B for A anchors with a positive (D6).
+    """
+    check_inputs(features, targets, "DRSL")
+    targets = targets.to(features.device)
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        f = compute_dtype(features)
+        b = f.size(0)
+        same = targets[:, None] == targets[None, :]
+        eye = torch.eye(b, dtype=torch.bool, device=f.device)
+        pos_mask = same & ~eye
+        anchors = pos_mask.any(1).nonzero().squeeze(1)
+        skipped = float(b - anchors.numel())
+        if anchors.numel() == 0:
+            stats = dict(
+                loss_R=0.0, loss_S=0.0, ap=0.0, d_pos=0.0, d_neg=0.0, skipped=skipped, tau=0.0, no_positives=1.0
+            )
+            return no_positive_result(f, stats)
+
+        dist = pairwise_distance(f)
+        dist_a = dist[anchors]  # A x B
+        idx, valid = _gather_positives(pos_mask[anchors])  # A x K
+        n_pos = valid.sum(1).to(f.dtype)
+        d_ap = dist_a.gather(1, idx)  # A x K
+        neg_a = ~same[anchors]
+
+        # D1: tau relative to the mean positive distance, detached.
+        d_pos = d_ap.detach()[valid].mean()
+        if tau is None:
+            tau_t = (tau_rel * d_pos).clamp_min(torch.finfo(f.dtype).tiny)
+        else:
+            tau_t = torch.as_tensor(float(tau), dtype=f.dtype, device=f.device)
+
+        # D2: negatives ranked above each positive. Non-negatives get distance +inf, so their
+        # H_tau is exactly 0 (and so is its gradient): no separate A x K x B mask tensor.
+        dist_neg = dist_a.masked_fill(~neg_a, float("inf"))
+        n_fp = torch.sigmoid((d_ap[:, :, None] - dist_neg[:, None, :]) / tau_t).sum(2)  # A x K
+        kk = idx.size(1)
+        pair = valid[:, :, None] & valid[:, None, :] & ~torch.eye(kk, dtype=torch.bool, device=f.device)
+        h_pp = torch.sigmoid((d_ap[:, :, None] - d_ap[:, None, :]) / tau_t) * pair  # A x K x K: h(p')
+        rank_pos = 1.0 + h_pp.sum(2)
+
+        # D3: retrieval error, mean over positives then over anchors.
+        def batch_mean(x: torch.Tensor) -> torch.Tensor:
+            return ((x * valid).sum(1) / n_pos).mean()
+
+        loss_r = batch_mean(n_fp / (rank_pos + n_fp))
+
+        # D4: sort error; relevance from the cosine similarity (the angle), not detached in cur.
+        fn = F.normalize(f, dim=1)
+        cos = (fn[anchors] @ fn.t()).gather(1, idx)  # A x K, via an A x B product (no A x K x D)
+        irr = (1.0 - cos) / 2.0  # 1 - r
+        cur = (irr + (h_pp * irr[:, None, :]).sum(2)) / rank_pos
+        with torch.no_grad():
+            deserve = pair & (irr[:, None, :] <= irr[:, :, None])  # r_ap' >= r_ap
+            h_a = h_pp * deserve
+            tgt = (irr + (h_a * irr[:, None, :]).sum(2)) / (1.0 + h_a.sum(2))
+        loss_s = batch_mean(cur - tgt)
+
+        loss = loss_r + lambda_sort * loss_s  # D5
+        neg_all = ~same
+        stats = dict(
+            loss_R=loss_r.item(),
+            loss_S=loss_s.item(),
+            ap=1.0 - loss_r.item(),  # smoothed AP: mean of rank+/rank
+            d_pos=d_pos.item(),
+            d_neg=dist.detach()[neg_all].mean().item() if bool(neg_all.any()) else 0.0,
+            skipped=skipped,
+            tau=float(tau_t),
+            no_positives=0.0,
+        )
+        return loss, stats
+
+
+class DRSLoss(nn.Module):
+    """Differentiable Retrieval-Sort Loss, ``loss(features, targets)`` -> scalar (METHOD.md D1-D7).
+
+    OUR formulation, built from the paper's abstract on the Rank & Sort loss pattern (METHOD.md D);
+    not the paper's equations. L = L_R + lambda_sort * L_S: L_R ranks each positive ahead of the
+    negatives by smoothed distance rank (D2-D3), L_S sorts the positives by angle (D4). Raw features,
+    tau = tau_rel * mean positive distance (D1). Anchors without a positive are skipped and counted;
+    if none has one the loss is a graph-connected zero and ``skipped`` equals the batch size.
+    fp16/bf16 inputs and autocast are computed in float32 (D6).
+
+    ``last_stats`` (D7): loss_R, loss_S, ap (smoothed batch AP = mean of rank+/rank = 1 - loss_R),
+    d_pos, d_neg (mean positive / negative pair distance over the batch), skipped (anchors without a
+    positive), tau (the D1 temperature used), no_positives (1.0 when no anchor had a positive and the
+    loss is the graph-connected zero, else 0.0).
+    """
+
+    def __init__(self, tau_rel: float = 0.05, lambda_sort: float = 1.0):
+        super().__init__()
+        if not tau_rel > 0:
+            raise ValueError(f"DRSL: tau_rel must be > 0, got {tau_rel}")
+        if not lambda_sort >= 0:
+            raise ValueError(f"DRSL: lambda_sort must be >= 0, got {lambda_sort}")
+        self.tau_rel = float(tau_rel)
+        self.lambda_sort = float(lambda_sort)
+        self.last_stats: Dict[str, float] = {}
+
+    def forward(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss, self.last_stats = drsl_loss(features, targets, self.tau_rel, self.lambda_sort)
+        return loss
+
+    def extra_repr(self) -> str:
+        return f"tau_rel={self.tau_rel}, lambda_sort={self.lambda_sort}"
