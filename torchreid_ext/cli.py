@@ -253,13 +253,24 @@ def run(cfg, config_path: str = "") -> Dict[str, Any]:
         return engine.run(**engine_run_kwargs(cfg, start_epoch=start_epoch))
 
 
+def _user_errors() -> tuple:
+    """Exceptions that mean bad input: printed as one line, exit status 2."""
+    from .checkpoint import CheckpointError
+    from .data.checks import DatasetNotFound, UnreadableImageError
+    from .engines import NotAvailableYet
+    from .models.msfl import BackboneWeightsError
+
+    return (ConfigError, KeyError, FileNotFoundError, PretrainedWeightsUnavailable, CheckpointError,
+            DatasetNotFound, UnreadableImageError, NotAvailableYet, BackboneWeightsError)
+
+
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     try:
         cfg, args = load_run_config(argv)
         return run(cfg, args.config)
-    except (ConfigError, KeyError, FileNotFoundError, PretrainedWeightsUnavailable) as exc:
+    except _user_errors() as exc:
         if os.environ.get("TORCHREID_EXT_TRACEBACK"):
             raise
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {msg} (set TORCHREID_EXT_TRACEBACK=1 for the traceback)", file=sys.stderr)
         raise SystemExit(2)
