@@ -172,7 +172,7 @@ def get_default_config() -> CN:
     cfg.msgr.q = 2.0  # 1, 2 or inf
     cfg.msgr.squared = False
     cfg.msgr.grad_of = "sum"  # sum | mean
-    cfg.msgr.fast_h = 0.1  # G5 finite-difference step, relative to eps
+    cfg.msgr.fast_h = 0.0  # G5 step (delta = h*eps*v/B); <= 0: auto (largest stage perturbation 3e-6 of the stage output)
 
     # ---------------- ours: distributed ----------------
     cfg.dist = CN()
