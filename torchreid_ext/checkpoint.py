@@ -9,6 +9,11 @@
   unpickling arbitrary globals runs code from the file.
 * The Python, numpy and torch RNG states travel with the checkpoint, so a resumed run
   draws the same batches and augmentations as an uninterrupted one.
+* Under DistributedDataParallel each rank has its own streams (augmentation, dropout) and
+  only rank 0 writes checkpoints. Instead of gathering every rank's state, the engine
+  reseeds every stream at each epoch start from ``(seed, epoch, rank)`` (:func:`seed_epoch`)
+  and samplers are epoch-seeded, so resuming at an epoch boundary (the only place a
+  checkpoint is written) is exact on every rank; the saved state is then overridden.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ __all__ = [
     "load_checkpoint",
     "capture_rng_state",
     "restore_rng_state",
+    "seed_epoch",
     "latest_checkpoint",
     "resume_from_checkpoint",
 ]
@@ -151,6 +157,15 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
         cuda = state["cuda"]
         if len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
+
+
+def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
+    """Seed Python's, numpy's and torch's (CPU and CUDA) generators from (seed, epoch, rank)."""
+    words = np.random.SeedSequence([int(seed), int(epoch), int(rank)]).generate_state(2)
+    value = int(words[0]) << 32 | int(words[1])
+    random.seed(value)
+    np.random.seed(int(words[0]))
+    torch.manual_seed(value)  # CUDA generators too
 
 
 _CKPT = re.compile(r"model\.pth\.tar-(\d+)$")

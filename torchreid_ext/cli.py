@@ -5,6 +5,16 @@
 Same arguments as upstream (``--config-file`` too, ``--root``, ``-s``, ``-t``,
 ``--transforms``, trailing overrides). Everything that can be wrong with the input is
 checked before the log file, the data loaders or the model are created.
+
+Under ``torchrun --nproc_per_node N scripts/main.py ...`` every process joins the job
+(``dist.backend``), wraps the model in DistributedDataParallel (SyncBatchNorm first with
+``train.sync_bn``; channels-last with ``train.channels_last``) and trains on its own share of
+the data: ``train.batch_size`` is PER RANK (global batch = N x batch_size; scale the learning
+rate yourself if you want linear scaling), and the train sampler is replaced by its
+distributed form (:class:`~torchreid_ext.data.sampler.DistributedIdentitySampler` for
+``RandomIdentitySampler``, torch's ``DistributedSampler`` for ``RandomSampler`` /
+``SequentialSampler``). Only rank 0 prints, writes the log, TensorBoard, checkpoints and
+metrics, and evaluates.
 """
 from __future__ import annotations
 
@@ -19,6 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from . import distributed
 from .adapter import torchreid
 from .checkpoint import latest_checkpoint
 from .config import (
@@ -106,6 +117,7 @@ def preflight(cfg) -> str:
         check_dataset_present(name, cfg.data.root)
     if cfg.model.load_weights and not osp.isfile(cfg.model.load_weights):
         raise FileNotFoundError(f"model.load_weights = '{cfg.model.load_weights}' does not exist")
+    preflight_distributed(cfg)
     resume = resolve_resume(cfg)
     existing = latest_checkpoint(osp.join(cfg.data.save_dir, "model"))
     if existing and not resume and not cfg.test.evaluate:
@@ -115,6 +127,63 @@ def preflight(cfg) -> str:
             "another data.save_dir."
         )
     return resume
+
+
+DDP_SAMPLERS = ("RandomIdentitySampler", "RandomSampler", "SequentialSampler")
+
+
+def preflight_distributed(cfg) -> None:
+    """What cannot work under torchrun with more than one process."""
+    if distributed.env_world_size() == 1:
+        return
+    if cfg.sampler.train_sampler not in DDP_SAMPLERS:
+        raise ConfigError(f"sampler.train_sampler = '{cfg.sampler.train_sampler}' has no distributed form; "
+                          f"under torchrun choose one of {list(DDP_SAMPLERS)}")
+    if cfg.train.sync_bn and not (cfg.use_gpu and torch.cuda.is_available()):
+        raise ConfigError("train.sync_bn = True under torchrun needs GPUs (torch's SyncBatchNorm synchronises "
+                          "CUDA tensors only); set train.sync_bn False on the CPU")
+
+
+def distribute_train_loader(dm, cfg) -> None:
+    """Replace ``dm.train_loader`` by one whose sampler gives this rank its share (DDP)."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from .data.sampler import DistributedIdentitySampler
+
+    loader = dm.train_loader
+    name = cfg.sampler.train_sampler
+    if name == "RandomIdentitySampler":
+        sampler = DistributedIdentitySampler(loader.dataset.train, cfg.train.batch_size,
+                                             cfg.sampler.num_instances, seed=cfg.train.seed)
+    elif name in DDP_SAMPLERS:
+        sampler = DistributedSampler(loader.dataset, shuffle=name == "RandomSampler", seed=cfg.train.seed,
+                                     drop_last=True)
+    else:
+        raise ConfigError(f"sampler.train_sampler = '{name}' has no distributed form; choose one of "
+                          f"{list(DDP_SAMPLERS)}")
+    dm.train_loader = DataLoader(loader.dataset, sampler=sampler, batch_size=loader.batch_size, shuffle=False,
+                                 num_workers=loader.num_workers, pin_memory=loader.pin_memory, drop_last=True)
+
+
+def prepare_model(model: torch.nn.Module, cfg, device: torch.device) -> torch.nn.Module:
+    """SyncBatchNorm (``train.sync_bn``), device, channels-last; the same model, converted."""
+    if cfg.train.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def wrap_ddp(model: torch.nn.Module, cfg, info: "distributed.DistInfo") -> torch.nn.Module:
+    """DistributedDataParallel with default settings (MSGR: never ``static_graph``, G6);
+    ``find_unused_parameters`` while fixbase epochs freeze the base."""
+    if info.world_size == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+        find_unused_parameters=cfg.train.fixbase_epoch > 0,
+    )
 
 
 def build_datamanager(cfg):
@@ -211,18 +280,43 @@ def set_determinism(cfg) -> None:
 
 
 def run(cfg, config_path: str = "") -> Dict[str, Any]:
-    """Build everything ``cfg`` describes, resume if asked, train and evaluate."""
+    """Build everything ``cfg`` describes, resume if asked, train and evaluate (on every rank
+    of a torchrun job; see the module docstring)."""
     resume = preflight(cfg)
     cfg.use_gpu = bool(cfg.use_gpu and torch.cuda.is_available())
+    info = distributed.init_distributed(cfg.dist.backend, cfg.use_gpu)
+    try:
+        results = _run(cfg, config_path, resume, info)
+    except BaseException:
+        distributed.cleanup_distributed(wait=False)
+        raise
+    distributed.cleanup_distributed()
+    return results
+
+
+def _rank_output(save_dir: str, log_name: str, rank: int):
+    """Rank 0: stdout and stderr teed to the log; other ranks: stdout discarded."""
+    if rank == 0:
+        return tee_output(osp.join(save_dir, log_name))
+    stack = contextlib.ExitStack()
+    stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+    return stack
+
+
+def _run(cfg, config_path: str, resume: str, info: "distributed.DistInfo") -> Dict[str, Any]:
     save_dir = cfg.data.save_dir
     log_name = ("test.log" if cfg.test.evaluate else "train.log") + time.strftime("-%Y-%m-%d-%H-%M-%S")
-    with tee_output(osp.join(save_dir, log_name)):
+    with _rank_output(save_dir, log_name, info.rank):
         set_determinism(cfg)
         tr = torchreid()
         print(f"Show configuration\n{cfg}\n")
         print(f"torch {torch.__version__}, torchreid layout '{tr.prefix}', python {platform.python_version()}, "
-              f"device {'cuda' if cfg.use_gpu else 'cpu'}, threads {torch.get_num_threads()}")
-        datamanager = build_datamanager(cfg)
+              f"device {'cuda' if cfg.use_gpu else 'cpu'}, threads {torch.get_num_threads()}, "
+              f"processes {info.world_size} (batch size {cfg.train.batch_size} per process)")
+        with distributed.main_first():  # rank 0 generates a synthetic dataset first
+            datamanager = build_datamanager(cfg)
+        if info.world_size > 1:
+            distribute_train_loader(datamanager, cfg)
         print(f"Building model: {cfg.model.name}")
         model = build_model(cfg, datamanager.num_train_pids)
         stats = model_complexity(model, cfg.data.height, cfg.data.width)
@@ -231,9 +325,10 @@ def run(cfg, config_path: str = "") -> Dict[str, Any]:
                   f"MACs={stats['macs']:,} at {cfg.data.height}x{cfg.data.width}")
         if cfg.model.load_weights:
             tr.utils.load_pretrained_weights(model, cfg.model.load_weights)
-        model = model.to(torch.device("cuda" if cfg.use_gpu else "cpu"))
+        model = prepare_model(model, cfg, info.device)
         optimizer = tr.optim.build_optimizer(model, **optimizer_kwargs(cfg))
         scheduler = tr.optim.build_lr_scheduler(optimizer, **lr_scheduler_kwargs(cfg))
+        model = wrap_ddp(model, cfg, info)
         run_info = {
             "config": osp.basename(config_path) if config_path else "",
             "model": cfg.model.name,
@@ -243,6 +338,8 @@ def run(cfg, config_path: str = "") -> Dict[str, Any]:
             "targets": list(cfg.data.targets),
             "seed": cfg.train.seed,
             "input_size": [cfg.data.height, cfg.data.width],
+            "world_size": info.world_size,
+            "amp": cfg.train.amp,
             **stats,
         }
         engine = build_engine(cfg, datamanager, model, optimizer, scheduler, run_info=run_info)

@@ -401,6 +401,7 @@ def validate_config(cfg: CN) -> None:
                 "RandomIdentitySampler draws batch_size / num_instances identities with "
                 f"num_instances images each (e.g. batch_size {max(k, 1) * max(bs // max(k, 1), 1)})"
             )
+    _validate_scale_out(cfg)
     # upstream's check_cfg: with no ID-loss term the classifier gets no gradient
     weight_x = {
         "softmax": 1.0,
@@ -415,6 +416,22 @@ def validate_config(cfg: CN) -> None:
             "cross-entropy term (weight_x = 0), so the classifier gets no gradient; "
             "set train.fixbase_epoch 0 or a positive weight_x"
         )
+
+
+def _validate_scale_out(cfg: CN) -> None:
+    """train.amp / train.sync_bn / dist.* combinations that cannot work (METHOD.md G6)."""
+    import torch
+
+    if cfg.train.amp == "fp16" and not (cfg.use_gpu and torch.cuda.is_available()):
+        raise ConfigError("train.amp = 'fp16' needs a CUDA GPU (fp16 autocast with a GradScaler); this run "
+                          "is on the CPU: use train.amp bf16 or none")
+    if cfg.train.sync_bn and cfg.msgr.enabled and cfg.msgr.mode == "exact":
+        raise ConfigError("train.sync_bn = True with msgr.mode = 'exact': exact MSGR needs a double "
+                          "backward, which SyncBatchNorm does not have (METHOD.md G6); set msgr.mode fast "
+                          "or train.sync_bn False")
+    if cfg.dist.gather_features and cfg.loss.name == "softmax":
+        raise ConfigError("dist.gather_features = True has no effect with loss.name = 'softmax' (no batch "
+                          "ranking loss to gather for); use triplet, drsl or sn, or set it False")
 
 
 def load_config(

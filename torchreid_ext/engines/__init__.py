@@ -3,7 +3,9 @@
     engine = torchreid_ext.build_engine(cfg, datamanager, model, optimizer, scheduler)
 
 ``cfg.loss.name`` picks the loss terms (softmax, triplet, drsl, sn; METHOD.md D5, S4)
-and ``cfg.msgr.enabled`` wraps them in the MSGR engine (METHOD.md G).
+and ``cfg.msgr.enabled`` wraps them in the MSGR engine (METHOD.md G). ``train.amp``,
+``train.channels_last``, ``train.seed`` (per-epoch reseeding) and ``dist.gather_features``
+are passed on; wrapping the model in DDP / SyncBatchNorm is the caller's (``cli.run``).
 """
 from __future__ import annotations
 
@@ -48,6 +50,10 @@ def build_engine(cfg, datamanager, model, optimizer, scheduler=None, run_info: O
         evaluator=cfg.test.evaluator,
         checkpoint_freq=cfg.train.checkpoint_freq,
         run_info=run_info,
+        amp=cfg.train.amp,
+        channels_last=cfg.train.channels_last,
+        seed=cfg.train.seed,
+        gather_features=cfg.dist.gather_features,
     )
     if cfg.msgr.enabled:
         try:

@@ -11,21 +11,30 @@ contract of ``forward_backward``. Replaced:
   epochs (older rolling ones pruned; evaluation epochs kept), so ``model.resume`` ends
   with the same weights as an uninterrupted run;
 * ``metrics.json`` in the save dir: run info plus every evaluation's results
-  (``metrics-test.json`` for evaluation-only runs).
+  (``metrics-test.json`` for evaluation-only runs);
+* scale-out (``train.amp``, ``train.channels_last``, DDP): :meth:`autocast` around the
+  forward (``bf16``, or ``fp16`` with a ``GradScaler``: :meth:`backward_and_step`), inputs in
+  channels-last memory format, and under DistributedDataParallel: only rank 0 writes (log,
+  TensorBoard, checkpoints, metrics) and evaluates (with the unwrapped model), the other
+  ranks wait; each epoch starts with ``sampler.set_epoch(epoch)`` and the RNG streams reseeded
+  from ``(seed, epoch, rank)`` (:func:`~torchreid_ext.checkpoint.seed_epoch`), which makes a
+  resumed run exact on every rank without saving each rank's RNG state.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import os.path as osp
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import distributed
 from ..adapter import torchreid
 from ..checkpoint import (
     atomic_write_bytes,
@@ -33,9 +42,14 @@ from ..checkpoint import (
     load_checkpoint,
     resume_from_checkpoint,
     save_checkpoint,
+    seed_epoch,
 )
+from ..msgr import unwrap_model
 
-__all__ = ["ReIDEngine", "write_json_atomic"]
+__all__ = ["ReIDEngine", "EvalOptions", "AMP_DTYPES", "write_json_atomic"]
+
+# train.amp -> autocast dtype
+AMP_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 _tr = torchreid()
 
@@ -43,6 +57,32 @@ _tr = torchreid()
 def write_json_atomic(obj: Any, path: str) -> None:
     data = json.dumps(obj, indent=2, sort_keys=False).encode()
     atomic_write_bytes(path, lambda f: f.write(data))
+
+
+def _to_channels_last(model: torch.nn.Module) -> None:
+    """Convert ``model`` to channels-last; a DDP-wrapped model must already be (convert first:
+    DDP's gradient buckets follow the parameters' layout at wrapping)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        bad = [n for n, p in model.module.named_parameters()
+               if p.dim() == 4 and not p.is_contiguous(memory_format=torch.channels_last)]
+        if bad:
+            raise ValueError(f"channels_last = True, but the DDP-wrapped model's parameter '{bad[0]}' is "
+                             "not channels-last; convert the model before wrapping it in DDP")
+        return
+    model.to(memory_format=torch.channels_last)
+
+
+class EvalOptions(NamedTuple):
+    """Arguments of :meth:`ReIDEngine.test` (Torchreid's names and defaults)."""
+
+    dist_metric: str = "euclidean"
+    normalize_feature: bool = False
+    visrank: bool = False
+    visrank_topk: int = 10
+    save_dir: str = ""
+    use_metric_cuhk03: bool = False
+    ranks: Sequence[int] = (1, 5, 10, 20)
+    rerank: bool = False
 
 
 class ReIDEngine(_tr.engine.Engine):
@@ -58,11 +98,23 @@ class ReIDEngine(_tr.engine.Engine):
         evaluator: str = "fast",
         checkpoint_freq: int = 1,
         run_info: Optional[Dict[str, Any]] = None,
+        amp: str = "none",
+        channels_last: bool = False,
+        seed: Optional[int] = None,
     ):
         super().__init__(datamanager, use_gpu)
         if evaluator not in ("fast", "torchreid"):
             raise ValueError(f"evaluator = {evaluator!r}; choose 'fast' or 'torchreid'")
+        if amp not in AMP_DTYPES:
+            raise ValueError(f"amp = {amp!r}; choose one of {list(AMP_DTYPES)}")
         self.device = torch.device("cuda" if self.use_gpu else "cpu")
+        self.autocast_dtype: Optional[torch.dtype] = AMP_DTYPES[amp]
+        # fp16 needs loss scaling (its range underflows small gradients); bf16 does not
+        self.grad_scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            _to_channels_last(model)
+        self.seed = seed
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -84,11 +136,61 @@ class ReIDEngine(_tr.engine.Engine):
 
     @property
     def is_main_process(self) -> bool:
-        return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
-            torch.distributed.get_rank() == 0
-        )
+        return distributed.is_main_process()
+
+    def autocast(self):
+        """Autocast to ``autocast_dtype`` (a no-op without AMP); losses stay outside it."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def train_inputs(self, data):
+        """(images, pids) of a training batch on the device, images channels-last if asked."""
+        imgs, pids = self.to_device(*self.parse_data_for_train(data))
+        if self.channels_last:
+            imgs = imgs.contiguous(memory_format=torch.channels_last)
+        return imgs, pids
+
+    def loss_scale(self) -> Optional[torch.Tensor]:
+        """The GradScaler's current scale as a tensor (fp16), else None."""
+        if self.grad_scaler is None:
+            return None
+        return self.grad_scaler.scale(torch.ones((), device=self.device))
+
+    def step_optimizer(self) -> None:
+        """``optimizer.step()``; with fp16, GradScaler's unscale, inf check, step and update."""
+        if self.grad_scaler is None:
+            self.optimizer.step()
+        else:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+
+    def backward_and_step(self, loss: torch.Tensor) -> None:
+        """Zero the gradients, back-prop ``loss`` (scaled with fp16) and step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        scale = self.loss_scale()
+        (loss if scale is None else loss * scale).backward()
+        self.step_optimizer()
 
     # ------------------------------------------------------------------ training
+    def train(self, print_freq: int = 10, fixbase_epoch: int = 0, open_layers=None) -> None:
+        """One epoch (Torchreid's loop) after :meth:`start_epoch_streams`."""
+        self.start_epoch_streams(self.epoch)
+        super().train(print_freq=print_freq, fixbase_epoch=fixbase_epoch, open_layers=open_layers)
+
+    def start_epoch_streams(self, epoch: int) -> None:
+        """``set_epoch`` on the train sampler; reseed the RNGs from (seed, epoch, rank)."""
+        sampler = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        if self.seed is not None:
+            seed_epoch(self.seed, epoch, distributed.get_rank())
+
+    def two_stepped_transfer_learning(self, epoch, fixbase_epoch, open_layers, model=None):
+        """Torchreid's fixbase epochs, on the model inside a DDP wrapper."""
+        model = unwrap_model(self.model if model is None else model)
+        super().two_stepped_transfer_learning(epoch, fixbase_epoch, open_layers, model=model)
+
     def run(
         self,
         save_dir: str = "log",
@@ -115,11 +217,11 @@ class ReIDEngine(_tr.engine.Engine):
         self.save_dir = save_dir
         # an evaluation-only run must not overwrite the training run's record
         self.metrics_file = "metrics-test.json" if test_only else "metrics.json"
-        test_kwargs = dict(
+        test_kwargs = EvalOptions(
             dist_metric=dist_metric, normalize_feature=normalize_feature, visrank=visrank,
             visrank_topk=visrank_topk, save_dir=save_dir, use_metric_cuhk03=use_metric_cuhk03,
             ranks=list(ranks), rerank=rerank,
-        )
+        )._asdict()
         if self.is_main_process and self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -137,7 +239,8 @@ class ReIDEngine(_tr.engine.Engine):
                 t0 = time.time()
                 self.train(print_freq=print_freq, fixbase_epoch=fixbase_epoch, open_layers=open_layers)
                 self._train_seconds += time.time() - t0
-                self._train_images += self.num_batches * self.datamanager.train_loader.batch_size
+                self._train_images += (self.num_batches * self.train_loader.batch_size
+                                       * distributed.get_world_size())
                 last = self.epoch + 1 == max_epoch
                 evaluate = (
                     not last and eval_freq > 0 and self.epoch + 1 >= start_eval
@@ -207,18 +310,12 @@ class ReIDEngine(_tr.engine.Engine):
         return epoch
 
     # ------------------------------------------------------------------ evaluation
-    def test(
-        self,
-        dist_metric: str = "euclidean",
-        normalize_feature: bool = False,
-        visrank: bool = False,
-        visrank_topk: int = 10,
-        save_dir: str = "",
-        use_metric_cuhk03: bool = False,
-        ranks: Sequence[int] = (1, 5, 10, 20),
-        rerank: bool = False,
-    ) -> float:
-        """Evaluate on every target; log to TensorBoard and metrics.json; return rank-1."""
+    def test(self, **options) -> float:
+        """Evaluate on every target; log to TensorBoard and metrics.json; return rank-1.
+        ``options``: :class:`EvalOptions`. Under DDP rank 0 evaluates; the others return 0."""
+        opts = EvalOptions(**options)
+        if not self.is_main_process:
+            return 0.0
         self.set_model_mode("eval")
         entry: Dict[str, Any] = {"epoch": self.epoch + 1, "results": {}}
         for name in self.test_loader:
@@ -228,9 +325,7 @@ class ReIDEngine(_tr.engine.Engine):
                 dataset_name=name,
                 query_loader=self.test_loader[name]["query"],
                 gallery_loader=self.test_loader[name]["gallery"],
-                dist_metric=dist_metric, normalize_feature=normalize_feature, visrank=visrank,
-                visrank_topk=visrank_topk, save_dir=save_dir, use_metric_cuhk03=use_metric_cuhk03,
-                ranks=ranks, rerank=rerank,
+                opts=opts,
             )
             self.last_results[name] = res
             entry["results"][name] = res
@@ -241,8 +336,8 @@ class ReIDEngine(_tr.engine.Engine):
         first = next(iter(entry["results"].values()), None)
         rank1 = first["rank1"] if first else 0.0
         self.history.append(entry)
-        if save_dir and self.is_main_process:
-            self.write_metrics(save_dir)
+        if opts.save_dir:
+            self.write_metrics(opts.save_dir)
         return rank1
 
     def metrics_summary(self) -> Dict[str, Any]:
@@ -256,6 +351,12 @@ class ReIDEngine(_tr.engine.Engine):
 
     def write_metrics(self, save_dir: str) -> None:
         write_json_atomic(self.metrics_summary(), osp.join(save_dir, self.metrics_file))
+
+    def extract_features(self, input: torch.Tensor) -> torch.Tensor:
+        """The embedding (eval mode), from the model inside a DDP wrapper: rank 0 evaluates
+        alone, and a DDP forward would wait for the other ranks."""
+        with self.autocast():
+            return unwrap_model(self.model)(input)
 
     @torch.no_grad()
     def extract(self, loader, desc: str):
@@ -271,22 +372,10 @@ class ReIDEngine(_tr.engine.Engine):
         return torch.cat(feats), np.concatenate(pids), np.concatenate(camids)
 
     @torch.no_grad()
-    def _evaluate(
-        self,
-        dataset_name: str = "",
-        query_loader=None,
-        gallery_loader=None,
-        dist_metric: str = "euclidean",
-        normalize_feature: bool = False,
-        visrank: bool = False,
-        visrank_topk: int = 10,
-        save_dir: str = "",
-        use_metric_cuhk03: bool = False,
-        ranks: Sequence[int] = (1, 5, 10, 20),
-        rerank: bool = False,
-    ) -> Dict[str, Any]:
+    def _evaluate(self, dataset_name: str, query_loader, gallery_loader, opts: EvalOptions) -> Dict[str, Any]:
         from .. import metrics
 
+        dist_metric, normalize_feature, visrank, visrank_topk, save_dir, use_metric_cuhk03, ranks, rerank = opts
         t0 = time.time()
         qf, q_pids, q_camids = self.extract(query_loader, "query features")
         gf, g_pids, g_camids = self.extract(gallery_loader, "gallery features")
