@@ -39,6 +39,22 @@ def tiny_opts(root, save_dir, **overrides):
     return [x for kv in opts.items() for x in kv]
 
 
+def tiny_setup(root, save_dir, **base):
+    """``make(**overrides) -> (cfg, datamanager)`` for tiny runs (``base`` overrides first);
+    the datamanager is built on the first call and shared."""
+    from torchreid_ext import cli
+
+    cache = {}
+
+    def make(**overrides):
+        cfg, _ = cli.load_run_config(tiny_opts(root, save_dir, **{**base, **overrides}))
+        if "dm" not in cache:
+            cache["dm"] = cli.build_datamanager(cfg)
+        return cfg, cache["dm"]
+
+    return make
+
+
 @pytest.fixture
 def tiny(data_root, tmp_path):
     """``tiny(**overrides)`` -> argv overrides for a run saving under tmp_path/log."""

@@ -9,22 +9,13 @@ from torchreid_ext.config import ConfigError
 from torchreid_ext.engines import build_engine
 from torchreid_ext.losses import METRIC_LOSSES
 
-from conftest import tiny_opts
+from conftest import tiny_setup
 
 
 @pytest.fixture(scope="module")
 def setup(data_root, tmp_path_factory):
     """``make(**overrides) -> (cfg, datamanager)``; the datamanager is built once."""
-    save = str(tmp_path_factory.mktemp("amp") / "log")
-    cache = {}
-
-    def make(**overrides):
-        cfg, _ = cli.load_run_config(tiny_opts(data_root, save, **overrides))
-        if "dm" not in cache:
-            cache["dm"] = cli.build_datamanager(cfg)
-        return cfg, cache["dm"]
-
-    return make
+    return tiny_setup(data_root, str(tmp_path_factory.mktemp("amp") / "log"))
 
 
 def engine_for(cfg, dm):

@@ -12,7 +12,7 @@ from torchreid_ext.engines import build_engine
 from torchreid_ext.engines.msgr import MSGREngine
 from torchreid_ext.losses import METRIC_LOSSES
 
-from conftest import REPO, tiny_opts
+from conftest import REPO, tiny_setup
 
 OSNET_STAGES = ["conv2", "conv3"]
 
@@ -20,17 +20,8 @@ OSNET_STAGES = ["conv2", "conv3"]
 @pytest.fixture(scope="module")
 def setup(data_root, tmp_path_factory):
     """``make(**overrides) -> (cfg, datamanager)``; the datamanager is built once."""
-    save = str(tmp_path_factory.mktemp("msgr") / "log")
-    cache = {}
-
-    def make(**overrides):
-        opts = {"msgr.enabled": True, "msgr.stages": "[conv2, conv3]", **overrides}
-        cfg, _ = cli.load_run_config(tiny_opts(data_root, save, **opts))
-        if "dm" not in cache:
-            cache["dm"] = cli.build_datamanager(cfg)
-        return cfg, cache["dm"]
-
-    return make
+    return tiny_setup(data_root, str(tmp_path_factory.mktemp("msgr") / "log"),
+                      **{"msgr.enabled": True, "msgr.stages": "[conv2, conv3]"})
 
 
 def engine_for(cfg, dm):
