@@ -40,7 +40,6 @@ import argparse
 import glob
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -49,6 +48,8 @@ import time
 from typing import Dict, List, Optional
 
 import numpy as np
+
+from memory import current_rss, peak_rss, reset_peak  # benchmarks/memory.py
 
 SHAPES = {
     # name: queries, gallery, identities, cameras, pid-0 distractors in the gallery, feature noise
@@ -104,30 +105,6 @@ def make_data(shape: str, dim: int, seed: int):
 # child: one method, one shape
 
 
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS; False where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak(reset_ok: bool) -> int:
-    if reset_ok:
-        return _status("VmHWM")
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # whole process (Linux: KiB)
-
-
 def _summary(cmc, mAP, mINP=None) -> Dict:
     cmc = np.asarray(cmc, dtype=np.float64)
     return {"cmc": cmc.tolist(), "mAP": float(mAP), "mINP": None if mINP is None else float(mINP)}
@@ -167,13 +144,13 @@ def run_child(args) -> Dict:
 
     if args.child == "ours-features":
         q, g = torch.from_numpy(qf), torch.from_numpy(gf)  # the engine passes torch tensors
-        out["rss_before"] = _status("VmRSS")
-        reset_ok = _reset_peak()
+        out["rss_before"] = current_rss()
+        reset_ok = reset_peak()
         for _ in range(reps):
             t = time.perf_counter()
             res = evaluate_features(q, g, *labels, max_rank=args.max_rank)
             times.append(time.perf_counter() - t)
-        out["peak_rss"] = _peak(reset_ok)
+        out["peak_rss"] = peak_rss()
         out["result"] = _summary(res.cmc, res.mAP, res.mINP)
     else:
         t = time.perf_counter()
@@ -190,13 +167,13 @@ def run_child(args) -> Dict:
             tr = torchreid()
             fn = lambda: tr.metrics.evaluate_rank(  # noqa: E731
                 dist_np, *labels, max_rank=args.max_rank, use_cython=False)
-        out["rss_before"] = _status("VmRSS")
-        reset_ok = _reset_peak()
+        out["rss_before"] = current_rss()
+        reset_ok = reset_peak()
         for _ in range(reps):
             t = time.perf_counter()
             res = fn()
             times.append(time.perf_counter() - t)
-        out["peak_rss"] = _peak(reset_ok)
+        out["peak_rss"] = peak_rss()
         if args.child == "ours-matrix":
             out["result"] = _summary(res.cmc, res.mAP, res.mINP)
             out["paths"] = res.extras

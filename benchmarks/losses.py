@@ -28,39 +28,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from typing import Dict, List
 
+from memory import current_rss, peak_rss, reset_peak  # benchmarks/memory.py
+
 LOSSES = ["triplet", "drsl", "sn"]
 K = 4
-
-
-def _current_rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak_rss() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # Linux >= 4.0: VmHWM := current RSS
-    except OSError:
-        pass
-
-
-def _peak_rss_bytes() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kilobytes
 
 
 def _batch(b: int, dim: int, device, seed: int = 0):
@@ -104,10 +81,10 @@ def child(spec: Dict) -> Dict:
         step(f, y)
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
-        base = _current_rss_bytes()
-        _reset_peak_rss()
+        base = current_rss()
+        reset_peak()
         step(f, y)
-        peak = max(_peak_rss_bytes() - base, 0)
+        peak = max(peak_rss() - base, 0)
 
     for _ in range(spec["warmup"]):
         step(f, y)

@@ -22,12 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from typing import Dict, List
+
+from memory import peak_rss  # benchmarks/memory.py
 
 import torch
 import torch.nn.functional as F
@@ -92,19 +93,6 @@ def time_model(name: str, args, device: torch.device) -> Dict[str, object]:
             print(prof.key_averages().table(sort_by=key, row_limit=args.profile))
     return {"built": built, "median_s": {m: statistics.median(v) for m, v in times.items()},
             "min_s": {m: min(v) for m, v in times.items()}, "all_s": times}
-
-
-def peak_rss() -> int:
-    """Peak RSS of this process image (bytes): VmHWM, which execve resets, unlike ru_maxrss
-    (Linux carries the parent's peak into a forked-and-exec'd child's ru_maxrss)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def child(args) -> None:

@@ -2,9 +2,8 @@
 invariances, edge cases, mixed precision and the no-B^3 memory rule; and ``build_metric_loss``."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
+from tensor_probe import LargestTensor
 from torchreid_ext.adapter import torchreid
 from torchreid_ext.config import get_default_config
 from torchreid_ext.losses import METRIC_LOSSES, DRSLoss, build_metric_loss, drsl_loss
@@ -256,26 +255,6 @@ def test_bad_inputs():
         DRSLoss(tau_rel=0)
 
 
-class LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any ATen op returns (forward and autograd backward ops alike)."""
-
-    def __init__(self):
-        super().__init__()
-        self.numel, self.calls = 0, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.calls += 1
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.numel = max(self.numel, t.numel())
-        return out
-
-
-# Why a dispatch mode: it sees the output of every ATen op, including the backward ops the autograd
-# engine runs, so "largest intermediate" is exact and deterministic, independent of the allocator
-# (RSS / profiler memory events depend on caching, threads and other processes on this machine).
-# The D6 rule is about the largest single tensor, so that is what is bounded.
 def test_recorder_catches_a_cube():
     x = torch.randn(16, 4, requires_grad=True)
     with LargestTensor() as rec:

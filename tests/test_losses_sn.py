@@ -4,9 +4,8 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
+from tensor_probe import LargestTensor
 from torchreid_ext.losses import SupportNeighborLoss
 
 
@@ -195,26 +194,8 @@ def test_bad_arguments_and_inputs():
         SupportNeighborLoss(k=3)(torch.randn(16, 4), pk_labels(3, 4))
 
 
-class LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any ATen op returns (forward and autograd backward ops alike)."""
-
-    def __init__(self):
-        super().__init__()
-        self.numel, self.calls = 0, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.calls += 1
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.numel = max(self.numel, t.numel())
-        return out
-
-
 def test_no_cubic_intermediate():
-    # A dispatch mode sees every ATen op's output, backward ops included: exact and deterministic,
-    # unlike RSS or allocator statistics on a machine shared with other processes. SN needs only
-    # B x B tensors (S1-S4); B = 512, D = 64.
+    # SN needs only B x B tensors (S1-S4); B = 512, D = 64.
     b = 512
     f = features(b, 64, 12, torch.float32).requires_grad_()
     with LargestTensor() as rec:

@@ -49,21 +49,32 @@ def auto_chunk_rows(num_gallery: int, device: torch.device) -> int:
     return max(1, budget // max(1, int(num_gallery)))
 
 
-def _as_features(x: ArrayLike, name: str) -> torch.Tensor:
+def as_real_matrix(x: ArrayLike, name: str, axes: str) -> torch.Tensor:
+    """A 2-D, non-empty tensor of real numbers from a numpy array (no copy where possible) or a
+    tensor; ``axes`` names the two dimensions in the error message."""
     if isinstance(x, np.ndarray):
-        if not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
+        if x.dtype == np.bool_ or not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
             raise TypeError(f"{name} must hold real numbers, got dtype {x.dtype}")
-        with warnings.catch_warnings():  # read-only arrays are fine: never written
+        if not x.dtype.isnative:  # e.g. big-endian data from a file: torch needs native order
+            x = x.astype(x.dtype.newbyteorder("="))
+        if any(s < 0 for s in x.strides):
+            x = np.ascontiguousarray(x)
+        with warnings.catch_warnings():  # read-only arrays (e.g. memory maps) are fine: never written
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            x = torch.from_numpy(np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("=")))
+            x = torch.from_numpy(x)
     elif not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
     if x.dim() != 2:
-        raise ValueError(f"{name} must be 2-D (num_samples x feature_dim), got shape {tuple(x.shape)}")
+        raise ValueError(f"{name} must be 2-D ({axes}), got shape {tuple(x.shape)}")
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"{name} must be non-empty, got shape {tuple(x.shape)}")
-    if x.dtype in (torch.bool,) or x.is_complex():
+    if x.dtype == torch.bool or x.is_complex():
         raise TypeError(f"{name} must hold real numbers, got dtype {x.dtype}")
+    return x
+
+
+def _as_features(x: ArrayLike, name: str) -> torch.Tensor:
+    x = as_real_matrix(x, name, "num_samples x feature_dim")
     if not x.is_floating_point() or (x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16)):
         x = x.float()  # integer features, or half precision where CPU matmul is slow
     return x

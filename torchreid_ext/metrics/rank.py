@@ -57,14 +57,13 @@ CUHK03 galleries are small (5,332 items) and its automatic blocks are 8x smaller
 from __future__ import annotations
 
 import contextlib
-import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from .distance import ArrayLike, _blocks, _check_chunk, _prepare, auto_chunk_rows
+from .distance import ArrayLike, _blocks, _check_chunk, _prepare, as_real_matrix, auto_chunk_rows
 
 __all__ = ["RankResult", "evaluate_features", "evaluate_rank"]
 
@@ -109,25 +108,7 @@ class RankResult:
 
 
 def _as_distmat(distmat: ArrayLike) -> torch.Tensor:
-    if isinstance(distmat, np.ndarray):
-        if distmat.dtype == np.bool_ or not np.issubdtype(distmat.dtype, np.number) or np.iscomplexobj(distmat):
-            raise TypeError(f"distmat must hold real numbers, got dtype {distmat.dtype}")
-        if not distmat.dtype.isnative:  # e.g. big-endian data from a file: torch needs native order
-            distmat = distmat.astype(distmat.dtype.newbyteorder("="))
-        if any(s < 0 for s in distmat.strides):
-            distmat = np.ascontiguousarray(distmat)
-        with warnings.catch_warnings():  # read-only arrays (e.g. memory maps) are fine: never written
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            distmat = torch.from_numpy(distmat)
-    elif not isinstance(distmat, torch.Tensor):
-        raise TypeError(f"distmat must be a numpy array or a torch tensor, got {type(distmat).__name__}")
-    if distmat.dim() != 2:
-        raise ValueError(f"distmat must be 2-D (num_query x num_gallery), got shape {tuple(distmat.shape)}")
-    if distmat.shape[0] == 0 or distmat.shape[1] == 0:
-        raise ValueError(f"distmat must be non-empty, got shape {tuple(distmat.shape)}")
-    if distmat.dtype == torch.bool or distmat.is_complex():
-        raise TypeError(f"distmat must hold real numbers, got dtype {distmat.dtype}")
-    return distmat.detach()
+    return as_real_matrix(distmat, "distmat", "num_query x num_gallery").detach()
 
 
 def _as_labels(x: LabelLike, name: str, length: int, device: torch.device) -> torch.Tensor:
