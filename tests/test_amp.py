@@ -111,6 +111,8 @@ def test_fp16_on_cpu_is_refused(tiny):
 @pytest.mark.parametrize("overrides, pattern", [
     ({"sampler.train_sampler": "RandomDomainSampler"}, r"RandomDomainSampler' has no distributed form"),
     ({"train.sync_bn": True, "use_gpu": False}, r"train\.sync_bn = True under torchrun needs GPUs"),
+    ({"train.fixbase_epoch": 1, "msgr.enabled": True, "msgr.mode": "fast"},
+     r"train\.fixbase_epoch = 1 with msgr\.mode = 'fast' is not supported under torchrun"),
 ])
 def test_torchrun_only_checks_fail_before_anything_is_written(tiny, tmp_path, monkeypatch, overrides, pattern):
     monkeypatch.setenv("WORLD_SIZE", "2")
