@@ -1,0 +1,200 @@
+"""Plan and launch the runs of a comparison: one ``scripts/main.py`` subprocess per config.
+
+Each config runs with the same overrides, in its own save dir ``<out>/runs/<name>``, with
+``model.resume auto`` (a killed comparison continues). A run is finished when its
+``metrics.json`` holds an evaluation at ``train.max_epoch``. ``run.json`` in the save dir
+records the config and overrides, so a save dir can later be passed alone, and a save dir
+made with other overrides is refused instead of being mixed into the table.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import os.path as osp
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+from ..config import CN, ConfigError, load_config
+
+__all__ = ["HarnessError", "Run", "plan_runs", "is_finished", "launch", "load_metrics", "PROTOCOL_KEYS"]
+
+SPEC_FILE = "run.json"
+METRICS_FILE = "metrics.json"
+# Settings that must be equal across the runs of one comparison (same evaluation harness).
+PROTOCOL_KEYS = ("data.root", "train.seed", "test.evaluator", "test.dist_metric",
+                 "test.normalize_feature", "test.rerank", "data.height", "data.width")
+# Keys the harness sets per run; overriding them for all runs would make runs collide.
+RESERVED_KEYS = ("data.save_dir", "model.resume", "test.evaluate")
+
+
+class HarnessError(ValueError):
+    """Bad comparison input; the message names the input and what is allowed."""
+
+
+@dataclass
+class Run:
+    name: str  # unique within a comparison; the save dir's name
+    save_dir: str
+    config: str = ""  # config file ('' for a save dir given without one)
+    overrides: List[str] = field(default_factory=list)
+    cfg: Optional[CN] = None  # config with overrides, save dir and resume applied
+
+    @property
+    def max_epoch(self) -> Optional[int]:
+        return int(self.cfg.train.max_epoch) if self.cfg is not None else None
+
+
+def _get(cfg: CN, key: str) -> Any:
+    for part in key.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+def run_name(config: str) -> str:
+    """Save-dir name for a config: its path below ``configs/`` (or the cwd), '/' -> '__'."""
+    path = osp.abspath(config)
+    rel = osp.splitext(osp.relpath(path))[0]
+    if rel.startswith(".."):
+        stem = osp.splitext(osp.basename(path))[0]
+        rel = f"{stem}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
+    if rel.startswith("configs" + os.sep):
+        rel = rel[len("configs") + 1:]
+    return rel.replace(os.sep, "__")
+
+
+def _check_overrides(overrides: Sequence[str]) -> List[str]:
+    overrides = [str(x) for x in overrides]
+    if len(overrides) % 2:
+        raise HarnessError(f"overrides must be KEY VALUE pairs; got an odd number of items: {overrides}")
+    for key in overrides[0::2]:
+        if key in RESERVED_KEYS:
+            raise HarnessError(f"override '{key}' is set per run by the harness; remove it "
+                               f"(reserved: {list(RESERVED_KEYS)}; choose the output folder with --out)")
+    return overrides
+
+
+def _config_run(config: str, save_dir: str, overrides: List[str], name: str) -> Run:
+    run_opts = overrides + ["data.save_dir", save_dir, "model.resume", "auto"]
+    try:
+        cfg = load_config(config, run_opts)
+    except ConfigError as exc:
+        raise HarnessError(f"{config}: {exc}") from exc
+    return Run(name=name, save_dir=save_dir, config=config, overrides=overrides, cfg=cfg)
+
+
+def _save_dir_run(path: str) -> Run:
+    spec_path, metrics_path = osp.join(path, SPEC_FILE), osp.join(path, METRICS_FILE)
+    if osp.isfile(spec_path):
+        spec = json.load(open(spec_path))
+        if not osp.isfile(spec["config"]):
+            raise HarnessError(f"save dir '{path}' was made from config '{spec['config']}', which no longer exists")
+        return _config_run(spec["config"], path, list(spec["overrides"]), osp.basename(osp.normpath(path)))
+    if not osp.isfile(metrics_path):
+        raise HarnessError(
+            f"save dir '{path}' has no {METRICS_FILE} (not a finished run) and no {SPEC_FILE}; "
+            "pass the config file that made it instead")
+    return Run(name=osp.basename(osp.normpath(path)), save_dir=path)
+
+
+def _check_spec(run: Run) -> None:
+    """Refuse a save dir that already holds a run of another config or other overrides."""
+    spec_path = osp.join(run.save_dir, SPEC_FILE)
+    if not osp.isfile(spec_path):
+        return
+    spec = json.load(open(spec_path))
+    if osp.abspath(spec["config"]) != osp.abspath(run.config) or list(spec["overrides"]) != run.overrides:
+        raise HarnessError(
+            f"save dir '{run.save_dir}' holds a run of config '{spec['config']}' with overrides "
+            f"{spec['overrides']}; this comparison asks for '{run.config}' with {run.overrides}. "
+            "Choose another --out folder")
+
+
+def _check_protocol(runs: Sequence[Run]) -> None:
+    configured = [r for r in runs if r.cfg is not None]
+    for key in PROTOCOL_KEYS:
+        values = {r.name: _get(r.cfg, key) for r in configured}
+        if len({json.dumps(v if not isinstance(v, tuple) else list(v)) for v in values.values()}) > 1:
+            raise HarnessError(
+                f"runs differ in {key} ({values}); a comparison needs one evaluation protocol: "
+                f"add `{key} <value>` to the overrides")
+
+
+def _check_data(run: Run) -> None:
+    from ..data.checks import check_dataset_present
+
+    for name in dict.fromkeys(list(run.cfg.data.sources) + list(run.cfg.data.targets)):
+        try:
+            check_dataset_present(name, run.cfg.data.root)
+        except (KeyError, FileNotFoundError) as exc:
+            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            raise HarnessError(f"{run.config}: {msg}") from exc
+
+
+def plan_runs(inputs: Sequence[str], out_dir: str, overrides: Sequence[str] = ()) -> List[Run]:
+    """Check every input (config file or save dir) and return the runs, before any training."""
+    if not inputs:
+        raise HarnessError("no input: give config files (.yaml) or save dirs holding metrics.json")
+    overrides = _check_overrides(overrides)
+    runs: List[Run] = []
+    for path in inputs:
+        if osp.isdir(path):
+            run = _save_dir_run(path)
+        elif osp.isfile(path) and path.endswith((".yaml", ".yml")):
+            name = run_name(path)
+            run = _config_run(path, osp.join(out_dir, "runs", name), overrides, name)
+            _check_spec(run)
+        elif osp.exists(path):
+            raise HarnessError(f"input '{path}' is neither a config file (.yaml/.yml) nor a save dir")
+        else:
+            raise HarnessError(f"input '{path}' does not exist (expected a config file or a save dir)")
+        if any(r.save_dir == run.save_dir for r in runs):
+            raise HarnessError(f"input '{path}' is given twice (save dir '{run.save_dir}')")
+        runs.append(run)
+    _check_protocol(runs)
+    for run in runs:
+        if run.cfg is not None and not is_finished(run):
+            _check_data(run)
+    return runs
+
+
+def load_metrics(run: Run) -> Optional[Dict[str, Any]]:
+    path = osp.join(run.save_dir, METRICS_FILE)
+    return json.load(open(path)) if osp.isfile(path) else None
+
+
+def is_finished(run: Run) -> bool:
+    """True when metrics.json holds an evaluation at max_epoch (any evaluation if unknown)."""
+    metrics = load_metrics(run)
+    if metrics is None or not metrics.get("evaluations"):
+        return False
+    if run.max_epoch is None:
+        return True
+    return any(e["epoch"] == run.max_epoch for e in metrics["evaluations"])
+
+
+def main_script() -> str:
+    """Path of ``scripts/main.py`` next to the package (editable install / checkout)."""
+    path = osp.join(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))), "scripts", "main.py")
+    if not osp.isfile(path):
+        raise HarnessError(f"scripts/main.py not found at '{path}'; run from a checkout of torchreid-ext")
+    return path
+
+
+def launch(run: Run, python: str = sys.executable) -> None:
+    """Train and evaluate ``run`` in a subprocess (output passes through); raise if it fails."""
+    if run.cfg is None:
+        raise HarnessError(f"save dir '{run.save_dir}' is not finished and has no config to run it with")
+    os.makedirs(run.save_dir, exist_ok=True)
+    with open(osp.join(run.save_dir, SPEC_FILE), "w") as f:
+        json.dump({"config": osp.abspath(run.config), "overrides": run.overrides}, f, indent=2)
+    cmd = [python, main_script(), "--config", run.config, *run.overrides,
+           "data.save_dir", run.save_dir, "model.resume", "auto"]
+    sys.stdout.flush()
+    proc = subprocess.run(cmd)
+    if proc.returncode != 0:
+        raise HarnessError(f"run '{run.name}' failed (exit status {proc.returncode}); its log is in '{run.save_dir}'")
+    if not is_finished(run):
+        raise HarnessError(f"run '{run.name}' exited without an evaluation at epoch {run.max_epoch}")
