@@ -1,0 +1,54 @@
+#!/usr/bin/env python
+"""Save rank lists (query + top-k gallery, green = same identity, red = not) of a trained run.
+
+    python scripts/visualize_ranks.py --config CONFIG [--weights CKPT] [--out DIR] [--opts KEY VALUE ...]
+    python scripts/visualize_ranks.py --save-dir SAVE_DIR      # a scripts/compare.py run (run.json)
+"""
+import argparse
+import json
+import os.path as osp
+import sys
+
+try:
+    import torchreid_ext  # noqa: F401
+except ImportError:  # running from a source checkout that is not installed
+    sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+from torchreid_ext.config import ConfigError, load_config
+from torchreid_ext.experiments.ranks import visualize_ranks
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="", help="config of the trained run")
+    p.add_argument("--save-dir", default="", help="save dir of the run (config from its run.json if no --config)")
+    p.add_argument("--weights", default="", help="checkpoint (default: newest in <save_dir>/model)")
+    p.add_argument("--out", default="", help="output folder (default: <save_dir>/ranks)")
+    p.add_argument("--num-queries", type=int, default=8)
+    p.add_argument("--topk", type=int, default=10)
+    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE overrides (last)")
+    args = p.parse_args(argv)
+    try:
+        config, opts = args.config, list(args.opts or [])
+        if args.save_dir:
+            spec = osp.join(args.save_dir, "run.json")
+            if not config and osp.isfile(spec):
+                run = json.load(open(spec))
+                config, opts = run["config"], run["overrides"] + opts
+            if not config:
+                raise ConfigError(f"save dir '{args.save_dir}' has no run.json; pass --config too")
+            opts += ["data.save_dir", args.save_dir]
+        if not config:
+            raise ConfigError("give --config or --save-dir")
+        cfg = load_config(config, opts)
+        out = args.out or osp.join(cfg.data.save_dir, "ranks")
+        for item in visualize_ranks(cfg, out, args.weights, args.num_queries, args.topk):
+            print(f"{item['image']}: top-{len(item['matched'])} matches {''.join('+' if m else '-' for m in item['matched'])}")
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

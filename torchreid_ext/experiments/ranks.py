@@ -1,0 +1,77 @@
+"""Rank lists of a trained model: a query and its top-k gallery images, green border = same
+identity, red = different (Torchreid's ``visualize_ranked_results``), for a few queries.
+
+Junk gallery items (same identity and camera as the query, METHOD.md E1) are skipped, as
+the evaluator and Torchreid's visualiser do.
+"""
+from __future__ import annotations
+
+import os.path as osp
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from ..adapter import torchreid
+from ..checkpoint import latest_checkpoint, load_checkpoint
+
+__all__ = ["ranked_lists", "visualize_ranks"]
+
+
+@torch.no_grad()
+def _features(model: torch.nn.Module, loader, desc: str) -> torch.Tensor:
+    from tqdm import tqdm
+
+    return torch.cat([model(batch["img"]).float() for batch in tqdm(loader, desc=desc, unit="batch", leave=False)])
+
+
+def ranked_lists(distmat: np.ndarray, query: List[tuple], gallery: List[tuple], rows: List[int],
+                 topk: int) -> List[Dict[str, Any]]:
+    """For each query row: the top-k non-junk gallery indices, their distances and matches."""
+    out = []
+    for q in rows:
+        _, qpid, qcam = query[q][:3]
+        shown = [g for g in np.argsort(distmat[q], kind="stable")
+                 if not (gallery[g][1] == qpid and gallery[g][2] == qcam)][:topk]
+        out.append({"query": q, "gallery": [int(g) for g in shown],
+                    "distances": [float(distmat[q, g]) for g in shown],
+                    "matched": [bool(gallery[g][1] == qpid) for g in shown]})
+    return out
+
+
+def visualize_ranks(cfg, out_dir: str, weights: str = "", num_queries: int = 8,
+                    topk: int = 10, dataset: Optional[str] = None) -> List[Dict[str, Any]]:
+    """Save ``<out_dir>/<query name>.jpg`` for ``num_queries`` evenly spaced queries of
+    ``dataset`` (default: the first target); return their ranked lists (with ``image``)."""
+    from ..cli import build_datamanager, build_model
+    from ..metrics import compute_distance_matrix
+
+    if num_queries < 1 or topk < 1:
+        raise ValueError(f"num_queries = {num_queries} and topk = {topk}: both must be >= 1")
+    weights = weights or latest_checkpoint(osp.join(cfg.data.save_dir, "model")) or ""
+    if not osp.isfile(weights):
+        raise FileNotFoundError(
+            f"no checkpoint: weights = '{weights}' and none in '{osp.join(cfg.data.save_dir, 'model')}'; "
+            "pass --weights or the save dir of a trained run")
+    dataset = dataset or cfg.data.targets[0]
+    if dataset not in cfg.data.targets:
+        raise ValueError(f"dataset = '{dataset}' is not a target; choose one of {list(cfg.data.targets)}")
+    cfg.use_gpu = False
+    dm = build_datamanager(cfg)
+    model = build_model(cfg, dm.num_train_pids)
+    model.load_state_dict(load_checkpoint(weights)["state_dict"])
+    model.eval()
+    loaders = dm.test_loader[dataset]
+    qf, gf = _features(model, loaders["query"], "query features"), _features(model, loaders["gallery"], "gallery features")
+    if cfg.test.normalize_feature:
+        qf, gf = torch.nn.functional.normalize(qf, dim=1), torch.nn.functional.normalize(gf, dim=1)
+    distmat = compute_distance_matrix(qf, gf, cfg.test.dist_metric).cpu().numpy()
+    query, gallery = dm.fetch_test_loaders(dataset)
+    rows = sorted(set(np.linspace(0, len(query) - 1, min(num_queries, len(query))).round().astype(int).tolist()))
+    torchreid().utils.visualize_ranked_results(
+        distmat[rows], ([query[q] for q in rows], gallery), "image",
+        width=cfg.data.width, height=cfg.data.height, save_dir=out_dir, topk=topk)
+    lists = ranked_lists(distmat, query, gallery, rows, topk)
+    for item in lists:
+        item["image"] = osp.join(out_dir, osp.splitext(osp.basename(query[item["query"]][0]))[0] + ".jpg")
+    return lists
