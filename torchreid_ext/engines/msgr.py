@@ -31,9 +31,6 @@ from __future__ import annotations
 import contextlib
 from typing import Dict, List, Optional, Sequence, Union
 
-import torch
-import torch.nn as nn
-
 from .. import msgr
 from .metric import ImageMetricEngine
 
