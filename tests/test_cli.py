@@ -49,6 +49,7 @@ def test_train_and_evaluate_writes_all_outputs(tiny, tmp_path, capsys):
     assert [e["epoch"] for e in metrics["evaluations"]] == [1, 2]
     assert metrics["evaluations"][-1]["results"]["synthreid_small"]["mAP"] == pytest.approx(res["mAP"])
     assert metrics["model"] == "osnet_x0_25" and metrics["train_seconds"] > 0
+    assert metrics["max_epoch"] == 2
     tags = scalars(save)
     assert len(tags["Test/synthreid_small/mAP"]) == 2 and "Train/loss" in tags
     assert len(tags["Test/synthreid_small/mINP"]) == 2 and "mINP:" in out

@@ -117,6 +117,25 @@ def test_finished_save_dir_is_accepted_alone(compared, tmp_path):
         assert row[key] == first[key]
 
 
+def test_bare_save_dir_uses_the_max_epoch_its_metrics_record(tmp_path):
+    """A save dir without run.json is finished only with an evaluation at its recorded max_epoch."""
+    from torchreid_ext.experiments.runs import Run, final_epoch, is_finished
+
+    def evaluation(epoch, mAP):
+        return {"epoch": epoch, "results": {"synthreid": {"rank1": mAP, "mAP": mAP}}}
+
+    run = Run(name="bare", save_dir=str(tmp_path))
+    metrics = {"max_epoch": 3, "evaluations": [evaluation(1, 0.1)]}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    assert final_epoch(run, metrics) == 3 and not is_finished(run)
+    metrics["evaluations"].append(evaluation(3, 0.3))
+    metrics["evaluations"].append(evaluation(2, 0.2))  # e.g. a later test-only pass at another epoch
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    assert is_finished(run)
+    from torchreid_ext.experiments.report import _final_evaluation
+    assert _final_evaluation(run, metrics)["epoch"] == 3
+
+
 def test_save_dir_made_with_other_overrides_is_refused(compared, data_root):
     configs, out, _ = compared
     with pytest.raises(HarnessError, match=r"holds a run of config .*a\.yaml.*another --out"):
@@ -130,6 +149,9 @@ def test_run_spec_is_recorded_and_runs_go_through_main_py(compared):
     assert spec["config"] == osp.abspath(configs[0])
     assert "train.max_epoch" in spec["overrides"] and "data.save_dir" not in spec["overrides"]
     assert glob.glob(osp.join(save_dir, "train.log-*"))  # written by scripts/main.py
+    metrics = json.load(open(osp.join(save_dir, "metrics.json")))
+    # the config lies outside the child's cwd (the repo): recorded as an absolute path
+    assert metrics["config"] == osp.abspath(configs[0]) and metrics["max_epoch"] == 1
 
 
 @pytest.mark.parametrize(

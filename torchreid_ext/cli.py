@@ -261,6 +261,14 @@ class _Tee:
         return getattr(self.stream, name)
 
 
+def _display_path(path: str) -> str:
+    """``path`` relative to the working directory when inside it (``configs/market/x.yaml``
+    tells runs of different dataset folders apart), else absolute."""
+    full = osp.abspath(path)
+    rel = osp.relpath(full)
+    return full if rel.startswith(os.pardir) else rel
+
+
 @contextlib.contextmanager
 def tee_output(path: str):
     """Copy stdout and stderr to ``path`` (appending) for the duration of the block."""
@@ -335,7 +343,8 @@ def _run(cfg, config_path: str, resume: str, info: "distributed.DistInfo") -> Di
         scheduler = tr.optim.build_lr_scheduler(optimizer, **lr_scheduler_kwargs(cfg))
         model = wrap_ddp(model, cfg, info)
         run_info = {
-            "config": osp.basename(config_path) if config_path else "",
+            "config": _display_path(config_path) if config_path else "",
+            "max_epoch": cfg.train.max_epoch,
             "model": cfg.model.name,
             "loss": cfg.loss.name,
             "msgr": {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in cfg.msgr.items()},

@@ -11,7 +11,7 @@ import os.path as osp
 from typing import Any, Dict, List, Optional, Sequence
 
 from .published import method_label, published_for
-from .runs import HarnessError, Run, load_metrics
+from .runs import HarnessError, Run, final_epoch, load_metrics
 
 __all__ = ["COLUMNS", "collect_rows", "write_csv", "write_markdown", "write_plot", "write_report"]
 
@@ -22,8 +22,9 @@ COLUMNS = ("name", "config", "method", "dataset", "epoch", "rank1", "rank5", "mA
 
 def _final_evaluation(run: Run, metrics: Dict[str, Any]) -> Dict[str, Any]:
     evaluations = metrics.get("evaluations") or []
-    if run.max_epoch is not None:
-        evaluations = [e for e in evaluations if e["epoch"] == run.max_epoch]
+    epoch = final_epoch(run, metrics)
+    if epoch is not None:
+        evaluations = [e for e in evaluations if e["epoch"] == epoch]
     if not evaluations:
         raise HarnessError(f"run '{run.name}' ({run.save_dir}) has no final evaluation in metrics.json")
     return evaluations[-1]

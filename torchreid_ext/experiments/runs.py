@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from ..config import CN, ConfigError, load_config
 
-__all__ = ["HarnessError", "Run", "plan_runs", "is_finished", "launch", "load_metrics", "PROTOCOL_KEYS"]
+__all__ = ["HarnessError", "Run", "plan_runs", "final_epoch", "is_finished", "launch", "load_metrics", "PROTOCOL_KEYS"]
 
 SPEC_FILE = "run.json"
 METRICS_FILE = "metrics.json"
@@ -165,14 +165,22 @@ def load_metrics(run: Run) -> Optional[Dict[str, Any]]:
     return json.load(open(path)) if osp.isfile(path) else None
 
 
+def final_epoch(run: Run, metrics: Dict[str, Any]) -> Optional[int]:
+    """The epoch a finished run evaluates last: the config's ``train.max_epoch``, else the one
+    metrics.json records (a save dir given without its config), else None (unknown)."""
+    if run.max_epoch is not None:
+        return run.max_epoch
+    recorded = metrics.get("max_epoch")
+    return int(recorded) if recorded is not None else None
+
+
 def is_finished(run: Run) -> bool:
-    """True when metrics.json holds an evaluation at max_epoch (any evaluation if unknown)."""
+    """True when metrics.json holds an evaluation at the final epoch (any evaluation if unknown)."""
     metrics = load_metrics(run)
     if metrics is None or not metrics.get("evaluations"):
         return False
-    if run.max_epoch is None:
-        return True
-    return any(e["epoch"] == run.max_epoch for e in metrics["evaluations"])
+    epoch = final_epoch(run, metrics)
+    return epoch is None or any(e["epoch"] == epoch for e in metrics["evaluations"])
 
 
 def main_script() -> str:
