@@ -5,7 +5,6 @@
     python scripts/visualize_ranks.py --save-dir SAVE_DIR      # a scripts/compare.py run (run.json)
 """
 import argparse
-import json
 import os.path as osp
 import sys
 
@@ -16,6 +15,7 @@ except ImportError:  # running from a source checkout that is not installed
 
 from torchreid_ext.config import ConfigError, load_config
 from torchreid_ext.experiments.ranks import visualize_ranks
+from torchreid_ext.experiments.runs import read_spec
 
 
 def main(argv=None) -> int:
@@ -31,10 +31,9 @@ def main(argv=None) -> int:
     try:
         config, opts = args.config, list(args.opts or [])
         if args.save_dir:
-            spec = osp.join(args.save_dir, "run.json")
-            if not config and osp.isfile(spec):
-                run = json.load(open(spec))
-                config, opts = run["config"], run["overrides"] + opts
+            spec = read_spec(args.save_dir)
+            if not config and spec is not None:
+                config, opts = spec["config"], spec["overrides"] + opts
             if not config:
                 raise ConfigError(f"save dir '{args.save_dir}' has no run.json; pass --config too")
             opts += ["data.save_dir", args.save_dir]

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from ..config import CN, ConfigError, load_config
 
-__all__ = ["HarnessError", "Run", "plan_runs", "final_epoch", "is_finished", "launch", "load_metrics", "PROTOCOL_KEYS"]
+__all__ = ["HarnessError", "Run", "plan_runs", "read_spec", "final_epoch", "is_finished", "launch", "load_metrics", "PROTOCOL_KEYS"]
 
 SPEC_FILE = "run.json"
 METRICS_FILE = "metrics.json"
@@ -85,10 +85,20 @@ def _config_run(config: str, save_dir: str, overrides: List[str], name: str) -> 
     return Run(name=name, save_dir=save_dir, config=config, overrides=overrides, cfg=cfg)
 
 
+def read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_spec(save_dir: str) -> Optional[Dict[str, Any]]:
+    """The run.json of a save dir made by the harness (config and overrides), or None."""
+    path = osp.join(save_dir, SPEC_FILE)
+    return read_json(path) if osp.isfile(path) else None
+
+
 def _save_dir_run(path: str) -> Run:
-    spec_path, metrics_path = osp.join(path, SPEC_FILE), osp.join(path, METRICS_FILE)
-    if osp.isfile(spec_path):
-        spec = json.load(open(spec_path))
+    spec, metrics_path = read_spec(path), osp.join(path, METRICS_FILE)
+    if spec is not None:
         if not osp.isfile(spec["config"]):
             raise HarnessError(f"save dir '{path}' was made from config '{spec['config']}', which no longer exists")
         return _config_run(spec["config"], path, list(spec["overrides"]), osp.basename(osp.normpath(path)))
@@ -101,10 +111,9 @@ def _save_dir_run(path: str) -> Run:
 
 def _check_spec(run: Run) -> None:
     """Refuse a save dir that already holds a run of another config or other overrides."""
-    spec_path = osp.join(run.save_dir, SPEC_FILE)
-    if not osp.isfile(spec_path):
+    spec = read_spec(run.save_dir)
+    if spec is None:
         return
-    spec = json.load(open(spec_path))
     if osp.abspath(spec["config"]) != osp.abspath(run.config) or list(spec["overrides"]) != run.overrides:
         raise HarnessError(
             f"save dir '{run.save_dir}' holds a run of config '{spec['config']}' with overrides "
@@ -162,7 +171,7 @@ def plan_runs(inputs: Sequence[str], out_dir: str, overrides: Sequence[str] = ()
 
 def load_metrics(run: Run) -> Optional[Dict[str, Any]]:
     path = osp.join(run.save_dir, METRICS_FILE)
-    return json.load(open(path)) if osp.isfile(path) else None
+    return read_json(path) if osp.isfile(path) else None
 
 
 def final_epoch(run: Run, metrics: Dict[str, Any]) -> Optional[int]:
