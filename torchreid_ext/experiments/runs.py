@@ -19,7 +19,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from ..config import CN, ConfigError, load_config
 
-__all__ = ["HarnessError", "Run", "plan_runs", "read_spec", "final_epoch", "is_finished", "launch", "load_metrics", "PROTOCOL_KEYS"]
+__all__ = ["HarnessError", "Run", "plan_runs", "read_spec", "final_epoch", "is_finished", "launch",
+           "load_metrics", "PROTOCOL_KEYS"]
 
 SPEC_FILE = "run.json"
 METRICS_FILE = "metrics.json"
@@ -85,15 +86,17 @@ def _config_run(config: str, save_dir: str, overrides: List[str], name: str) -> 
     return Run(name=name, save_dir=save_dir, config=config, overrides=overrides, cfg=cfg)
 
 
-def read_json(path: str) -> Any:
+def _read_json_in(save_dir: str, name: str) -> Optional[Dict[str, Any]]:
+    path = osp.join(save_dir, name)
+    if not osp.isfile(path):
+        return None
     with open(path) as f:
         return json.load(f)
 
 
 def read_spec(save_dir: str) -> Optional[Dict[str, Any]]:
     """The run.json of a save dir made by the harness (config and overrides), or None."""
-    path = osp.join(save_dir, SPEC_FILE)
-    return read_json(path) if osp.isfile(path) else None
+    return _read_json_in(save_dir, SPEC_FILE)
 
 
 def _save_dir_run(path: str) -> Run:
@@ -170,8 +173,7 @@ def plan_runs(inputs: Sequence[str], out_dir: str, overrides: Sequence[str] = ()
 
 
 def load_metrics(run: Run) -> Optional[Dict[str, Any]]:
-    path = osp.join(run.save_dir, METRICS_FILE)
-    return read_json(path) if osp.isfile(path) else None
+    return _read_json_in(run.save_dir, METRICS_FILE)
 
 
 def final_epoch(run: Run, metrics: Dict[str, Any]) -> Optional[int]:
