@@ -23,7 +23,7 @@ setup(
     install_requires=[
         # torch and torchvision are resolved from the registry (see README): the registry's
         # torchvision wheels are built against its newest torch.
-        "torch>=2.1",
+        "torch>=2.6",  # weights-only loading by default and torch.serialization.safe_globals
         "torchvision",
         "torchreid==0.2.5",
         "numpy",

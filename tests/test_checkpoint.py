@@ -108,3 +108,92 @@ def test_latest_checkpoint(tmp_path):
         (tmp_path / f"model.pth.tar-{e}").write_bytes(b"")
     (tmp_path / "model.pth.tar-11.tmp-123").write_bytes(b"")
     assert latest_checkpoint(str(tmp_path)).endswith("model.pth.tar-10")
+
+
+# ---------------------------------------------------------------- every weights path is safe
+
+
+class _RunsCode:
+    """Unpickling this calls ``os.system``: what a malicious checkpoint does."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _evil_checkpoint(tmp_path):
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "evil.pth.tar"
+    torch.save({"state_dict": {}, "payload": _RunsCode(str(marker))}, str(path))
+    return str(path), marker
+
+
+def test_load_weights_never_runs_code_even_when_torch_is_told_to(tmp_path, monkeypatch):
+    """TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 makes torch.load unpickle anything unless the call
+    says weights_only=True; every weights path must say so."""
+    from torchreid_ext.checkpoint import load_pretrained_weights
+
+    path, marker = _evil_checkpoint(tmp_path)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(CheckpointError, match="posix.system|os.system|nt.system"):
+        load_pretrained_weights(model, path)
+    with pytest.raises(CheckpointError):
+        resume_from_checkpoint(path, model)
+    assert not marker.exists()
+
+
+def test_cli_load_weights_and_resume_refuse_a_code_running_file(tiny, tmp_path):
+    """End to end, in a fresh process with the unsafe environment variable set."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    path, marker = _evil_checkpoint(tmp_path)
+    env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
+    for opts in ({"test.evaluate": True, "model.load_weights": path}, {"model.resume": path}):
+        save = tmp_path / f"run-{len(opts)}"
+        proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "main.py"),
+                               *tiny(save_dir=str(save), **opts)], capture_output=True, text=True, env=env)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "Refusing to load" in proc.stderr and "Traceback" not in proc.stderr
+        assert not marker.exists()
+
+
+def test_upstream_torchreid_checkpoint_loads_as_pretrained_weights(tmp_path):
+    """Torchreid's save_checkpoint pickles numpy scalars; load_weights reads it through the
+    allowlist and copies every tensor that fits (a classifier of another size is skipped)."""
+    from torchreid_ext.checkpoint import load_pretrained_weights
+
+    torch.manual_seed(0)
+    src = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 5))
+    torchreid().utils.save_checkpoint({"state_dict": src.state_dict(), "epoch": 2, "rank1": np.float64(0.5)},
+                                      str(tmp_path))
+    dst = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 7))
+    report = load_pretrained_weights(dst, str(tmp_path / "model.pth.tar-2"))
+    assert report["loaded"] == ["0.weight", "0.bias"] and report["skipped"] == ["1.weight", "1.bias"]
+    assert torch.equal(dst[0].weight, src[0].weight)
+    with pytest.raises(CheckpointError, match=r"Sequential.*'1.weight'"):
+        load_pretrained_weights(dst, str(tmp_path / "model.pth.tar-2"), strict=True, ignore=())
+    with pytest.raises(CheckpointError, match=r"no tensor matches.*first mismatching key"):
+        load_pretrained_weights(torch.nn.Conv2d(1, 1, 1), str(tmp_path / "model.pth.tar-2"))
+
+
+def test_non_utf8_string_in_the_pickle_is_a_checkpoint_error(tmp_path):
+    import zipfile
+
+    good = tmp_path / "good.pth"
+    torch.save({"state_dict": {}, "name": "ZZZZZZZZ"}, str(good))
+    bad = tmp_path / "bad.pth"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith("data.pkl"):
+                assert b"ZZZZZZZZ" in data
+                data = data.replace(b"ZZZZZZZZ", b"\xff\xfe\xfd\xfc\xff\xfe\xfd\xfc")
+            dst.writestr(info, data)
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_checkpoint(str(bad))

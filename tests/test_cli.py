@@ -235,3 +235,20 @@ def test_fast_and_torchreid_evaluators_agree_inside_the_engine(tiny, tmp_path):
     # evaluation-only runs write their own record and leave the training record alone
     assert json.load(open(osp.join(save, "metrics.json")))["evaluations"][0]["epoch"] == 1
     assert osp.exists(osp.join(save, "metrics-test.json"))
+
+
+def test_evaluate_with_an_upstream_torchreid_checkpoint(tiny, tmp_path):
+    """Torchreid's own save_checkpoint pickles numpy scalars; ``model.load_weights`` loads it
+    through the safe loader's allowlist (Torchreid's loader would need weights_only=False)."""
+    import numpy as np
+
+    from torchreid_ext.adapter import torchreid
+
+    save = str(tmp_path / "run")
+    trained = run_main(tiny(save_dir=save, **{"train.max_epoch": 1}))["synthreid_small"]
+    state = load_checkpoint(osp.join(save, "model", "model.pth.tar-1"))["state_dict"]
+    upstream = tmp_path / "upstream"
+    torchreid().utils.save_checkpoint({"state_dict": state, "epoch": 1, "rank1": np.float64(0.25)}, str(upstream))
+    res = run_main(tiny(save_dir=str(tmp_path / "eval"), **{
+        "test.evaluate": True, "model.load_weights": str(upstream / "model.pth.tar-1")}))["synthreid_small"]
+    assert res["mAP"] == pytest.approx(trained["mAP"], abs=1e-9)

@@ -18,16 +18,19 @@
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import os.path as osp
 import pickle
 import random
 import re
 from collections import OrderedDict
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "CheckpointError",
@@ -39,6 +42,7 @@ __all__ = [
     "seed_epoch",
     "latest_checkpoint",
     "resume_from_checkpoint",
+    "load_pretrained_weights",
 ]
 
 
@@ -127,7 +131,8 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
             "never loads checkpoints with weights_only=False. If you made this file yourself, "
             "re-save its tensors and numbers as a plain dict."
         ) from exc
-    except (RuntimeError, EOFError, OSError) as exc:
+    except (RuntimeError, EOFError, OSError, UnicodeDecodeError, ValueError) as exc:
+        # UnicodeDecodeError: a pickled string that is not UTF-8 (a crafted or corrupt file)
         raise CheckpointError(f"Checkpoint '{path}' is unreadable or truncated: {exc}") from exc
 
 
@@ -199,8 +204,7 @@ def resume_from_checkpoint(
     are restored last."""
     ckpt = load_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
     path = checkpoint if isinstance(checkpoint, str) else source
-    state_dict = ckpt.get("state_dict", ckpt)
-    state_dict = OrderedDict((k[7:] if k.startswith("module.") else k, v) for k, v in state_dict.items())
+    state_dict = _strip_module(ckpt.get("state_dict", ckpt))
     try:
         _unwrap(model).load_state_dict(state_dict)
     except RuntimeError as exc:
@@ -217,3 +221,57 @@ def resume_from_checkpoint(
     epoch = int(ckpt.get("epoch", 0))
     print(f"Resumed from '{path}' (completed epochs: {epoch})")
     return epoch
+
+
+def _strip_module(state_dict: Dict[str, Any]) -> "OrderedDict[str, Any]":
+    return OrderedDict((k[7:] if k.startswith("module.") else k, v) for k, v in state_dict.items())
+
+
+def load_pretrained_weights(model: torch.nn.Module, path: str, strict: bool = False,
+                            ignore: Sequence[str] = ("classifier.",)) -> Dict[str, list]:
+    """Torchreid's ``utils.load_pretrained_weights`` through the safe loader.
+
+    Copies every tensor whose name (``module.`` prefix stripped) and shape match the model's
+    and leaves the rest (e.g. a classifier trained for another number of identities), as
+    Torchreid does; but the file is read by :func:`load_checkpoint` (``weights_only``, numpy
+    allowlist), never by a plain unpickler. Returns ``{"loaded": [...], "skipped": [...]}``;
+    a file of which nothing fits the model is a :class:`CheckpointError` naming the model and
+    the first mismatching key. ``strict=True`` (extraction, export, rank lists of a trained
+    model) also refuses a file that leaves any model tensor unloaded, except those whose name
+    starts with one of ``ignore`` (the classifier: its size depends on the training set and
+    eval mode does not use it).
+    """
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"Weights file '{path}' holds a {type(ckpt).__name__}, not a state dict")
+    state_dict = _strip_module(ckpt.get("state_dict", ckpt))
+    target = _unwrap(model).state_dict()
+    matched, skipped = OrderedDict(), []
+    for key, value in state_dict.items():
+        if key in target and torch.is_tensor(value) and value.shape == target[key].shape:
+            matched[key] = value
+        else:
+            skipped.append(key)
+    if not matched:
+        first = next(iter(state_dict), None)
+        why = ("it holds no tensors" if first is None else
+               f"first mismatching key '{first}'" + (
+                   f" (shape {tuple(state_dict[first].shape)} vs {tuple(target[first].shape)})"
+                   if first in target and torch.is_tensor(state_dict[first]) else " (not in the model)"))
+        raise CheckpointError(
+            f"Weights file '{path}' does not fit {type(_unwrap(model)).__name__}: no tensor matches "
+            f"by name and shape; {why}")
+    if strict:
+        missing = [k for k in target if k not in matched and not k.startswith(tuple(ignore))]
+        if missing:
+            key = missing[0]
+            why = (f"shape {tuple(state_dict[key].shape)} in the file vs {tuple(target[key].shape)}"
+                   if key in state_dict and torch.is_tensor(state_dict[key]) else "absent from the file")
+            raise CheckpointError(
+                f"Weights file '{path}' does not fit {type(_unwrap(model)).__name__}: {len(missing)} of its "
+                f"tensors are not loaded, the first '{key}' ({why})")
+    target.update(matched)
+    _unwrap(model).load_state_dict(target)
+    logger.info("Loaded %d tensors from '%s'%s", len(matched), path,
+                f"; skipped {len(skipped)} that do not fit: {skipped[:5]}" if skipped else "")
+    return {"loaded": list(matched), "skipped": skipped}

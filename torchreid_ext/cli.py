@@ -31,7 +31,7 @@ import torch
 
 from . import distributed
 from .adapter import torchreid
-from .checkpoint import latest_checkpoint
+from .checkpoint import latest_checkpoint, load_pretrained_weights
 from .config import (
     ConfigError,
     engine_run_kwargs,
@@ -337,7 +337,7 @@ def _run(cfg, config_path: str, resume: str, info: "distributed.DistInfo") -> Di
             print(f"Model complexity: params={stats['params']:,} (classifier excluded), "
                   f"MACs={stats['macs']:,} at {cfg.data.height}x{cfg.data.width}")
         if cfg.model.load_weights:
-            tr.utils.load_pretrained_weights(model, cfg.model.load_weights)
+            load_pretrained_weights(model, cfg.model.load_weights)
         model = prepare_model(model, cfg, info.device)
         optimizer = tr.optim.build_optimizer(model, **optimizer_kwargs(cfg))
         scheduler = tr.optim.build_lr_scheduler(optimizer, **lr_scheduler_kwargs(cfg))

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..adapter import torchreid
-from ..checkpoint import latest_checkpoint, load_checkpoint
+from ..checkpoint import latest_checkpoint, load_pretrained_weights
 
 __all__ = ["ranked_lists", "visualize_ranks"]
 
@@ -59,7 +59,7 @@ def visualize_ranks(cfg, out_dir: str, weights: str = "", num_queries: int = 8,
     cfg.use_gpu = False
     dm = build_datamanager(cfg)
     model = build_model(cfg, dm.num_train_pids)
-    model.load_state_dict(load_checkpoint(weights)["state_dict"])
+    load_pretrained_weights(model, weights, strict=True)
     model.eval()
     loaders = dm.test_loader[dataset]
     qf, gf = _features(model, loaders["query"], "query features"), _features(model, loaders["gallery"], "gallery features")
