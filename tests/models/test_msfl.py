@@ -17,7 +17,7 @@ from torchreid_ext.models import MODEL_OPTIONS, build_model, build_model_from_co
 from torchreid_ext.models.complexity import count_macs, count_params
 from torchreid_ext.models.msfl import BackboneWeightsError, MSFLResNet50, msfl_resnet50_csip
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+from conftest import REPO  # noqa: E402
 
 # (registered name, options, head input dim): every Table I / IV switch that changes the graph.
 VARIANTS = {
