@@ -36,22 +36,23 @@ from .config import (
     ConfigError,
     engine_run_kwargs,
     get_default_config,
-    imagedata_kwargs,
-    lr_scheduler_kwargs,
     merge_from_file,
     merge_from_list,
-    optimizer_kwargs,
     validate_config,
 )
-from .data.checks import check_dataset_present, check_images
-from .engines import build_engine
-from .models import available_models, build_model_from_config
+from .builders import (
+    PretrainedWeightsUnavailable,
+    build_datamanager,
+    build_engine,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    model_complexity,
+)
+from .data.checks import check_dataset_present
+from .models import available_models
 
 __all__ = ["build_parser", "load_run_config", "preflight", "build_datamanager", "build_model", "main"]
-
-
-class PretrainedWeightsUnavailable(RuntimeError):
-    pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,55 +192,6 @@ def wrap_ddp(model: torch.nn.Module, cfg, info: "distributed.DistInfo") -> torch
     )
 
 
-def build_datamanager(cfg):
-    dm = torchreid().data.ImageDataManager(**imagedata_kwargs(cfg))
-    ds = dm.train_loader.dataset
-    paths = [item[0] for item in ds.train]
-    for name, loaders in dm.test_dataset.items():
-        paths += [item[0] for item in loaders["query"]] + [item[0] for item in loaders["gallery"]]
-    n = check_images(paths)
-    print(f"Checked {n} image files: all readable")
-    return dm
-
-
-def _weights_hint(name: str) -> str:
-    tr = torchreid()
-    hub = osp.join(torch.hub.get_dir(), "checkpoints")
-    try:
-        urls = tr.submodule("models.resnet").model_urls
-    except (ImportError, AttributeError):
-        urls = {}
-    base = name.replace("_fc512", "")
-    if base in urls:
-        return f"put the file at '{osp.join(hub, osp.basename(urls[base]))}'"
-    if name.startswith("osnet"):
-        home = os.path.expanduser(os.getenv("TORCH_HOME", osp.join(os.getenv("XDG_CACHE_HOME", "~/.cache"), "torch")))
-        return f"put the file at '{osp.join(home, 'checkpoints', name + '_imagenet.pth')}'"
-    return f"put the file in '{hub}'"
-
-
-def build_model(cfg, num_classes: int) -> torch.nn.Module:
-    try:
-        return build_model_from_config(cfg, num_classes)
-    except OSError as exc:
-        if not cfg.model.pretrained:
-            raise
-        raise PretrainedWeightsUnavailable(
-            f"ImageNet weights for '{cfg.model.name}' could not be downloaded ({exc}). "
-            f"This machine may be offline: {_weights_hint(cfg.model.name)}, "
-            "or train from scratch with `model.pretrained False`."
-        ) from exc
-
-
-def model_complexity(model: torch.nn.Module, height: int, width: int) -> Dict[str, Optional[float]]:
-    """Params (classifier excluded) and MACs, for the run record."""
-    try:
-        from .models.complexity import count_macs, count_params
-    except ImportError:
-        return {"params": None, "macs": None}
-    return {"params": count_params(model), "macs": count_macs(model, height, width)}
-
-
 class _Tee:
     def __init__(self, stream, path: str):
         self.stream = stream
@@ -339,8 +291,8 @@ def _run(cfg, config_path: str, resume: str, info: "distributed.DistInfo") -> Di
         if cfg.model.load_weights:
             load_pretrained_weights(model, cfg.model.load_weights)
         model = prepare_model(model, cfg, info.device)
-        optimizer = tr.optim.build_optimizer(model, **optimizer_kwargs(cfg))
-        scheduler = tr.optim.build_lr_scheduler(optimizer, **lr_scheduler_kwargs(cfg))
+        optimizer = build_optimizer(cfg, model)
+        scheduler = build_scheduler(cfg, optimizer)
         model = wrap_ddp(model, cfg, info)
         run_info = {
             "config": _display_path(config_path) if config_path else "",

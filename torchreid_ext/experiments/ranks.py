@@ -43,7 +43,7 @@ def visualize_ranks(cfg, out_dir: str, weights: str = "", num_queries: int = 8,
                     topk: int = 10, dataset: Optional[str] = None) -> List[Dict[str, Any]]:
     """Save ``<out_dir>/<query name>.jpg`` for ``num_queries`` evenly spaced queries of
     ``dataset`` (default: the first target); return their ranked lists (with ``image``)."""
-    from ..cli import build_datamanager, build_model
+    from ..builders import build_datamanager, build_model
     from ..metrics import compute_distance_matrix
 
     if num_queries < 1 or topk < 1:
