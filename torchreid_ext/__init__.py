@@ -2,11 +2,15 @@
 
 ``import torchreid_ext`` registers our models and datasets into Torchreid's registries.
 """
-from .adapter import torchreid as _torchreid  # noqa: F401
-from .config import engine_run_kwargs, get_default_config, load_config  # noqa: F401
-from .engines import build_engine  # noqa: F401
-from .models import available_models, build_model, register_model  # noqa: F401
-from .registry import register
+from .log import install_console_handler
+
+install_console_handler()
+
+from .adapter import torchreid as _torchreid  # noqa: E402,F401
+from .config import engine_run_kwargs, get_default_config, load_config  # noqa: E402,F401
+from .engines import build_engine  # noqa: E402,F401
+from .models import available_models, build_model, register_model  # noqa: E402,F401
+from .registry import register  # noqa: E402
 
 register()
 
