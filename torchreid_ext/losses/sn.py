@@ -16,6 +16,10 @@ __all__ = ["SupportNeighborLoss", "support_neighbor_loss", "SQUEEZE_MODES"]
 
 SQUEEZE_MODES = ("spread", "nearest")
 
+# softplus(x) is returned as x above this (torch's default is 20): log1p(exp(-50)) is below
+# float64's resolution of 50, so float64 results are those of log(1 + exp(x))
+_SOFTPLUS_LINEAR = 50.0
+
 
 def _check_params(alpha: float, k: int, weight_squeeze: float, squeeze: str) -> None:
     if not alpha > 0:
@@ -73,11 +77,17 @@ def support_neighbor_loss(
             s_pos.scatter_(1, nearest, lonely | s_pos.gather(1, nearest))
             n_sp = s_pos.sum(1)
 
-        # S2: -log(sum_S+ exp(-alpha d) / sum_{S+ U S-} exp(-alpha d)) via logsumexp.
+        # S2: -log(sum_S+ exp(-alpha d) / sum_{S+ U S-} exp(-alpha d)), written as
+        # softplus(lse_neg - lse_pos) (S+ and S- are disjoint). The same quantity as
+        # lse_all - lse_pos, without subtracting two separately rounded logsumexps: when S-
+        # weighs little the difference cancels and float32 gradients lose ~3 digits.
         logits = -alpha * d
         lse_pos = logits.masked_fill(~s_pos, float("-inf")).logsumexp(1)
-        lse_all = logits.masked_fill(~(s_pos | s_neg), float("-inf")).logsumexp(1)
-        sep = lse_all - lse_pos
+        has_neg = s_neg.any(1, keepdim=True)
+        # rows with an empty S- get finite dummy logits (an all -inf logsumexp has a NaN
+        # gradient) and a zero term
+        lse_neg = logits.masked_fill(~s_neg, float("-inf")).where(has_neg, 0.0).logsumexp(1)
+        sep = torch.where(has_neg.squeeze(1), F.softplus(lse_neg - lse_pos, threshold=_SOFTPLUS_LINEAR), 0.0)
 
         if squeeze == "spread":  # S3: furthest minus nearest support positive; d itself if only one
             far = d.masked_fill(~s_pos, float("-inf")).amax(1)
