@@ -1,4 +1,4 @@
-"""Query x gallery distances, whole or in chunks of query rows (METHOD.md E2).
+"""Query x gallery distances, whole or in chunks of query rows (docs/methods.md E2).
 
 The two metrics rank the gallery exactly as Torchreid's ``compute_distance_matrix`` does:
 
@@ -11,11 +11,8 @@ The two metrics rank the gallery exactly as Torchreid's ``compute_distance_matri
 ``test.normalize_feature``.
 
 :func:`iter_distance_chunks` is what :func:`torchreid_ext.metrics.evaluate_features` uses: it never
-holds more than ``chunk_size`` query rows of the matrix. :func:`compute_distance_matrix` and
-:func:`reranked_distance_matrix` build full matrices; re-ranking (k-reciprocal, Zhong et al.)
-needs the query x gallery, query x query and gallery x gallery matrices at once, and Torchreid's
-``re_ranking`` then holds float32 distances, an int32 argsort and a float16 matrix of size (Q + G)^2:
-roughly 10-14 bytes per element, ~5 GB at the Market-1501 shape, over 100 GB at the MSMT17 shape.
+holds more than ``chunk_size`` query rows of the matrix. :func:`compute_distance_matrix` builds the
+full matrix. Features with inf or NaN values are rejected up front (they would give NaN distances).
 """
 from __future__ import annotations
 
@@ -31,7 +28,6 @@ __all__ = [
     "auto_chunk_rows",
     "compute_distance_matrix",
     "iter_distance_chunks",
-    "reranked_distance_matrix",
 ]
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
@@ -77,6 +73,9 @@ def _as_features(x: ArrayLike, name: str) -> torch.Tensor:
     x = as_real_matrix(x, name, "num_samples x feature_dim")
     if not x.is_floating_point() or (x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16)):
         x = x.float()  # integer features, or half precision where CPU matmul is slow
+    if not bool(torch.isfinite(x).all()):  # inf or NaN features would only show up as NaN distances
+        r, c = (~torch.isfinite(x)).nonzero()[0].tolist()
+        raise ValueError(f"{name} contains non-finite values (first {float(x[r, c])} at item {r}, dimension {c})")
     return x
 
 
@@ -154,27 +153,3 @@ def _check_chunk(chunk_size: int) -> int:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     return int(chunk_size)
-
-
-@torch.no_grad()
-def reranked_distance_matrix(
-    qf: ArrayLike,
-    gf: ArrayLike,
-    metric: str = "euclidean",
-    normalize: bool = False,
-    k1: int = 20,
-    k2: int = 6,
-    lambda_value: float = 0.3,
-) -> np.ndarray:
-    """Query x gallery distances after Torchreid's k-reciprocal re-ranking (``utils.re_ranking``).
-
-    Builds the full Q x G, Q x Q and G x G matrices (re-ranking needs all three), so memory grows
-    with ``(Q + G)^2``; feed the result to :func:`torchreid_ext.metrics.evaluate_rank`.
-    """
-    from ..adapter import torchreid
-
-    q, g, qn, gn = _prepare(qf, gf, metric, normalize)
-    qg = _block(q, g, qn, gn).cpu().numpy()
-    qq = _block(q, q, qn, qn).cpu().numpy()
-    gg = _block(g, g, gn, gn).cpu().numpy()
-    return torchreid().utils.re_ranking(qg, qq, gg, k1=k1, k2=k2, lambda_value=lambda_value)

@@ -1,4 +1,4 @@
-"""Fast rank evaluation: CMC, mAP and mINP with Torchreid's protocol (METHOD.md E1-E5).
+"""Fast rank evaluation: CMC, mAP and mINP with Torchreid's protocol (docs/methods.md E1-E5).
 
 Protocol (as Torchreid's ``evaluate_rank``):
 
@@ -63,7 +63,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .distance import ArrayLike, _blocks, _check_chunk, _prepare, as_real_matrix, auto_chunk_rows
+from .distance import ArrayLike, _as_features, _blocks, _check_chunk, _prepare, as_real_matrix, auto_chunk_rows
 
 __all__ = ["RankResult", "evaluate_features", "evaluate_rank"]
 
@@ -193,7 +193,8 @@ class _RankAccumulator:
             dist = dist.contiguous()
         if torch.isnan(dist.amax()):  # amax propagates NaN; one cheap reduction
             bad = torch.isnan(dist).nonzero()[0].tolist()
-            raise ValueError(f"distmat contains NaN (first at query {start + bad[0]}, gallery {bad[1]})")
+            raise ValueError(f"distmat contains non-finite values: NaN (first at query {start + bad[0]}, "
+                             f"gallery {bad[1]}); non-finite features give NaN distances")
         n = dist.shape[0]
         stop = start + n
         q_gid = self.q_gid[start:stop]
@@ -513,6 +514,10 @@ def evaluate_features(
     chunk_size: Optional[int] = None,
     progress: bool = False,
     num_threads: Optional[int] = None,
+    rerank: bool = False,
+    k1: int = 20,
+    k2: int = 6,
+    lambda_value: float = 0.3,
 ) -> RankResult:
     """Evaluate features directly, computing distances a block of query rows at a time (E2-E4).
 
@@ -523,9 +528,17 @@ def evaluate_features(
     ``metric`` is ``'euclidean'`` (squared, as Torchreid) or ``'cosine'``; ``normalize``
     L2-normalises features first. ``progress=True`` shows a tqdm bar with an ETA. Runs on ``qf``'s
     device; ``num_threads`` applies to the ranking ops only (the distance matmul uses torch's setting).
+
+    ``rerank=True``: the distances are Torchreid's k-reciprocal re-ranking of these distances
+    (``re_ranking(qg, qq, gg, k1, k2, lambda_value)``, as its engine with ``test.rerank``), computed
+    sparsely by :func:`torchreid_ext.metrics.reranked_distance_blocks` and streamed in: no ``N x N`` or
+    ``Q x G`` matrix is held; ``progress`` then covers the re-ranking.
     """
     _check_max_rank(max_rank)
     _check_threads(num_threads)
+    if rerank:
+        return _evaluate_reranked(qf, gf, q_pids, g_pids, q_camids, g_camids, metric, normalize, max_rank,
+                                  use_metric_cuhk03, chunk_size, progress, num_threads, k1, k2, lambda_value)
     q, g, qn, gn = _prepare(qf, gf, metric, normalize)
     acc = _RankAccumulator(q_pids, g_pids, q_camids, g_camids, q.shape[0], g.shape[0], q.device, max_rank,
                            use_metric_cuhk03)
@@ -540,4 +553,22 @@ def evaluate_features(
                     acc.add(start + s, block[s : s + rows])
             bar.update(block.shape[0])
             del block
+    return acc.result()
+
+
+def _evaluate_reranked(qf, gf, q_pids, g_pids, q_camids, g_camids, metric, normalize, max_rank, cuhk03,
+                       chunk_size, progress, num_threads, k1, k2, lambda_value) -> RankResult:
+    from .rerank import reranked_distance_blocks
+
+    q = _as_features(qf, "qf")
+    g = _as_features(gf, "gf")
+    acc = _RankAccumulator(q_pids, g_pids, q_camids, g_camids, q.shape[0], g.shape[0], q.device, max_rank, cuhk03)
+    rows = _chunk_rows(chunk_size, g.shape[0], q.device, cuhk03)
+    blocks = reranked_distance_blocks(q, g, metric, normalize, k1, k2, lambda_value, chunk_size=rows,
+                                      progress=progress)
+    for start, block in blocks:
+        with _cpu_threads(q.device, num_threads):
+            for s in range(0, block.shape[0], rows):
+                acc.add(start + s, block[s : s + rows])
+        del block
     return acc.result()

@@ -1,0 +1,164 @@
+"""Evaluation from query and gallery features: the one function the engine and scripts call.
+
+:func:`evaluate_test_features` turns features into metrics exactly as ``ReIDEngine.test`` does
+(``scripts/evaluate.py`` on saved features calls it too, so both give identical results):
+
+1. alpha query expansion (``test.aqe``, :mod:`torchreid_ext.metrics.aqe`), on the features as extracted;
+2. L2 normalisation (``test.normalize_feature``), as Torchreid's engine;
+3. distances (``test.dist_metric``: squared Euclidean or cosine, docs/methods.md E2) and, with
+   ``test.rerank``, k-reciprocal re-ranking (:mod:`torchreid_ext.metrics.rerank`);
+4. CMC / mAP / mINP (docs/methods.md E1-E4) by the fast evaluator, or by Torchreid's own code
+   (``test.evaluator torchreid``: its ``compute_distance_matrix``, ``re_ranking`` and ``evaluate_rank``).
+
+``test.flip`` is applied where features are extracted (:func:`torchreid_ext.features.extract_loader`);
+it is carried here so that one object holds every test-time option.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from .aqe import alpha_query_expansion, check_aqe_args
+from .distance import METRICS, ArrayLike, _as_features
+from .rank import LabelLike, RankResult, _check_max_rank, evaluate_features
+from .rerank import check_rerank_args, reranked_distance_matrix
+
+__all__ = ["EVALUATORS", "EvaluationOptions", "evaluate_test_features", "evaluation_distance_matrix"]
+
+EVALUATORS = ("fast", "torchreid")
+
+
+@dataclass(frozen=True)
+class EvaluationOptions:
+    """Test-time options (``cfg.test`` keys of the same names; :meth:`from_config` reads them)."""
+
+    dist_metric: str = "euclidean"
+    normalize_feature: bool = False
+    use_metric_cuhk03: bool = False
+    max_rank: int = 50
+    evaluator: str = "fast"
+    rerank: bool = False
+    rerank_k1: int = 20
+    rerank_k2: int = 6
+    rerank_lambda: float = 0.3
+    flip: bool = False  # applied at extraction
+    aqe: bool = False
+    aqe_k: int = 5
+    aqe_alpha: float = 3.0
+    aqe_rounds: int = 1
+    progress: bool = False
+
+    def __post_init__(self):
+        self.check()
+
+    @classmethod
+    def from_config(cls, cfg, **overrides) -> "EvaluationOptions":
+        """Options from a torchreid_ext config (``cfg.test``, ``cfg.cuhk03.use_metric_cuhk03``)."""
+        t = cfg.test
+        values = dict(
+            dist_metric=t.dist_metric, normalize_feature=bool(t.normalize_feature),
+            use_metric_cuhk03=bool(cfg.cuhk03.use_metric_cuhk03), max_rank=max(50, *t.ranks),
+            evaluator=t.evaluator, rerank=bool(t.rerank), rerank_k1=t.rerank_k1, rerank_k2=t.rerank_k2,
+            rerank_lambda=float(t.rerank_lambda), flip=bool(t.flip), aqe=bool(t.aqe), aqe_k=t.aqe_k,
+            aqe_alpha=float(t.aqe_alpha), aqe_rounds=t.aqe_rounds,
+        )
+        values.update(overrides)
+        return cls(**values)
+
+    def replace(self, **changes) -> "EvaluationOptions":
+        return replace(self, **changes)
+
+    def check(self, prefix: str = "") -> None:
+        """Raise ``ValueError`` naming the first bad option (``prefix``: e.g. ``'test.'``)."""
+        if self.dist_metric not in METRICS:
+            raise ValueError(f"{prefix}dist_metric = {self.dist_metric!r}; choose one of {list(METRICS)}")
+        if self.evaluator not in EVALUATORS:
+            raise ValueError(f"{prefix}evaluator = {self.evaluator!r}; choose one of {list(EVALUATORS)}")
+        _check_max_rank(self.max_rank)
+        check_rerank_args(self.rerank_k1, self.rerank_k2, self.rerank_lambda,
+                          names=tuple(prefix + n for n in ("rerank_k1", "rerank_k2", "rerank_lambda")))
+        check_aqe_args(self.aqe_k, self.aqe_alpha, self.aqe_rounds,
+                       names=tuple(prefix + n for n in ("aqe_k", "aqe_alpha", "aqe_rounds")))
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _features(qf: ArrayLike, gf: ArrayLike, opts: EvaluationOptions):
+    """Steps 1-2: AQE, then L2 normalisation."""
+    q, g = _as_features(qf, "qf"), _as_features(gf, "gf")
+    if opts.aqe:
+        q, g = alpha_query_expansion(q, g, k=opts.aqe_k, alpha=opts.aqe_alpha, rounds=opts.aqe_rounds)
+    if opts.normalize_feature:
+        q, g = F.normalize(q, p=2, dim=1), F.normalize(g, p=2, dim=1)
+    return q, g
+
+
+def _torchreid_distances(q: torch.Tensor, g: torch.Tensor, opts: EvaluationOptions) -> np.ndarray:
+    """Torchreid's own path: its distance matrices and (with ``rerank``) its ``re_ranking``."""
+    from ..adapter import torchreid
+
+    tr = torchreid()
+    q, g = q.cpu(), g.cpu()
+    distmat = tr.metrics.compute_distance_matrix(q, g, opts.dist_metric).numpy()
+    if opts.rerank:
+        qq = tr.metrics.compute_distance_matrix(q, q, opts.dist_metric).numpy()
+        gg = tr.metrics.compute_distance_matrix(g, g, opts.dist_metric).numpy()
+        distmat = tr.utils.re_ranking(distmat, qq, gg, k1=opts.rerank_k1, k2=opts.rerank_k2,
+                                      lambda_value=opts.rerank_lambda)
+    return distmat
+
+
+@torch.no_grad()
+def evaluate_test_features(
+    qf: ArrayLike,
+    gf: ArrayLike,
+    q_pids: LabelLike,
+    g_pids: LabelLike,
+    q_camids: LabelLike,
+    g_camids: LabelLike,
+    options: Optional[EvaluationOptions] = None,
+) -> RankResult:
+    """Metrics of query / gallery features under ``options`` (see the module docstring).
+
+    Features may be numpy arrays or tensors on any device (the fast evaluator runs there).
+    With ``evaluator='torchreid'`` the result has ``mINP = None`` and ``num_valid_queries = None``
+    (Torchreid's ``evaluate_rank`` returns neither).
+    """
+    opts = options or EvaluationOptions()
+    q, g = _features(qf, gf, opts)
+    if opts.evaluator == "torchreid":
+        from ..adapter import torchreid
+
+        distmat = _torchreid_distances(q, g, opts)
+        cmc, mAP = torchreid().metrics.evaluate_rank(
+            distmat, np.asarray(q_pids), np.asarray(g_pids), np.asarray(q_camids), np.asarray(g_camids),
+            max_rank=opts.max_rank, use_metric_cuhk03=opts.use_metric_cuhk03,
+        )
+        return RankResult(cmc=np.asarray(cmc, dtype=np.float64), mAP=float(mAP), mINP=None,
+                          num_valid_queries=None, num_skipped_queries=None)
+    return evaluate_features(
+        q, g, q_pids, g_pids, q_camids, g_camids, metric=opts.dist_metric, max_rank=opts.max_rank,
+        use_metric_cuhk03=opts.use_metric_cuhk03, progress=opts.progress, rerank=opts.rerank,
+        k1=opts.rerank_k1, k2=opts.rerank_k2, lambda_value=opts.rerank_lambda,
+    )
+
+
+@torch.no_grad()
+def evaluation_distance_matrix(qf: ArrayLike, gf: ArrayLike, options: Optional[EvaluationOptions] = None) -> np.ndarray:
+    """The full ``Q x G`` float32 distance matrix :func:`evaluate_test_features` ranks by (for rank
+    lists and ``test.visrank``; needs ``Q * G`` floats)."""
+    opts = options or EvaluationOptions()
+    q, g = _features(qf, gf, opts)
+    if opts.evaluator == "torchreid":
+        return _torchreid_distances(q, g, opts)
+    if opts.rerank:
+        return reranked_distance_matrix(q, g, opts.dist_metric, k1=opts.rerank_k1, k2=opts.rerank_k2,
+                                        lambda_value=opts.rerank_lambda)
+    from .distance import compute_distance_matrix
+
+    return compute_distance_matrix(q, g, opts.dist_metric).cpu().numpy()
