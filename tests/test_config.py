@@ -135,3 +135,104 @@ def test_repo_configs_load():
         cfg = get_default_config()
         merge_from_file(cfg, path)
         validate_config(cfg)
+
+
+# ------------------------------------------------------------------ misspelt sections (issue 19)
+
+def test_misspelt_section_suggests_the_section(tmp_path):
+    (tmp_path / "modle.yaml").write_text("modle:\n  name: osnet_x0_25\n")
+    with pytest.raises(ConfigError, match=r"Unknown config key 'modle' in .*; did you mean 'model'\?"):
+        load_config(str(tmp_path / "modle.yaml"))
+    # a misspelt section is a section: the hint is 'train', never a key such as 'train.lr'
+    (tmp_path / "trian.yaml").write_text("trian:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"Unknown config key 'trian' in .*; did you mean 'train'\?$"):
+        load_config(str(tmp_path / "trian.yaml"))
+    with pytest.raises(ConfigError, match=r"Unknown config key 'trian\.lr' on the command line; "
+                                          r"did you mean 'train\.lr'\?$"):
+        load_config(None, ["trian.lr", "0.1"])
+    # a misspelt key below a section still gets a key
+    (tmp_path / "lrr.yaml").write_text("train:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"'train\.lrr'.*did you mean 'train\.lr'\?$"):
+        load_config(str(tmp_path / "lrr.yaml"))
+
+
+# ------------------------------------------------------------------ bad values: exit 2, nothing written
+
+def run_cli(argv, capsys):
+    from torchreid_ext import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    return exc.value.code, err
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"data.height": 0}, "data.height = 0 is not valid; the input image height must be >= 1 pixel"),
+    ({"data.height": -5}, "data.height = -5 is not valid"),
+    ({"data.width": 0}, "data.width = 0 is not valid; the input image width must be >= 1 pixel"),
+    ({"train.lr": -1}, "train.lr = -1.0 is not valid; the learning rate must be >= 0"),
+    ({"msgr.eps": "[-1]"}, "msgr.eps = [-1] is not valid; every eps must be a number >= 0 (checked whether or "
+                           "not msgr.enabled)"),
+    ({"loss.name": "sn", "loss.sn.k": 1000},
+     "train.batch_size = 16 is too small: the Support Neighbor loss needs batch_size - 1 >= k + 1 "
+     "(loss.sn.k = 1000), i.e. a batch of at least 1002 images"),
+    ({"test.ranks": "[0,1]"}, "test.ranks = [0, 1] is not valid; ranks are integers >= 1"),
+    ({"sampler.num_instances": 0}, "sampler.num_instances = 0 is not valid; it must be >= 1"),
+    ({"loss.name": "drsl", "loss.drsl.weight": -1}, "loss.drsl.weight = -1.0 must be >= 0"),
+    ({"loss.name": "drsl", "loss.drsl.weight": 0, "loss.drsl.weight_x": 0},
+     "no loss term has a positive weight (loss.drsl.weight = 0.0, loss.drsl.weight_x = 0.0, "
+     "loss.drsl.weight_t = 0.0)"),
+    ({"loss.drsl.tau_rel": 0}, "loss.drsl: DRSL: tau_rel must be > 0, got 0.0"),
+    ({"loss.name": "triplet", "sampler.train_sampler": "RandomSampler"},
+     "sampler.train_sampler RandomIdentitySampler"),
+])
+def test_bad_value_exits_2_with_one_line_before_anything_is_written(tiny, tmp_path, capsys, overrides, message):
+    save = tmp_path / "run"
+    code, err = run_cli(tiny(save_dir=str(save), **overrides), capsys)
+    assert code == 2
+    assert message in err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert not save.exists()
+
+
+def test_non_string_base_exits_2(tiny, tmp_path, capsys):
+    for base in ("5", "[base.yaml, 7]"):
+        (tmp_path / "bad.yaml").write_text(f"_BASE_: {base}\n")
+        save = tmp_path / "run"
+        code, err = run_cli(["--config", str(tmp_path / "bad.yaml")] + tiny(save_dir=str(save)), capsys)
+        assert code == 2 and err.count("\n") == 1
+        assert "_BASE_ in '" in err and "must be a file path or a list of paths (relative to the file)" in err
+        assert not save.exists()
+
+
+# ------------------------------------------------------------------ sampler guard (issue 14)
+
+@pytest.mark.parametrize("loss", ["triplet", "drsl", "sn"])
+@pytest.mark.parametrize("sampler", ["RandomSampler", "SequentialSampler", "RandomDomainSampler"])
+def test_ranking_loss_without_identity_batches_is_refused(loss, sampler):
+    opts = ["loss.name", loss, "sampler.train_sampler", sampler]
+    with pytest.raises(ConfigError, match=rf"loss\.name = '{loss}' trains ranking term.*sampler\.train_sampler = "
+                                          rf"'{sampler}' does not put them there.*sampler\.train_sampler "
+                                          r"RandomIdentitySampler.*sampler\.allow_batches_without_positives True"):
+        load_config(None, opts)
+    cfg = load_config(None, opts + ["sampler.allow_batches_without_positives", "True"])  # opted in
+    assert cfg.sampler.train_sampler == sampler
+    load_config(None, ["loss.name", loss, "sampler.train_sampler", "RandomIdentitySampler"])
+
+
+def test_sampler_guard_follows_the_active_terms():
+    load_config(None, ["loss.name", "softmax"])  # upstream's default: RandomSampler + cross-entropy
+    # DRSL's own term off and no triplet term: cross-entropy alone needs no positives
+    load_config(None, ["loss.name", "drsl", "loss.drsl.weight", "0"])
+    with pytest.raises(ConfigError, match=r"ranking term\(s\) \['triplet'\]"):
+        load_config(None, ["loss.name", "drsl", "loss.drsl.weight", "0", "loss.drsl.weight_t", "1"])
+
+
+def test_upstream_softmax_recipe_with_drsl_is_refused():
+    """Issue 14: upstream's im_osnet_x1_0_softmax_256x128_amsgrad.yaml (RandomSampler) with loss.name
+    drsl silently skipped about half of the anchors."""
+    path = osp.join(HERE, "fixtures", "upstream_configs", "im_osnet_x1_0_softmax_256x128_amsgrad.yaml")
+    assert load_config(path).sampler.train_sampler == "RandomSampler"
+    with pytest.raises(ConfigError, match=r"'RandomSampler' does not put them there"):
+        load_config(path, ["loss.name", "drsl"])

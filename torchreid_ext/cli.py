@@ -143,11 +143,6 @@ def preflight_distributed(cfg) -> None:
     if cfg.train.sync_bn and not (cfg.use_gpu and torch.cuda.is_available()):
         raise ConfigError("train.sync_bn = True under torchrun needs GPUs (torch's SyncBatchNorm synchronises "
                           "CUDA tensors only); set train.sync_bn False on the CPU")
-    if cfg.train.fixbase_epoch > 0 and cfg.msgr.enabled and cfg.msgr.mode == "fast":
-        # fixbase freezes parameters, so DDP needs find_unused_parameters, with which fast
-        # mode's second forward loses its perturbation (measured: R_fd = 0, no R gradient)
-        raise ConfigError(f"train.fixbase_epoch = {cfg.train.fixbase_epoch} with msgr.mode = 'fast' is not "
-                          "supported under torchrun; set train.fixbase_epoch 0 or msgr.mode exact")
 
 
 def distribute_train_loader(dm, cfg) -> None:

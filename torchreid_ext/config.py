@@ -12,12 +12,15 @@ README. Loading differs from plain yacs in three ways:
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 from typing import Any, Iterable, List, Optional, Sequence
 
 import yaml
 from yacs.config import CfgNode as CN
+
+from .losses import registry as loss_registry
 
 __all__ = [
     "CN",
@@ -82,6 +85,9 @@ def get_default_config() -> CN:
     cfg.data.norm_std = [0.229, 0.224, 0.225]
     cfg.data.save_dir = "log"
     cfg.data.load_train_targets = False
+    # ours: images checked before training (data/checks.py): decode_test = query and gallery fully
+    # decoded (a truncated one would fail the final test), train headers; decode_all; header
+    cfg.data.image_check = "decode_test"
 
     cfg.market1501 = CN()
     cfg.market1501.use_500k_distractors = False
@@ -96,6 +102,9 @@ def get_default_config() -> CN:
     cfg.sampler.num_instances = 4
     cfg.sampler.num_cams = 1
     cfg.sampler.num_datasets = 1
+    # ours: train a ranking loss (triplet, drsl, sn) with a sampler that gives anchors no
+    # same-identity image (RandomSampler, ...); refused unless True
+    cfg.sampler.allow_batches_without_positives = False
 
     cfg.video = CN()
     cfg.video.seq_len = 15
@@ -138,30 +147,12 @@ def get_default_config() -> CN:
     cfg.adam.beta2 = 0.999
 
     # ---------------- upstream: loss ----------------
+    # One section per registered loss (torchreid_ext.losses.registry): upstream's softmax and
+    # triplet sections unchanged, ours (drsl, sn) and any added with register_loss.
     cfg.loss = CN()
-    cfg.loss.name = "softmax"  # softmax | triplet | drsl | sn
-    cfg.loss.softmax = CN()
-    cfg.loss.softmax.label_smooth = True
-    cfg.loss.triplet = CN()
-    cfg.loss.triplet.margin = 0.3
-    cfg.loss.triplet.weight_t = 1.0
-    cfg.loss.triplet.weight_x = 0.0
-    # ours: DRSL (METHOD.md D5)
-    cfg.loss.drsl = CN()
-    cfg.loss.drsl.tau_rel = 0.05
-    cfg.loss.drsl.lambda_sort = 1.0
-    cfg.loss.drsl.weight = 1.0
-    cfg.loss.drsl.weight_x = 1.0
-    cfg.loss.drsl.weight_t = 0.0
-    # ours: Support Neighbor loss (METHOD.md S4-S5: the authors train with SN alone)
-    cfg.loss.sn = CN()
-    cfg.loss.sn.alpha = 50.0
-    cfg.loss.sn.k = 10
-    cfg.loss.sn.weight_squeeze = 0.1
-    cfg.loss.sn.squeeze = "spread"  # spread | nearest
-    cfg.loss.sn.weight = 1.0
-    cfg.loss.sn.weight_x = 0.0
-    cfg.loss.sn.weight_t = 0.0
+    cfg.loss.name = "softmax"  # any registered loss: softmax | triplet | drsl | sn | ...
+    for spec in loss_registry.specs():
+        cfg.loss[spec.name] = CN(copy.deepcopy(dict(spec.defaults)))
 
     # ---------------- ours: MSGR (METHOD.md G) ----------------
     cfg.msgr = CN()
@@ -203,8 +194,6 @@ _SCALAR_OR_LIST = {"msgr.eps"}
 
 CHOICES = {
     "data.type": ("image",),
-    "loss.name": ("softmax", "triplet", "drsl", "sn"),
-    "loss.sn.squeeze": ("spread", "nearest"),
     "msgr.mode": ("exact", "fast"),
     "msgr.grad_of": ("sum", "mean"),
     "train.amp": ("none", "fp16", "bf16"),
@@ -212,6 +201,7 @@ CHOICES = {
     "test.dist_metric": ("euclidean", "cosine"),
     "model.msfl.direct_fuse": ("", "c45", "c2345"),
     "dist.backend": ("auto", "nccl", "gloo"),
+    "data.image_check": ("decode_test", "decode_all", "header"),
 }
 
 
@@ -231,8 +221,11 @@ def flat_keys(node: CN, prefix: str = "") -> List[str]:
     return keys
 
 
-def _unknown_key(full_key: str, cfg: CN, where: str) -> ConfigError:
-    valid = flat_keys(cfg) + list(_all_section_keys(cfg))
+def _unknown_key(full_key: str, cfg: CN, where: str, section: bool = False) -> ConfigError:
+    """Unknown ``full_key``, with the closest valid name: a section for a ``section`` (a YAML
+    mapping), else a key or a section."""
+    sections = list(_all_section_keys(cfg))
+    valid = sections if section else flat_keys(cfg) + sections
     close = difflib.get_close_matches(full_key, valid, n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return ConfigError(f"Unknown config key '{full_key}'{where}{hint}")
@@ -287,7 +280,7 @@ def merge_dict(cfg: CN, data: dict, where: str = "", _prefix: str = "", _root: O
     for key, value in data.items():
         full_key = f"{_prefix}{key}"
         if key not in cfg:
-            raise _unknown_key(full_key, root, where)
+            raise _unknown_key(full_key, root, where, section=isinstance(value, dict))
         if isinstance(cfg[key], CN):
             if not isinstance(value, dict):
                 raise ConfigError(
@@ -303,6 +296,8 @@ def _read_yaml_with_bases(path: str, seen: Sequence[str] = ()) -> List[tuple]:
     path = os.path.abspath(os.path.expanduser(path))
     if path in seen:
         raise ConfigError(f"Config inheritance cycle: {' -> '.join(list(seen) + [path])}")
+    if os.path.isdir(path):
+        raise ConfigError(f"Config file '{path}' is a folder, not a YAML file; name a .yaml file in it")
     if not os.path.isfile(path):
         raise ConfigError(f"Config file '{path}' does not exist")
     with open(path, "r") as f:
@@ -315,6 +310,11 @@ def _read_yaml_with_bases(path: str, seen: Sequence[str] = ()) -> List[tuple]:
     bases = data.pop(BASE_KEY, None) or []
     if isinstance(bases, str):
         bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(
+            f"{BASE_KEY} in '{path}' must be a file path or a list of paths (relative to the file), "
+            f"got {bases!r}"
+        )
     chain: List[tuple] = []
     for base in bases:
         base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
@@ -393,29 +393,99 @@ def validate_config(cfg: CN) -> None:
         sec, key = name.split(".")
         if cfg[sec][key] < (0 if key == "max_epoch" else 1):
             raise ConfigError(f"{name} = {cfg[sec][key]} must be positive")
+    for key in ("height", "width"):
+        if cfg.data[key] < 1:
+            raise ConfigError(f"data.{key} = {cfg.data[key]} is not valid; the input image {key} must be >= 1 pixel")
+    if not cfg.train.lr >= 0:
+        raise ConfigError(f"train.lr = {cfg.train.lr} is not valid; the learning rate must be >= 0")
+    if any(isinstance(e, bool) or not isinstance(e, (int, float)) or not e >= 0 for e in cfg.msgr.eps):
+        raise ConfigError(f"msgr.eps = {list(cfg.msgr.eps)} is not valid; every eps must be a number >= 0 "
+                          "(checked whether or not msgr.enabled)")
+    if any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in cfg.test.ranks):
+        raise ConfigError(f"test.ranks = {list(cfg.test.ranks)} is not valid; ranks are integers >= 1 "
+                          "(Rank-1 is the top match)")
+    k = cfg.sampler.num_instances
+    if k < 1:
+        raise ConfigError(f"sampler.num_instances = {k} is not valid; it must be >= 1 (the images per "
+                          "identity in a RandomIdentitySampler batch)")
     if cfg.sampler.train_sampler == "RandomIdentitySampler":
-        bs, k = cfg.train.batch_size, cfg.sampler.num_instances
-        if k < 1 or bs % k:
+        bs = cfg.train.batch_size
+        if bs % k:
             raise ConfigError(
                 f"train.batch_size = {bs} is not divisible by sampler.num_instances = {k}; "
                 "RandomIdentitySampler draws batch_size / num_instances identities with "
-                f"num_instances images each (e.g. batch_size {max(k, 1) * max(bs // max(k, 1), 1)})"
+                f"num_instances images each (e.g. batch_size {k * max(bs // k, 1)})"
             )
+    if cfg.train.fixbase_epoch > 0 and cfg.msgr.enabled and cfg.msgr.mode == "fast" and _env_world_size() > 1:
+        # fixbase freezes parameters, so DDP needs find_unused_parameters, with which fast
+        # mode's second forward loses its perturbation (measured: R_fd = 0, no R gradient)
+        raise ConfigError(f"train.fixbase_epoch = {cfg.train.fixbase_epoch} with msgr.mode = 'fast' is not "
+                          "supported under torchrun; set train.fixbase_epoch 0 or msgr.mode exact")
     _validate_scale_out(cfg)
+    _validate_losses(cfg)
+
+
+def _env_world_size() -> int:
+    from .distributed import env_world_size
+
+    return env_world_size()
+
+
+# Train samplers that put several images of each identity in a batch (positives for ranking losses).
+IDENTITY_SAMPLERS = ("RandomIdentitySampler",)
+
+
+def _validate_losses(cfg: CN) -> None:
+    """``loss.name`` is registered; every loss section passes its loss's constructor checks
+    (whichever loss is selected); the selected loss's weights, batch size and sampler fit."""
+    names = loss_registry.loss_names()
+    name = cfg.loss.name
+    if name not in names:
+        raise ConfigError(f"loss.name = {name!r} is not valid; choose one of {names}")
+    if name not in cfg.loss:
+        raise ConfigError(f"loss.name = {name!r} was registered after this config was built (it has no "
+                          f"loss.{name} section); call register_loss before get_default_config / load_config")
+    try:
+        for spec in loss_registry.specs():
+            if spec.name in cfg.loss:
+                section = cfg.loss[spec.name]
+                loss_registry.check_loss_weights(loss_registry.section_weights(spec.name, section),
+                                                 require_positive=False)
+                if spec.builder is not None:
+                    loss_registry.build_loss(spec.name, section)
+        weight_x, terms = loss_registry.loss_terms(cfg)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     # upstream's check_cfg: with no ID-loss term the classifier gets no gradient
-    weight_x = {
-        "softmax": 1.0,
-        "triplet": cfg.loss.triplet.weight_x,
-        "drsl": cfg.loss.drsl.weight_x,
-        "sn": cfg.loss.sn.weight_x,
-    }[cfg.loss.name]
     if weight_x == 0 and cfg.train.fixbase_epoch > 0:
         raise ConfigError(
             f"train.fixbase_epoch = {cfg.train.fixbase_epoch} trains only "
-            f"{list(cfg.train.open_layers)} at first, but loss '{cfg.loss.name}' has no "
-            "cross-entropy term (weight_x = 0), so the classifier gets no gradient; "
+            f"{list(cfg.train.open_layers)} at first, but loss '{name}' has no "
+            f"cross-entropy term (loss.{name}.weight_x = 0), so the classifier gets no gradient; "
             "set train.fixbase_epoch 0 or a positive weight_x"
         )
+    ranking = [t for t in terms if loss_registry.get_loss(t).needs_positives]
+    sampler = cfg.sampler.train_sampler
+    if ranking and sampler not in IDENTITY_SAMPLERS and not cfg.sampler.allow_batches_without_positives:
+        raise ConfigError(
+            f"loss.name = '{name}' trains ranking term(s) {ranking}, which need images of the same "
+            f"identity in each batch, but sampler.train_sampler = '{sampler}' does not put them there "
+            "(anchors without a positive are skipped); set sampler.train_sampler RandomIdentitySampler "
+            "(sampler.num_instances images per identity), or sampler.allow_batches_without_positives True "
+            "to train this way anyway"
+        )
+    batch = cfg.train.batch_size
+    if cfg.dist.gather_features and _env_world_size() > 1:
+        batch *= _env_world_size()  # the losses see every rank's batch
+    for term in terms:
+        rule = loss_registry.get_loss(term).min_batch_size
+        if rule is None:
+            continue
+        need, why = rule(cfg.loss[term])
+        if batch < need:
+            seen = "" if batch == cfg.train.batch_size else f" ({batch} over all ranks with dist.gather_features)"
+            raise ConfigError(f"train.batch_size = {cfg.train.batch_size}{seen} is too small: {why}, "
+                              f"i.e. a batch of at least {need} images")
 
 
 def _validate_scale_out(cfg: CN) -> None:

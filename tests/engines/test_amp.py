@@ -108,8 +108,6 @@ def test_fp16_on_cpu_is_refused(tiny):
 @pytest.mark.parametrize("overrides, pattern", [
     ({"sampler.train_sampler": "RandomDomainSampler"}, r"RandomDomainSampler' has no distributed form"),
     ({"train.sync_bn": True, "use_gpu": False}, r"train\.sync_bn = True under torchrun needs GPUs"),
-    ({"train.fixbase_epoch": 1, "msgr.enabled": True, "msgr.mode": "fast"},
-     r"train\.fixbase_epoch = 1 with msgr\.mode = 'fast' is not supported under torchrun"),
 ])
 def test_torchrun_only_checks_fail_before_anything_is_written(tiny, tmp_path, monkeypatch, overrides, pattern):
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -118,3 +116,15 @@ def test_torchrun_only_checks_fail_before_anything_is_written(tiny, tmp_path, mo
     with pytest.raises(ConfigError, match=pattern):
         cli.run(cfg)
     assert not save.exists()
+
+
+def test_torchrun_fixbase_with_msgr_fast_is_refused_by_load_config(tiny, monkeypatch):
+    """A cross-key rule of validate_config: load_config + build_engine users get it too."""
+    from torchreid_ext.config import load_config
+
+    opts = tiny(**{"train.fixbase_epoch": 1, "msgr.enabled": True, "msgr.mode": "fast"})
+    load_config(None, opts)  # one process: allowed
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"train\.fixbase_epoch = 1 with msgr\.mode = 'fast' is not supported "
+                                          r"under torchrun"):
+        load_config(None, opts)

@@ -6,7 +6,7 @@ import torch
 from tensor_probe import LargestTensor
 from torchreid_ext.adapter import torchreid
 from torchreid_ext.config import get_default_config
-from torchreid_ext.losses import METRIC_LOSSES, DRSLoss, build_metric_loss, drsl_loss
+from torchreid_ext.losses import DRSLoss, build_metric_loss, drsl_loss, loss_names
 
 
 def pk_labels(p, k):
@@ -281,12 +281,14 @@ def test_build_metric_loss():
     cfg.loss.triplet.margin = 0.7
     cfg.loss.drsl.tau_rel, cfg.loss.drsl.lambda_sort = 0.1, 0.5
     cfg.loss.sn.alpha, cfg.loss.sn.k, cfg.loss.sn.weight_squeeze, cfg.loss.sn.squeeze = 20.0, 5, 0.2, "nearest"
-    assert sorted(METRIC_LOSSES) == ["drsl", "sn", "triplet"]
+    assert loss_names()[:4] == ["softmax", "triplet", "drsl", "sn"]
     triplet = build_metric_loss("triplet", cfg)
     assert isinstance(triplet, torchreid().losses.TripletLoss) and triplet.margin == 0.7
     drsl = build_metric_loss("drsl", cfg)
     assert (drsl.tau_rel, drsl.lambda_sort) == (0.1, 0.5)
     sn = build_metric_loss("sn", cfg)
     assert (sn.alpha, sn.k, sn.weight_squeeze, sn.squeeze) == (20.0, 5, 0.2, "nearest")
-    with pytest.raises(KeyError, match=r"'arcface'.*\['drsl', 'sn', 'triplet'\]"):
+    with pytest.raises(KeyError, match=r"'arcface'.*\['softmax', 'triplet', 'drsl', 'sn'"):
         build_metric_loss("arcface", cfg)
+    with pytest.raises(ValueError, match=r"softmax.*cross-entropy only"):
+        build_metric_loss("softmax", cfg)

@@ -2,46 +2,33 @@
 
     engine = torchreid_ext.build_engine(cfg, datamanager, model, optimizer, scheduler)
 
-``cfg.loss.name`` picks the loss terms (softmax, triplet, drsl, sn; METHOD.md D5, S4)
-and ``cfg.msgr.enabled`` wraps them in the MSGR engine (METHOD.md G). ``train.amp``,
+``cfg.loss.name`` picks the loss terms from the loss registry (softmax, triplet, drsl, sn,
+or one added with :func:`torchreid_ext.losses.register_loss`; docs/methods.md D5, S4)
+and ``cfg.msgr.enabled`` wraps them in the MSGR engine (docs/methods.md G). Without a config,
+:class:`ImageDRSLEngine` / :class:`ImageSNEngine` take the constructor arguments of
+Torchreid's ``ImageTripletEngine``. ``train.amp``,
 ``train.channels_last``, ``train.seed`` (per-epoch reseeding) and ``dist.gather_features``
 are passed on; wrapping the model in DDP / SyncBatchNorm is the caller's (``cli.run``).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
+from ..losses import build_loss_terms
 from .base import ReIDEngine
-from .metric import ImageMetricEngine
+from .metric import ImageDRSLEngine, ImageMetricEngine, ImageSNEngine
 
-__all__ = ["ReIDEngine", "ImageMetricEngine", "build_engine", "loss_weights", "NotAvailableYet"]
+__all__ = ["ReIDEngine", "ImageMetricEngine", "ImageDRSLEngine", "ImageSNEngine", "build_engine",
+           "NotAvailableYet"]
 
 
 class NotAvailableYet(NotImplementedError):
     """A configured feature is planned but not built in this version."""
 
 
-def loss_weights(cfg) -> Tuple[float, Dict[str, float]]:
-    """(weight of cross-entropy, {metric loss name: weight}) for ``cfg.loss.name``."""
-    name = cfg.loss.name
-    if name == "softmax":
-        return 1.0, {}
-    if name == "triplet":
-        return cfg.loss.triplet.weight_x, {"triplet": cfg.loss.triplet.weight_t}
-    if name in ("drsl", "sn"):
-        sec = cfg.loss[name]
-        return sec.weight_x, {name: sec.weight, "triplet": sec.weight_t}
-    raise ValueError(f"loss.name = {name!r}; choose one of ['softmax', 'triplet', 'drsl', 'sn']")
-
-
 def build_engine(cfg, datamanager, model, optimizer, scheduler=None, run_info: Optional[Dict[str, Any]] = None):
-    """The engine ``cfg`` asks for, with its losses built from ``cfg.loss``."""
-    weight_x, weights = loss_weights(cfg)
-    metric_losses = {}
-    if any(w > 0 for w in weights.values()):
-        from ..losses import build_metric_loss
-
-        metric_losses = {n: (w, build_metric_loss(n, cfg)) for n, w in weights.items() if w > 0}
+    """The engine ``cfg`` asks for, with its loss terms built from ``cfg.loss`` (registry)."""
+    weight_x, metric_losses = build_loss_terms(cfg)
     kwargs = dict(
         use_gpu=cfg.use_gpu,
         weight_x=weight_x,

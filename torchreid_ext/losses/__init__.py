@@ -1,49 +1,110 @@
-"""Metric losses on the embedding, each called ``loss(features, targets)`` -> scalar tensor.
+"""Losses: the registry of ``loss.name`` choices and our metric losses.
 
-``build_metric_loss(name, cfg)`` builds one from ``cfg.loss``: 'triplet' (Torchreid's TripletLoss),
-'drsl' (METHOD.md D), 'sn' (METHOD.md S). The engine logs each loss's ``last_stats``.
+Every metric loss is called ``loss(features, targets)`` -> scalar tensor (:class:`MetricLoss`);
+the engine logs each loss's ``last_stats``. Built in: ``softmax`` (cross-entropy alone),
+``triplet`` (Torchreid's ``TripletLoss``, upstream's config section), ``drsl``
+(:class:`DRSLoss`, docs/methods.md D) and ``sn`` (:class:`SupportNeighborLoss`, docs/methods.md S).
+Add one with :func:`register_loss` (see :mod:`torchreid_ext.losses.registry`).
+
+``TORCHREID_EXT_LOSSES=module[,module...]`` in the environment: those modules are imported when
+this package is (``import torchreid_ext`` imports it), so the losses they register exist in every
+process that imports torchreid_ext: ``scripts/main.py``, each run of ``scripts/compare.py``, each
+torchrun rank.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
+import importlib
+import os
 
 import torch.nn as nn
 
 from ..adapter import torchreid
+from .base import BaseMetricLoss, MetricLoss
 from .drsl import DRSLoss, drsl_loss
+from .registry import (
+    LossSpec,
+    UnknownLossError,
+    _add,
+    build_loss,
+    build_loss_terms,
+    check_loss_weights,
+    get_loss,
+    loss_names,
+    register_loss,
+    unregister_loss,
+)
 from .sn import SupportNeighborLoss, support_neighbor_loss
 
 __all__ = [
+    "MetricLoss",
+    "BaseMetricLoss",
     "DRSLoss",
     "SupportNeighborLoss",
     "drsl_loss",
     "support_neighbor_loss",
-    "METRIC_LOSSES",
+    "LossSpec",
+    "UnknownLossError",
+    "register_loss",
+    "unregister_loss",
+    "get_loss",
+    "loss_names",
+    "build_loss",
+    "build_loss_terms",
     "build_metric_loss",
+    "check_loss_weights",
 ]
 
 
-def _triplet(cfg) -> nn.Module:
-    return torchreid().losses.TripletLoss(margin=cfg.loss.triplet.margin)
+def _triplet(section) -> nn.Module:
+    return torchreid().losses.TripletLoss(margin=section.margin)
 
 
-def _drsl(cfg) -> nn.Module:
-    sec = cfg.loss.drsl
-    return DRSLoss(tau_rel=sec.tau_rel, lambda_sort=sec.lambda_sort)
+def _drsl(section) -> nn.Module:
+    return DRSLoss(tau_rel=section.tau_rel, lambda_sort=section.lambda_sort)
 
 
-def _sn(cfg) -> nn.Module:
-    sec = cfg.loss.sn
-    return SupportNeighborLoss(alpha=sec.alpha, k=sec.k, weight_squeeze=sec.weight_squeeze, squeeze=sec.squeeze)
+def _sn(section) -> nn.Module:
+    return SupportNeighborLoss(
+        alpha=section.alpha, k=section.k, weight_squeeze=section.weight_squeeze, squeeze=section.squeeze
+    )
 
 
-METRIC_LOSSES: Dict[str, Callable[..., nn.Module]] = {"triplet": _triplet, "drsl": _drsl, "sn": _sn}
+def _sn_min_batch(section):
+    # docs/methods.md S4: the support set needs k neighbours and one more image beyond them
+    return int(section.k) + 2, f"the Support Neighbor loss needs batch_size - 1 >= k + 1 (loss.sn.k = {section.k})"
+
+
+# Cross-entropy alone: no metric term, the model returns logits only.
+_add(LossSpec("softmax", None, {"label_smooth": True}, term_key=None, ce_key=None, triplet_key=None,
+              needs_positives=False))
+# Upstream Torchreid's section, unchanged: its term is weighted by weight_t, CE by weight_x.
+_add(LossSpec("triplet", _triplet, {"margin": 0.3, "weight_t": 1.0, "weight_x": 0.0},
+              term_key="weight_t", triplet_key=None, summary_name="loss_t"))
+# docs/methods.md D5: CE + DRSL by default.
+register_loss("drsl", _drsl, {"tau_rel": 0.05, "lambda_sort": 1.0})
+# docs/methods.md S4-S5: the authors train with SN alone (weight_x 0).
+register_loss("sn", _sn, {"alpha": 50.0, "k": 10, "weight_squeeze": 0.1, "squeeze": "spread", "weight_x": 0.0},
+              min_batch_size=_sn_min_batch)
 
 
 def build_metric_loss(name: str, cfg) -> nn.Module:
-    """The metric loss ``name`` ('triplet', 'drsl', 'sn') configured from ``cfg.loss.<name>``."""
-    try:
-        builder = METRIC_LOSSES[name]
-    except KeyError:
-        raise KeyError(f"unknown metric loss {name!r}; valid names: {sorted(METRIC_LOSSES)}") from None
-    return builder(cfg)
+    """The metric loss ``name`` configured from ``cfg.loss.<name>`` (a whole config)."""
+    get_loss(name)  # an unknown name: the registry's error, listing the registered ones
+    return build_loss(name, cfg.loss[name])
+
+
+PLUGINS_ENV = "TORCHREID_EXT_LOSSES"
+
+
+def _import_plugins() -> None:
+    """Import the modules named in ``$TORCHREID_EXT_LOSSES`` (comma separated)."""
+    for module in (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",")):
+        if not module:
+            continue
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ImportError(f"{PLUGINS_ENV} names module '{module}', which cannot be imported: {exc}") from exc
+
+
+_import_plugins()

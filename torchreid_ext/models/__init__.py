@@ -12,6 +12,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch.nn as nn
 
 from ..adapter import torchreid
+from ..losses import get_loss
 
 __all__ = [
     "MODELS",
@@ -65,9 +66,9 @@ def build_model(
 ) -> nn.Module:
     """Build one of our models (with options) or a Torchreid model (options not allowed).
 
-    Torchreid's own models know only ``loss='softmax'`` and ``'triplet'``; for the
-    metric losses they are built with ``'triplet'`` so that training mode returns
-    ``(logits, features)``.
+    ``loss`` is a registered loss name (:mod:`torchreid_ext.losses.registry`). Torchreid's own
+    models know only ``loss='softmax'`` and ``'triplet'``; for every loss whose model must return
+    features they are built with ``'triplet'``, so that training mode returns ``(logits, features)``.
     """
     if name in MODELS:
         return MODELS[name](
@@ -80,7 +81,7 @@ def build_model(
         )
     if kwargs:
         raise TypeError(f"Torchreid model '{name}' takes no extra options, got {sorted(kwargs)}")
-    tr_loss = "softmax" if loss == "softmax" else "triplet"
+    tr_loss = "triplet" if get_loss(loss).needs_features else "softmax"
     return factory[name](
         num_classes=num_classes, loss=tr_loss, pretrained=pretrained, use_gpu=use_gpu
     )

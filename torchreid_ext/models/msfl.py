@@ -40,19 +40,18 @@ import torchvision
 from torchvision.models.resnet import Bottleneck
 from torchvision.ops.misc import Conv2dNormActivation
 
+from ..losses import get_loss, loss_names
 from . import register_model
 
 __all__ = [
     "MSFLResNet50",
     "BackboneWeightsError",
-    "LOSSES",
     "load_backbone_weights",
     "resnet50_bnfc512",
     "msfl_resnet50_csip",
     "msfl_resnet50",
 ]
 
-LOSSES = ("softmax", "triplet", "drsl", "sn")
 BACKBONE = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
 STAGES = ("layer1", "layer2", "layer3", "layer4")  # outputs C2, C3, C4, C5 (M1)
 STAGE_CHANNELS = {2: 256, 3: 512, 4: 1024, 5: 2048}
@@ -87,8 +86,8 @@ class MSFLResNet50(nn.Module):
         embedding_dim: int = 512,
     ) -> None:
         super().__init__()
-        if loss not in LOSSES:
-            raise ValueError(f"Unsupported loss '{loss}'; valid losses: {', '.join(LOSSES)}")
+        if loss not in loss_names():  # the registered losses (torchreid_ext.losses.registry)
+            raise ValueError(f"Unsupported loss '{loss}'; valid losses: {', '.join(loss_names())}")
         self.loss = loss
         self.pyramid = bool(pyramid)
         if self.pyramid:  # validate the switches before building anything
@@ -182,15 +181,14 @@ class MSFLResNet50(nn.Module):
         return out
 
     def _outputs(self, f: torch.Tensor) -> Output:
-        """Eval: f (B x D). Train: logits for 'softmax', else (logits, f) (M4, M8)."""
+        """Eval: f (B x D). Train: logits for a loss without features (softmax), else (logits, f)
+        (M4, M8)."""
         if not self.training:
             return f
         logits = self.classifier(f)
-        if self.loss == "softmax":
-            return logits
-        if self.loss in LOSSES:
-            return logits, f
-        raise KeyError(f"Unsupported loss '{self.loss}'; valid losses: {', '.join(LOSSES)}")
+        if self.loss not in loss_names():
+            raise KeyError(f"Unsupported loss '{self.loss}'; valid losses: {', '.join(loss_names())}")
+        return (logits, f) if get_loss(self.loss).needs_features else logits
 
 
 def _conv_bn(in_ch: int, out_ch: int, kernel: int) -> nn.Module:

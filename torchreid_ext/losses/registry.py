@@ -1,0 +1,233 @@
+"""The loss registry: every ``loss.name`` a config can choose, and what each one needs.
+
+One entry (:class:`LossSpec`) per loss says: its name; its builder (``builder(section)`` gets
+``cfg.loss.<name>`` and returns a :class:`~torchreid_ext.losses.base.MetricLoss`, or is ``None``
+for cross-entropy alone); its config section with defaults; which keys of that section weight
+which terms; whether the model must return features in training mode; whether the batch must
+hold positives (same-identity pairs); and the smallest batch it accepts. The config
+(``get_default_config``, ``validate_config``), the engines (``build_engine``) and the models
+(what training mode returns) all read this registry, so a loss registered here, after
+``import torchreid_ext`` and before the config is built, works everywhere ``loss.name`` does.
+
+Terms of ``loss.name = N`` (section ``s = cfg.loss.N``): cross-entropy weighted by ``s.weight_x``
+(1 for ``softmax``), N's own term weighted by ``s.weight`` (``s.weight_t`` for ``triplet``, whose
+section is upstream Torchreid's), and Torchreid's triplet loss (margin ``loss.triplet.margin``)
+weighted by ``s.weight_t``. A weight of 0 turns a term off.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+import torch.nn as nn
+
+__all__ = [
+    "LossSpec",
+    "UnknownLossError",
+    "WEIGHT_DEFAULTS",
+    "register_loss",
+    "unregister_loss",
+    "get_loss",
+    "loss_names",
+    "specs",
+    "build_loss",
+    "build_loss_terms",
+    "check_loss_weights",
+    "section_weights",
+    "loss_terms",
+]
+
+logger = logging.getLogger(__name__)
+
+Builder = Callable[[Any], nn.Module]
+# (smallest batch the loss accepts, why: a phrase naming the config keys it depends on)
+MinBatch = Callable[[Any], Tuple[int, str]]
+
+# The usual weight keys of a section and their defaults (``defaults`` may override them).
+WEIGHT_DEFAULTS: Dict[str, float] = {"weight": 1.0, "weight_x": 1.0, "weight_t": 0.0}
+_VALUE_TYPES = (bool, int, float, str, list, tuple)
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """One registered loss (see the module docstring for the meaning of the weight keys)."""
+
+    name: str
+    builder: Optional[Builder]
+    defaults: Mapping[str, Any]  # the whole config section cfg.loss.<name>, in order
+    term_key: Optional[str] = "weight"  # weights this loss's own term
+    ce_key: Optional[str] = "weight_x"  # weights cross-entropy (None: weight 1)
+    triplet_key: Optional[str] = "weight_t"  # weights an added Torchreid triplet term
+    needs_positives: bool = True  # anchors need a same-identity image in the batch
+    summary_name: str = ""  # loss-summary key of its term; default 'loss_<name>'
+    min_batch_size: Optional[MinBatch] = None
+
+    @property
+    def needs_features(self) -> bool:
+        """The model must return ``(logits, features)`` in training mode (Torchreid's
+        ``loss='triplet'`` convention) rather than logits only."""
+        return self.builder is not None
+
+    @property
+    def weight_keys(self) -> Tuple[str, ...]:
+        return tuple(k for k in (self.term_key, self.ce_key, self.triplet_key) if k)
+
+    @property
+    def summary_key(self) -> str:
+        return self.summary_name or f"loss_{self.name}"
+
+    def weights(self, section) -> Tuple[float, Dict[str, float]]:
+        """(cross-entropy weight, {term loss name: weight}) read from ``section``."""
+        weight_x = float(section[self.ce_key]) if self.ce_key else 1.0
+        terms: Dict[str, float] = {}
+        if self.term_key:
+            terms[self.name] = float(section[self.term_key])
+        if self.triplet_key:
+            terms["triplet"] = float(section[self.triplet_key])
+        return weight_x, terms
+
+
+class UnknownLossError(KeyError):
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0])
+
+
+_REGISTRY: Dict[str, LossSpec] = {}
+_BUILTIN = ("softmax", "triplet", "drsl", "sn")
+
+
+def _same_builder(a: Optional[Builder], b: Optional[Builder]) -> bool:
+    if a is b:
+        return True
+    key = lambda f: (getattr(f, "__module__", None), getattr(f, "__qualname__", None))  # noqa: E731
+    return a is not None and b is not None and key(a) == key(b)
+
+
+def _section_defaults(name: str, defaults: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """``defaults`` (checked), then the usual weight keys (their defaults unless given)."""
+    defaults = dict(defaults or {})
+    for key, value in defaults.items():
+        if not isinstance(key, str) or not key.isidentifier():
+            raise ValueError(f"loss '{name}': default key {key!r} must be a name (letters, digits, _)")
+        if not isinstance(value, _VALUE_TYPES):
+            raise TypeError(
+                f"loss '{name}': default {key} = {value!r} has type {type(value).__name__}; config values "
+                "must be bool, int, float, str or a list of them"
+            )
+    section = {k: v for k, v in defaults.items() if k not in WEIGHT_DEFAULTS}
+    for key, value in WEIGHT_DEFAULTS.items():
+        section[key] = float(defaults.get(key, value))
+    return section
+
+
+def _add(spec: LossSpec) -> LossSpec:
+    current = _REGISTRY.get(spec.name)
+    if current is not None and not _same_builder(current.builder, spec.builder):
+        raise ValueError(
+            f"loss name '{spec.name}' is already registered (builder {current.builder!r}); "
+            "choose another name or unregister_loss it first"
+        )
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def register_loss(
+    name: str,
+    builder: Builder,
+    defaults: Optional[Mapping[str, Any]] = None,
+    *,
+    needs_positives: bool = True,
+    min_batch_size: Optional[MinBatch] = None,
+) -> LossSpec:
+    """Make ``loss.name <name>`` select ``builder(cfg.loss.<name>)`` as the metric-loss term.
+
+    ``defaults`` seeds the config section ``loss.<name>`` beside the usual keys ``weight`` (this
+    loss's term, default 1), ``weight_x`` (cross-entropy, default 1) and ``weight_t`` (an added
+    Torchreid triplet term, default 0); it may override those too. Register before building the
+    config (``get_default_config`` / ``load_config``): the section is created there.
+    ``needs_positives=False`` for a loss that needs no same-identity pairs in the batch (then any
+    sampler is allowed); ``min_batch_size(section) -> (n, why)`` for a loss that needs batches of
+    at least ``n`` images (checked against ``train.batch_size`` before training).
+    """
+    if not isinstance(name, str) or not name.isidentifier() or name == "name":
+        raise ValueError(f"loss name {name!r} must be a Python identifier other than 'name'")
+    if not callable(builder):
+        raise TypeError(f"loss '{name}': builder must be callable(section) -> module, got {builder!r}")
+    if name in _BUILTIN and name in _REGISTRY and not _same_builder(_REGISTRY[name].builder, builder):
+        raise ValueError(f"loss name '{name}' is built in; register yours under another name")
+    spec = LossSpec(
+        name=name, builder=builder, defaults=_section_defaults(name, defaults),
+        needs_positives=bool(needs_positives), min_batch_size=min_batch_size,
+    )
+    return _add(spec)
+
+
+def unregister_loss(name: str) -> None:
+    """Remove a loss added with :func:`register_loss` (built-in losses stay)."""
+    if name in _BUILTIN:
+        raise ValueError(f"loss '{name}' is built in and cannot be unregistered")
+    _REGISTRY.pop(name, None)
+
+
+def loss_names() -> List[str]:
+    """Every registered name, in registration order (built-in ones first)."""
+    return list(_REGISTRY)
+
+
+def specs() -> List[LossSpec]:
+    """Every registered loss, in registration order."""
+    return list(_REGISTRY.values())
+
+
+def get_loss(name: str) -> LossSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownLossError(f"unknown loss {name!r}; registered losses: {loss_names()}") from None
+
+
+def build_loss(name: str, section) -> nn.Module:
+    """The module of loss ``name`` built from its section ``cfg.loss.<name>``."""
+    spec = get_loss(name)
+    if spec.builder is None:
+        raise ValueError(f"loss '{name}' is cross-entropy only; it has no metric-loss module")
+    try:
+        return spec.builder(section)
+    except ValueError as exc:  # a constructor's value check: say which section
+        raise ValueError(f"loss.{name}: {exc}") from exc
+
+
+def check_loss_weights(weights: Mapping[str, float], require_positive: bool = True) -> None:
+    """Every weight >= 0 (0 turns a term off) and, with ``require_positive``, at least one > 0;
+    ``weights`` maps the name to show in the message (a config key or an argument) to the value."""
+    for key, value in weights.items():
+        if not float(value) >= 0:
+            raise ValueError(f"{key} = {value} must be >= 0 (0 turns its term off)")
+    if require_positive and not any(float(value) > 0 for value in weights.values()):
+        listed = ", ".join(f"{k} = {v}" for k, v in weights.items())
+        raise ValueError(f"no loss term has a positive weight ({listed}); set at least one > 0")
+
+
+def section_weights(name: str, section) -> Dict[str, float]:
+    """{'loss.<name>.<key>': value} for the weight keys of loss ``name``'s section."""
+    spec = get_loss(name)
+    return {f"loss.{name}.{key}": float(section[key]) for key in spec.weight_keys}
+
+
+def loss_terms(cfg) -> Tuple[float, Dict[str, float]]:
+    """(cross-entropy weight, {term name: weight}) of ``cfg.loss.name``, weights checked
+    (ValueError naming the config key); terms with weight 0 are left out."""
+    name = cfg.loss.name
+    spec = get_loss(name)
+    keyed = section_weights(name, cfg.loss[name])
+    check_loss_weights(keyed if keyed else {"cross-entropy (loss.name softmax)": 1.0})
+    weight_x, terms = spec.weights(cfg.loss[name])
+    return weight_x, {term: w for term, w in terms.items() if w > 0}
+
+
+def build_loss_terms(cfg) -> Tuple[float, Dict[str, Tuple[float, nn.Module]]]:
+    """(cross-entropy weight, {term name: (weight, module)}) for ``cfg.loss.name``: the loss
+    terms a run trains with. Raises ValueError naming the config key of a bad value."""
+    weight_x, terms = loss_terms(cfg)
+    return weight_x, {term: (w, build_loss(term, cfg.loss[term])) for term, w in terms.items()}
