@@ -164,6 +164,7 @@ def get_default_config() -> CN:
     cfg.msgr.squared = False
     cfg.msgr.grad_of = "sum"  # sum | mean
     cfg.msgr.fast_h = 0.0  # G5 step (delta = h*eps*v/B); <= 0: auto (largest stage perturbation 3e-6 of the stage output)
+    cfg.msgr.interval = 1  # lazy MSGR: R with weight N on every N-th step, plain steps between (1: every step)
 
     # ---------------- ours: distributed ----------------
     cfg.dist = CN()
@@ -381,6 +382,9 @@ def validate_config(cfg: CN) -> None:
     q = cfg.msgr.q
     if q not in (1.0, 2.0, float("inf")):
         raise ConfigError(f"msgr.q = {q!r} is not valid; choose one of [1, 2, inf]")
+    if cfg.msgr.interval < 1:
+        raise ConfigError(f"msgr.interval = {cfg.msgr.interval} is not valid; apply R every N-th step with an "
+                          "integer N >= 1 (1: every step)")
     if cfg.msgr.enabled:
         if not cfg.msgr.stages:
             raise ConfigError("msgr.stages is empty; name at least one module, e.g. ['layer1']")

@@ -33,6 +33,7 @@ __all__ = [
     "main_first",
     "all_gather_tensor",
     "all_gather_with_grad",
+    "unwrap_model",
 ]
 
 BACKENDS = ("auto", "nccl", "gloo")
@@ -131,3 +132,10 @@ def all_gather_with_grad(t: torch.Tensor) -> torch.Tensor:
     parts = list(all_gather_tensor(t.detach()).split(t.shape[0]))
     parts[dist.get_rank()] = t
     return torch.cat(parts)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DataParallel / DistributedDataParallel wrappers (``.module``)."""
+    while isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+        model = model.module
+    return model

@@ -44,7 +44,7 @@ from ..checkpoint import (
     save_checkpoint,
     seed_epoch,
 )
-from ..msgr import unwrap_model
+from ..distributed import unwrap_model
 
 __all__ = ["ReIDEngine", "EvalOptions", "AMP_DTYPES", "write_json_atomic"]
 

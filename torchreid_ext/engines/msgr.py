@@ -1,4 +1,4 @@
-"""MSGREngine: ImageMetricEngine's losses plus the multi-scale gradient regulariser (METHOD.md G).
+"""MSGREngine: ImageMetricEngine's losses plus the multi-scale gradient regulariser (docs/methods.md G).
 
 Each step minimises L_mean + R, R = sum_s eps_s * mean_i ||dL_grad/dx_{s,i}||_q over the
 outputs x_s of the modules named in ``stages`` (G2), with the loss terms of
@@ -6,46 +6,70 @@ outputs x_s of the modules named in ``stages`` (G2), with the loss terms of
 one forward with the stage outputs captured by forward hooks, ``autograd.grad(...,
 create_graph=True)``, one backward of L_mean + R. ``mode='fast'`` (G5, ours): one more forward
 with a first-order adversarial perturbation of every stage, no double backward; see
-:mod:`torchreid_ext.msgr` for the construction and its numerics.
+:mod:`torchreid_ext.msgr.step` for the construction and its numerics.
+
+Lazy MSGR (``interval`` N, ours after the lazy regularisation of Karras et al., StyleGAN2,
+CVPR 2020): R is applied on every N-th step with weight N (L_mean + N * R) and the other steps
+are plain steps of the base losses, so R keeps its average weight at about 1/N of its cost.
+The choice comes from the global step index ``epoch * num_batches + batch_idx`` (Torchreid's
+``Engine.train`` sets them): the same on every DDP rank, and a resumed run makes the choices
+of an uninterrupted one.
 
 Stage names are module paths: Torchreid's ResNets and our ``resnet50_bnfc512`` /
 ``msfl_resnet50`` use ``layer1``..``layer4`` (C2..C5; the paper regularises layer1 and layer2);
 OSNet uses ``conv1``..``conv5``. The loss summary (console, TensorBoard ``Train/*``) gets the
-base terms plus ``msgr/R``, ``msgr/R_<stage>`` and ``msgr/gnorm_<stage>`` (mean per-sample
-gradient norm), and in fast mode ``msgr/R_fd`` (finite-difference R) and ``msgr/fast_h``.
+base terms plus ``msgr/applied`` (1 if R was part of this step, else 0), and on the steps that
+compute R: ``msgr/R`` (unweighted, comparable across intervals), ``msgr/R_<stage>`` and
+``msgr/gnorm_<stage>`` (mean per-sample gradient norm), and in fast mode ``msgr/R_fd``
+(finite-difference R) and ``msgr/fast_h``. Steps that skip R (lazy) leave these keys out, so
+their averages are over the steps that computed them.
 
 G6 interactions: stages whose outputs do not require grad (frozen by Torchreid's fixbase
-epochs) are skipped, with one log line per epoch; exact mode refuses SyncBatchNorm at
-construction (no double backward); under DDP do not use ``static_graph=True`` (silently
-wrong with the penalty's extra autograd pass); ``torch.compile`` cannot double-backward, so
-do not compile the model for exact mode. AMP (``amp='bf16' | 'fp16'``, base engine): exact
-mode runs the forward under autocast and follows PyTorch's gradient-penalty recipe (G6): the
-scaled loss goes into ``autograd.grad``, the stage gradients are divided by the scale before
-the norms, and ``GradScaler.step`` unscales the parameter gradients. Fast mode runs its
-forwards in float32 even with AMP (one log line per epoch says so): its perturbation, ~3e-6 of
-the stage output, is far below bf16 / fp16 resolution (~4e-3 / 5e-4) and rounds away
-(measured on osnet_x0_25: cosine to exact mode's dR/dtheta 0.05-0.3 under bf16 for any step).
+epochs) are skipped, with one log line per epoch (``msgr/R`` is then 0); exact mode refuses
+SyncBatchNorm at construction (no double backward); under DDP do not use ``static_graph=True``
+(silently wrong with the penalty's extra autograd pass); ``torch.compile`` cannot
+double-backward, so do not compile the model for exact mode. AMP (``amp='bf16' | 'fp16'``,
+base engine): exact mode runs the forward under autocast and follows PyTorch's
+gradient-penalty recipe (G6): the scaled loss goes into ``autograd.grad``, the stage gradients
+are divided by the scale before the norms, and ``GradScaler.step`` unscales the parameter
+gradients. Fast mode runs its forwards in float32 even with AMP (one log line per epoch says
+so): its perturbation, ~3e-6 of the stage output, is far below bf16 / fp16 resolution (~4e-3 /
+5e-4) and rounds away (measured on osnet_x0_25: cosine to exact mode's dR/dtheta 0.05-0.3
+under bf16 for any step).
 """
 from __future__ import annotations
 
 import contextlib
+import logging
+import numbers
 from typing import Dict, List, Optional, Sequence, Union
 
 from .. import msgr
 from .metric import ImageMetricEngine
 
-__all__ = ["MSGREngine"]
+__all__ = ["MSGREngine", "penalty_due"]
+
+logger = logging.getLogger(__name__)
+
+
+def penalty_due(epoch: int, batch_idx: int, num_batches: int, interval: int) -> bool:
+    """Lazy MSGR: does the step at (``epoch``, ``batch_idx``) apply R? Yes when its global
+    index ``epoch * num_batches + batch_idx`` is a multiple of ``interval`` (the first step
+    of a run does)."""
+    return (int(epoch) * int(num_batches) + int(batch_idx)) % int(interval) == 0
 
 
 class MSGREngine(ImageMetricEngine):
-    """ImageMetricEngine + MSGR (METHOD.md G1-G7).
+    """ImageMetricEngine + MSGR (docs/methods.md G1-G7).
 
     ``stages``: module names (``model.get_submodule``); ``eps``: one value or one per stage;
     ``q``: 1, 2 or inf; ``squared``: penalise ||g||_q ** 2; ``grad_of``: 'sum' (L_grad =
     B * L_mean, each sample's own gradient, G2) or 'mean'; ``mode``: 'exact' or 'fast';
     ``fast_h``: G5's step (delta = h eps_s v / B) or 'auto' (None): per batch, the largest
     stage perturbation is ``fast_rel_step`` of the stage output (L2), which suits float32;
-    ``freeze_kinks``: fast mode's second forward keeps the first one's ReLU / max-pool pattern.
+    ``freeze_kinks``: fast mode's second forward keeps the first one's ReLU / max-pool pattern;
+    ``interval``: lazy MSGR, R with weight N on every N-th step (:func:`penalty_due`), plain
+    steps in between (1: every step).
     """
 
     def __init__(
@@ -60,21 +84,18 @@ class MSGREngine(ImageMetricEngine):
         fast_h: Union[float, str, None] = "auto",
         fast_rel_step: float = 3e-6,
         freeze_kinks: bool = True,
+        interval: int = 1,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         model = self.model
-        if mode not in ("exact", "fast"):
-            raise ValueError(f"MSGR mode = {mode!r}; choose 'exact' or 'fast'")
-        if grad_of not in ("sum", "mean"):
-            raise ValueError(f"MSGR grad_of = {grad_of!r}; choose 'sum' or 'mean'")
+        self.msgr_mode = msgr.check_mode(mode)
+        self.msgr_grad_of = msgr.check_grad_of(grad_of)
         self.msgr_stages: List[str] = list(stages)
         msgr.stage_modules(model, self.msgr_stages)  # unknown names fail here, listing the children
         self.msgr_eps: Dict[str, float] = msgr.expand_eps(eps, self.msgr_stages)
-        self.msgr_q = msgr._check_q(q)
+        self.msgr_q = msgr.check_q(q)
         self.msgr_squared = bool(squared)
-        self.msgr_grad_of = grad_of
-        self.msgr_mode = mode
         if isinstance(fast_h, str):
             if fast_h != "auto":
                 raise ValueError(f"fast_h = {fast_h!r}; give a positive float or 'auto'")
@@ -84,14 +105,11 @@ class MSGREngine(ImageMetricEngine):
         self.msgr_fast_h: Optional[float] = None if fast_h is None else float(fast_h)
         self.msgr_fast_rel_step = float(fast_rel_step)
         self.msgr_freeze_kinks = bool(freeze_kinks)
+        if isinstance(interval, bool) or not isinstance(interval, numbers.Integral) or interval < 1:
+            raise ValueError(f"MSGR interval = {interval!r} must be an integer >= 1 (R on every N-th step)")
+        self.msgr_interval = int(interval)
         if mode == "exact":
-            sync = msgr.find_sync_batchnorm(model)
-            if sync:
-                raise ValueError(
-                    f"MSGR exact mode needs a double backward, which SyncBatchNorm does not have "
-                    f"(model has {len(sync)}, e.g. '{sync[0]}'); set msgr.mode fast, or "
-                    "train.sync_bn False"
-                )
+            msgr.check_double_backward(model)
         self._msgr_notes: Dict[str, int] = {}
 
     @classmethod
@@ -104,25 +122,38 @@ class MSGREngine(ImageMetricEngine):
             datamanager, model, optimizer, scheduler,
             stages=list(sec.stages), eps=list(sec.eps), q=float(sec.q), squared=bool(sec.squared),
             grad_of=sec.grad_of, mode=sec.mode, fast_h=fast_h if fast_h > 0 else "auto",
-            **engine_kwargs,
+            interval=sec.interval, **engine_kwargs,
         )
 
     # ------------------------------------------------------------------ training step
-    def _note_once(self, key: str, message: str) -> None:
-        """Print ``message`` once per epoch for ``key``."""
+    def _note_once(self, key: str, message: str, level: int = logging.INFO) -> None:
+        """Log ``message`` once per epoch for ``key``."""
         epoch = int(getattr(self, "epoch", 0))
         if self._msgr_notes.get(key) != epoch:
             self._msgr_notes[key] = epoch
-            print(message)
+            logger.log(level, message)
+
+    def penalty_due(self) -> bool:
+        """Does this step apply R? :func:`penalty_due` at Torchreid's ``epoch`` / ``batch_idx`` /
+        ``num_batches`` (0 / 0 / 1 before ``Engine.train`` sets them)."""
+        if self.msgr_interval == 1:
+            return True
+        return penalty_due(getattr(self, "epoch", 0), getattr(self, "batch_idx", 0),
+                           getattr(self, "num_batches", 1), self.msgr_interval)
 
     def forward_backward(self, data) -> Dict[str, float]:
+        if not self.penalty_due():  # lazy MSGR: a plain step of the base losses
+            summary = super().forward_backward(data)
+            summary["msgr/applied"] = 0.0
+            return summary
         imgs, pids = self.train_inputs(data)
         summaries: List[Dict[str, float]] = []
         autocast = self.autocast
         if self.msgr_mode == "fast" and self.autocast_dtype is not None:
             autocast = contextlib.nullcontext
             self._note_once("amp", f"MSGR fast: the forward passes run in float32, not {self.autocast_dtype} "
-                                   "(the finite-difference step would round away); use msgr.mode exact for AMP")
+                                   "(the finite-difference step would round away); use msgr.mode exact for AMP",
+                            logging.WARNING)
 
         def forward():
             with autocast():
@@ -134,13 +165,17 @@ class MSGREngine(ImageMetricEngine):
             return loss
 
         self.optimizer.zero_grad(set_to_none=True)
-        step = msgr.msgr_backward(
-            self.model, forward, loss_fn, self.msgr_stages, [self.msgr_eps[s] for s in self.msgr_stages],
-            q=self.msgr_q, squared=self.msgr_squared, grad_of=self.msgr_grad_of, mode=self.msgr_mode,
-            h=self.msgr_fast_h, rel_step=self.msgr_fast_rel_step, freeze_kinks=self.msgr_freeze_kinks,
-            loss_scale=self.loss_scale(),
-            params=[p for group in self.optimizer.param_groups for p in group["params"]],
-        )
+        common = dict(q=self.msgr_q, squared=self.msgr_squared, grad_of=self.msgr_grad_of,
+                      loss_scale=self.loss_scale(), weight=float(self.msgr_interval))
+        eps = [self.msgr_eps[s] for s in self.msgr_stages]
+        if self.msgr_mode == "exact":
+            step = msgr.exact_step(self.model, forward, loss_fn, self.msgr_stages, eps, **common)
+        else:
+            step = msgr.fast_step(
+                self.model, forward, loss_fn, self.msgr_stages, eps, h=self.msgr_fast_h,
+                rel_step=self.msgr_fast_rel_step, freeze_kinks=self.msgr_freeze_kinks,
+                params=[p for group in self.optimizer.param_groups for p in group["params"]], **common,
+            )
         self.step_optimizer()
 
         summary = dict(summaries[0])  # the unperturbed forward's terms
@@ -150,6 +185,7 @@ class MSGREngine(ImageMetricEngine):
                 "do not require grad (frozen, e.g. train.fixbase_epoch), so R leaves them out this epoch"
             ))
         pen = step.penalty
+        summary["msgr/applied"] = 1.0 if pen is not None else 0.0
         summary["msgr/R"] = float(pen.penalty) if pen is not None else 0.0
         if pen is not None:
             for name in pen.stage_penalty:
@@ -163,5 +199,5 @@ class MSGREngine(ImageMetricEngine):
                     f"MSGR fast: msgr.fast_h {self.msgr_fast_h} perturbs the stage outputs by only "
                     f"{step.fast.rel_step:.1e} of their norm, near float32 resolution (R_fd "
                     f"{summary['msgr/R_fd']:.4g} vs R {summary['msgr/R']:.4g}); use msgr.fast_h 0 (auto)"
-                ))
+                ), logging.WARNING)
         return summary
