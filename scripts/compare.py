@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Compare configs in one harness (logic: :mod:`torchreid_ext.experiments.compare`).
 
-    python scripts/compare.py CONFIG_OR_SAVE_DIR ... --out DIR --opts KEY VALUE ...
+    python scripts/compare.py CONFIG_OR_SAVE_DIR ... --out DIR [--seeds 1 2 3] [--baseline CONFIG] \
+        --opts KEY VALUE ...
 """
 import os.path as osp
 import sys

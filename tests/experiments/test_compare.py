@@ -8,8 +8,10 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
+from scipy import stats as sps
 
 from torchreid_ext.config import load_config
 from torchreid_ext.experiments import compare as compare_mod
@@ -45,9 +47,10 @@ def compared(tmp_path_factory, data_root):
     return configs, out, paths
 
 
-def read_csv(path):
+def read_csv(path, kind="run"):
+    """Rows of one kind ('run': one per run and dataset; None: all rows)."""
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        return [r for r in csv.DictReader(f) if kind is None or r["kind"] == kind]
 
 
 def final_results(save_dir):
@@ -105,7 +108,7 @@ def test_rerun_does_not_retrain(compared, data_root, monkeypatch, capsys):
     assert re.match(r"a-[0-9a-f]{8}$", a)  # config outside the cwd: stem + path hash
     assert f"1/2 {a}: finished, not rerun" in printed and f"2/2 {b}: finished, not rerun" in printed
     assert {p: os.stat(p).st_mtime_ns for p in before} == before
-    assert read_csv(again["csv"]) == read_csv(paths["csv"])
+    assert read_csv(again["csv"], None) == read_csv(paths["csv"], None)
 
 
 def test_finished_save_dir_is_accepted_alone(compared, tmp_path):
@@ -216,10 +219,198 @@ def test_config_comments_match_the_published_table(dataset):
             assert "no published number" in first and paper is None, path
 
 
-def test_readme_shows_an_existing_comparison_png():
+def test_readme_shows_existing_comparison_pngs():
+    """Every plot the README shows from docs/ exists and is an image (a comparison plot is one)."""
     readme = open(osp.join(REPO, "README.md")).read()
-    links = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", readme)
-    assert "docs/compare_synthreid.png" in links
-    with Image.open(osp.join(REPO, "docs", "compare_synthreid.png")) as im:
-        im.load()
-        assert im.width >= 300 and im.height >= 300
+    links = [x for x in re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", readme) if x.startswith("docs/")]
+    assert links
+    for link in links:
+        with Image.open(osp.join(REPO, link)) as im:
+            im.load()
+            assert im.width >= 300 and im.height >= 300, link
+
+
+# ------------------------------------------------------------------ seeds and a baseline
+
+SEEDS = (1, 2)
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory, data_root):
+    """scripts/compare.py a b --seeds 1 2 --baseline a (four runs)."""
+    d = tmp_path_factory.mktemp("seeded")
+    configs = [write(d / "a.yaml", A), write(d / "b.yaml", B)]
+    out = str(d / "out")
+    cmd = [sys.executable, osp.join(REPO, "scripts", "compare.py"), configs[1], "--out", out,
+           "--seeds", *map(str, SEEDS), "--baseline", configs[0], "--opts", *harness_opts(data_root)]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    paths = {ext: osp.join(out, f"results.{ext}") for ext in ("csv", "md", "png")}
+    return configs, out, paths, proc.stdout
+
+
+def reference(values):
+    """Mean and sample std computed here with numpy (independent of experiments.stats)."""
+    values = np.asarray(values, dtype=np.float64)
+    return values.mean(), values.std(ddof=1)
+
+
+def reference_interval(x, b):
+    """Paired mean difference and 95% Student t interval, n - 1 dof, computed here."""
+    d = np.subtract(x, b, dtype=np.float64)
+    half = sps.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    return d.mean(), d.mean() - half, d.mean() + half
+
+
+def test_seeded_rows_equal_each_runs_metrics_json(seeded):
+    configs, out, paths, printed = seeded
+    rows = read_csv(paths["csv"])
+    # the baseline comes first (added to the inputs), every config once per seed
+    assert [(r["config"], int(r["seed"])) for r in rows] == [(c, s) for c in configs for s in SEEDS]
+    assert len({r["save_dir"] for r in rows}) == 4
+    for row in rows:
+        assert row["name"] == f"{row['group']}-seed{row['seed']}"
+        assert row["save_dir"] == osp.join(out, "runs", row["name"])
+        metrics, results = final_results(row["save_dir"])
+        assert metrics["seed"] == int(row["seed"])  # the run trained with the seed its row names
+        spec = json.load(open(osp.join(row["save_dir"], "run.json")))
+        assert spec["overrides"][-2:] == ["train.seed", row["seed"]]
+        for key in ("rank1", "rank5", "mAP", "mINP"):
+            assert float(row[key]) == results["synthreid_small"][key], key
+    # seed by seed: both configs at seed 1 before either at seed 2
+    order = re.findall(r"\[compare\] \d/4 (\S+): running", printed)
+    assert [n.rsplit("-seed", 1)[1] for n in order] == ["1", "1", "2", "2"]
+    # seeds change the runs (otherwise the intervals below would be degenerate)
+    a1, a2 = (float(r["mAP"]) for r in rows[:2])
+    assert a1 != a2
+
+
+def test_seeded_summary_and_intervals_equal_a_reference(seeded):
+    configs, out, paths, _ = seeded
+    runs = read_csv(paths["csv"])
+    groups = list(dict.fromkeys(r["group"] for r in runs))
+    base, other = groups
+    md = open(paths["md"]).read()
+    value = {(r["group"], int(r["seed"])): r for r in runs}
+    for kind in ("mean", "std"):
+        assert [r["group"] for r in read_csv(paths["csv"], kind)] == groups
+    for group in groups:
+        mean_row = next(r for r in read_csv(paths["csv"], "mean") if r["group"] == group)
+        std_row = next(r for r in read_csv(paths["csv"], "std") if r["group"] == group)
+        assert int(mean_row["n"]) == 2 and mean_row["seed"] == "1 2"
+        line = next(ln for ln in md.splitlines() if f"`{osp.basename(value[group, 1]['config'])}`" in ln)
+        cells = []
+        for key in ("rank1", "rank5", "mAP", "mINP"):
+            m, s = reference([float(value[group, seed][key]) for seed in SEEDS])
+            assert float(mean_row[key]) == pytest.approx(m, rel=1e-12, abs=1e-15), (group, key)
+            assert float(std_row[key]) == pytest.approx(s, rel=1e-12, abs=1e-15), (group, key)
+            if key != "rank5":
+                cells.append(f"{100 * m:.1f} ± {100 * s:.1f}")
+        assert f"| 2 | 1, 2 | {' | '.join(cells)} |" in line
+    (diff,) = read_csv(paths["csv"], "diff")
+    (low,) = read_csv(paths["csv"], "ci95_low")
+    (high,) = read_csv(paths["csv"], "ci95_high")
+    (verdict,) = read_csv(paths["csv"], "verdict")
+    assert diff["group"] == other and diff["baseline"] == base and int(diff["n"]) == 2
+    pair_line = next(ln for ln in md.splitlines() if ln.startswith("| synthreid_small") and "[" in ln)
+    for key in ("rank1", "rank5", "mAP", "mINP"):
+        m, lo, hi = reference_interval([float(value[other, s][key]) for s in SEEDS],
+                                       [float(value[base, s][key]) for s in SEEDS])
+        assert float(diff[key]) == pytest.approx(m, rel=1e-12, abs=1e-15), key
+        assert float(low[key]) == pytest.approx(lo, rel=1e-9, abs=1e-15), key
+        assert float(high[key]) == pytest.approx(hi, rel=1e-9, abs=1e-15), key
+        expected = "gain" if lo > 0 else "loss" if hi < 0 else "no detectable difference"
+        assert verdict[key] == expected, key
+        if key != "rank5":
+            assert f"{100 * m:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] {expected}" in pair_line, key
+    assert f"Paired difference to `{osp.basename(configs[0])}`" in md
+
+
+def test_seeded_plot_carries_error_bars(seeded, data_root):
+    from matplotlib.container import BarContainer
+
+    from torchreid_ext.experiments.plot import make_figure
+    from torchreid_ext.experiments.report import collect_rows
+    from torchreid_ext.experiments.summary import paired_comparisons, summarize_groups
+
+    configs, out, paths, _ = seeded
+    runs = plan_runs(configs, out, harness_opts(data_root), seeds=list(SEEDS))  # finished: nothing runs
+    groups = summarize_groups(collect_rows(runs))
+    pairs = paired_comparisons(groups, groups[0].group)
+    fig = make_figure(groups, pairs)
+    with Image.open(paths["png"]) as im:  # the PNG is this figure: two rows of panels
+        assert im.size == (round(fig.get_figwidth() * 110), round(fig.get_figheight() * 110))
+    top, bottom = fig.axes
+    value = {(r["group"], int(r["seed"])): r for r in read_csv(paths["csv"])}
+    names = [g.group for g in groups]
+
+    def bars(ax):
+        found = [c for c in ax.containers if isinstance(c, BarContainer)]
+        assert len(found) == 2 and all(c.errorbar is not None for c in found)
+        return found
+
+    for container, key in zip(bars(top), ("rank1", "mAP")):
+        (segments,) = [lc.get_segments() for lc in container.errorbar.lines[2]]
+        heights = [p.get_height() for p in container.patches]
+        for name, seg, height in zip(names, segments, heights):
+            m, s = reference([float(value[name, seed][key]) for seed in SEEDS])
+            assert height == pytest.approx(100 * m) and seg[0][1] == pytest.approx(100 * (m - s))
+            assert seg[1][1] == pytest.approx(100 * (m + s))
+    assert "±1 std" in top.get_title() and "n = 2" in top.get_title()
+    for container, key in zip(bars(bottom), ("rank1", "mAP")):
+        (segments,) = [lc.get_segments() for lc in container.errorbar.lines[2]]
+        (seg,) = segments
+        m, lo, hi = reference_interval([float(value[names[1], s][key]) for s in SEEDS],
+                                       [float(value[names[0], s][key]) for s in SEEDS])
+        assert container.patches[0].get_height() == pytest.approx(100 * m)
+        assert (seg[0][1], seg[1][1]) == (pytest.approx(100 * lo), pytest.approx(100 * hi))
+    assert "95% t-interval" in bottom.get_title()
+    assert [t.get_text() for t in bottom.get_xticklabels()] == ["osnet_x0_25 drsl"]
+
+
+def test_seeded_rerun_reuses_every_run(seeded, data_root, monkeypatch, capsys):
+    configs, out, paths, _ = seeded
+    before = open(paths["csv"]).read()
+
+    def no_launch(run):
+        raise AssertionError(f"finished run {run.name} was launched again")
+
+    monkeypatch.setattr(compare_mod, "launch", no_launch)
+    compare([configs[1]], out, harness_opts(data_root), seeds=list(SEEDS), baseline=configs[0])
+    assert capsys.readouterr().out.count("finished, not rerun") == 4
+    assert open(paths["csv"]).read() == before
+
+
+def test_one_seed_with_a_baseline_says_n_1(compared, data_root, tmp_path):
+    """Without --seeds each config runs once (as before); the pair has n = 1 and no interval."""
+    configs, out, paths = compared
+    save_dirs = [r["save_dir"] for r in read_csv(paths["csv"])]  # finished: nothing trains again
+    new = compare(save_dirs[1:], str(tmp_path / "again"), baseline=save_dirs[0])
+    md = open(new["md"]).read()
+    means = [ln for ln in md.split("Paired")[0].splitlines() if ln.startswith("| synthreid_small")]
+    assert len(means) == 2 and not any("±" in ln for ln in means) and all("| 1 | 1 |" in ln for ln in means)
+    assert "n = 1: no interval" in md
+    (verdict,) = read_csv(new["csv"], "verdict")
+    assert verdict["mAP"] == "n = 1: no interval" and verdict["n"] == "1"
+    (std,) = [r for r in read_csv(new["csv"], "std") if r["group"] == verdict["group"]]
+    assert std["mAP"] == ""  # one seed: no spread
+
+
+@pytest.mark.parametrize("seeds, overrides, baseline, pattern", [
+    ([1, 1], [], None, r"seeds \[1\] are given more than once"),
+    ([], [], None, r"--seeds needs at least one"),
+    ([1, 2], ["train.seed", "3"], None, r"train\.seed' conflicts with --seeds"),
+    ([1], [], "missing.yaml", r"--baseline '.*missing\.yaml' does not exist"),
+    ([1], [], "SAVE_DIR", r"is a save dir .*with --seeds give config files"),
+])
+def test_bad_seed_input_fails_before_any_run(seeds, overrides, baseline, pattern, tmp_path, compared):
+    a = write(tmp_path / "a.yaml", A)
+    if baseline == "SAVE_DIR":
+        baseline = read_csv(compared[2]["csv"])[0]["save_dir"]
+    elif baseline:
+        baseline = str(tmp_path / baseline)
+    out = tmp_path / "out"
+    with pytest.raises(HarnessError, match=pattern):
+        compare([a], str(out), overrides + ["data.root", str(tmp_path / "root")], seeds=seeds, baseline=baseline)
+    assert not out.exists()

@@ -1,21 +1,25 @@
 """``scripts/compare.py``: run what is not finished, then write the comparison report.
 
     python scripts/compare.py configs/a.yaml configs/b.yaml [SAVE_DIR ...] --out log/compare \
-        --opts train.max_epoch 2 data.sources "['synthreid']"
+        [--seeds 1 2 3] [--baseline configs/a.yaml] --opts train.max_epoch 2 data.sources "['synthreid']"
 
 Every input is checked (configs load with the overrides, datasets present, one evaluation
-protocol) before the first run starts.
+protocol) before the first run starts. With ``--seeds`` every config runs once per seed
+(``train.seed``), seed by seed (all configs at the first seed, then the next ...), so an
+interrupted comparison has complete pairs early; with ``--baseline`` the report pairs every
+other config with the baseline on the same seeds (:mod:`.report`).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import os.path as osp
 import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
 from .report import collect_rows, write_report
-from .runs import HarnessError, is_finished, launch, plan_runs
+from .runs import HarnessError, Run, is_finished, launch, plan_runs
 
 __all__ = ["build_parser", "compare", "main"]
 
@@ -25,17 +29,51 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train/evaluate configs in one harness and compare them (CSV, Markdown, PNG)")
     p.add_argument("inputs", nargs="+", help="config files (.yaml) and/or finished save dirs")
     p.add_argument("--out", default="log/compare", help="output folder: runs/<name>/ and results.*")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, metavar="SEED",
+                   help="run every config once per seed (train.seed); default: once, with its own seed")
+    p.add_argument("--baseline", default=None, metavar="CONFIG",
+                   help="config (or save dir) the others are paired with, seed by seed (95%% t-interval); "
+                        "added to the inputs if missing")
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
                    help="KEY VALUE overrides applied to every run (must come last)")
     return p
 
 
-def compare(inputs: Sequence[str], out_dir: str, overrides: Sequence[str] = ()) -> Dict[str, str]:
-    """Run every unfinished input, then write results.{csv,md,png} in ``out_dir``."""
-    runs = plan_runs(inputs, out_dir, overrides)
+def _with_baseline(inputs: Sequence[str], baseline: Optional[str]) -> List[str]:
+    inputs = list(inputs)
+    if baseline is None:
+        return inputs
+    if not osp.exists(baseline):
+        raise HarnessError(f"--baseline '{baseline}' does not exist (expected a config file or a save dir)")
+    if not any(osp.abspath(p) == osp.abspath(baseline) for p in inputs):
+        inputs.insert(0, baseline)
+    return inputs
+
+
+def _baseline_group(runs: Sequence[Run], baseline: str) -> str:
+    path = osp.abspath(baseline)
+    for run in runs:
+        if osp.abspath(run.save_dir) == path or (osp.isfile(path) and run.config and osp.abspath(run.config) == path):
+            return run.group
+    raise HarnessError(f"--baseline '{baseline}' matches none of the runs")  # not reached: it is an input
+
+
+def _launch_order(runs: Sequence[Run]) -> List[Run]:
+    """Seed by seed (stable within a seed), so every config has its first seed early."""
+    seeds = list(dict.fromkeys(r.seed for r in runs))
+    return sorted(runs, key=lambda r: seeds.index(r.seed))
+
+
+def compare(inputs: Sequence[str], out_dir: str, overrides: Sequence[str] = (),
+            seeds: Optional[Sequence[int]] = None, baseline: Optional[str] = None) -> Dict[str, str]:
+    """Run every unfinished input (once per seed with ``seeds``), then write results.{csv,md,png}
+    in ``out_dir``, pairing each config with ``baseline`` when given."""
+    inputs = _with_baseline(inputs, baseline)
+    runs = plan_runs(inputs, out_dir, overrides, seeds)
+    base_group = _baseline_group(runs, baseline) if baseline is not None else None
     os.makedirs(out_dir, exist_ok=True)
     n = len(runs)
-    for i, run in enumerate(runs, 1):
+    for i, run in enumerate(_launch_order(runs), 1):
         if is_finished(run):
             print(f"[compare] {i}/{n} {run.name}: finished, not rerun ({run.save_dir})", flush=True)
             continue
@@ -43,7 +81,7 @@ def compare(inputs: Sequence[str], out_dir: str, overrides: Sequence[str] = ()) 
         t0 = time.time()
         launch(run)
         print(f"[compare] {i}/{n} {run.name}: done in {time.time() - t0:.0f} s", flush=True)
-    paths = write_report(collect_rows(runs), out_dir)
+    paths = write_report(collect_rows(runs), out_dir, base_group)
     print(f"[compare] wrote {', '.join(paths.values())}", flush=True)
     return paths
 
@@ -51,7 +89,7 @@ def compare(inputs: Sequence[str], out_dir: str, overrides: Sequence[str] = ()) 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        compare(args.inputs, args.out, args.opts or [])
+        compare(args.inputs, args.out, args.opts or [], args.seeds, args.baseline)
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

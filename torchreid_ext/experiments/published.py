@@ -1,4 +1,4 @@
-"""Published rank-1 / mAP (%) that our configs aim at (METHOD.md R, S5), and method labels.
+"""Published rank-1 / mAP (%) that our configs aim at (docs/methods.md R, S5), and method labels.
 
 One table, keyed by (method, dataset). A method is identified by what a run records in its
 ``metrics.json``: model name, loss name and whether MSGR is on.

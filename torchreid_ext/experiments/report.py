@@ -1,8 +1,12 @@
-"""Comparison report: one row per (run, target dataset) -> results.csv, results.md, results.png.
+"""Comparison report: results.csv, results.md and results.png of a (multi-seed) comparison.
 
-Metric values in the CSV are exactly those of the run's ``metrics.json`` (fractions in
-[0, 1]); the Markdown table and the plot show percentages. Published numbers
-(:mod:`.published`) stand beside ours where they exist.
+results.csv holds one row per (run, target dataset), kind ``run``, with metric values exactly
+those of the run's ``metrics.json`` (fractions in [0, 1]), then summary rows per config
+(group) and dataset: ``mean`` and ``std`` (sample std over seeds, empty for n = 1) and, with a
+baseline, ``diff`` (mean paired difference to the baseline, same seeds), ``ci95_low`` /
+``ci95_high`` (Student t interval, n - 1 dof) and ``verdict`` (gain / loss only when the
+interval excludes 0, else "no detectable difference"). The Markdown tables and the plot show
+percentages. Published numbers (:mod:`.published`) stand beside ours where they exist.
 """
 from __future__ import annotations
 
@@ -10,14 +14,18 @@ import csv
 import os.path as osp
 from typing import Any, Dict, List, Optional, Sequence
 
+from .plot import write_plot
 from .published import method_label, published_for
 from .runs import HarnessError, Run, final_epoch, load_metrics
+from .summary import METRICS, GroupSummary, PairedComparison, paired_comparisons, summarize_groups
 
-__all__ = ["COLUMNS", "collect_rows", "write_csv", "write_markdown", "write_plot", "write_report"]
+__all__ = ["COLUMNS", "collect_rows", "summary_rows", "markdown_lines", "write_csv", "write_markdown",
+           "write_report"]
 
-COLUMNS = ("name", "config", "method", "dataset", "epoch", "rank1", "rank5", "mAP", "mINP",
-           "params", "macs", "train_seconds", "images_per_second", "paper_rank1", "paper_mAP",
-           "paper_source", "save_dir")
+COLUMNS = ("kind", "group", "name", "seed", "n", "config", "method", "dataset", "epoch", "rank1", "rank5",
+           "mAP", "mINP", "params", "macs", "train_seconds", "images_per_second", "paper_rank1",
+           "paper_mAP", "paper_source", "baseline", "save_dir")
+LEVEL = 0.95
 
 
 def _final_evaluation(run: Run, metrics: Dict[str, Any]) -> Dict[str, Any]:
@@ -40,7 +48,7 @@ def _is_variant(run: Run) -> bool:
 
 
 def collect_rows(runs: Sequence[Run]) -> List[Dict[str, Any]]:
-    """Rows of the final evaluation of every run, in input order."""
+    """Rows (kind 'run') of the final evaluation of every run, in input order."""
     rows = []
     for run in runs:
         metrics = load_metrics(run)
@@ -52,7 +60,10 @@ def collect_rows(runs: Sequence[Run]) -> List[Dict[str, Any]]:
         detected_new = run.cfg is not None and not run.cfg.cuhk03.labeled_images and not run.cfg.cuhk03.classic_split
         for dataset, res in final["results"].items():
             paper = published_for(label, dataset, detected_new)
+            seed = metrics.get("seed", run.seed if run.seed is not None else
+                               (int(run.cfg.train.seed) if run.cfg is not None else None))
             rows.append({
+                "kind": "run", "group": run.group, "seed": seed, "n": 1, "baseline": "",
                 "name": run.name, "config": run.config or metrics.get("config", ""), "method": label,
                 "dataset": dataset, "epoch": final["epoch"], "rank1": res["rank1"], "rank5": res.get("rank5"),
                 "mAP": res["mAP"], "mINP": res.get("mINP"), "params": metrics.get("params"),
@@ -64,17 +75,65 @@ def collect_rows(runs: Sequence[Run]) -> List[Dict[str, Any]]:
     return rows
 
 
+def _summary_base(g: GroupSummary, kind: str) -> Dict[str, Any]:
+    row = {k: None for k in COLUMNS}
+    row.update({
+        "kind": kind, "group": g.group, "name": g.group, "n": g.n,
+        "seed": " ".join("?" if s is None else str(s) for s in g.seeds),
+        "config": g.first("config"), "method": g.first("method"), "dataset": g.dataset,
+        "epoch": g.first("epoch"), "params": g.first("params"), "macs": g.first("macs"),
+        "paper_rank1": g.first("paper_rank1"), "paper_mAP": g.first("paper_mAP"),
+        "paper_source": g.first("paper_source"), "baseline": "", "save_dir": "",
+    })
+    return row
+
+
+def summary_rows(groups: Sequence[GroupSummary], pairs: Sequence[PairedComparison] = ()) -> List[Dict[str, Any]]:
+    """CSV rows of kind mean / std per group, then diff / ci95_low / ci95_high / verdict per pair."""
+    rows = []
+    for g in groups:
+        mean, std = _summary_base(g, "mean"), _summary_base(g, "std")
+        for key in METRICS:
+            st = g.stats[key]
+            mean[key] = None if st is None else st.mean
+            std[key] = None if st is None else st.std
+        for key in ("train_seconds", "images_per_second"):
+            mean[key] = g.mean_of(key)
+        rows += [mean, std]
+    tag = f"ci{round(100 * LEVEL)}"
+    for p in pairs:
+        parts = {kind: _summary_base(p.group, kind) for kind in ("diff", f"{tag}_low", f"{tag}_high", "verdict")}
+        for row in parts.values():
+            row.update({"baseline": p.baseline.group, "n": len(p.seeds),
+                        "seed": " ".join(map(str, p.seeds))})
+        for key in METRICS:
+            d = p.diffs[key]
+            parts["diff"][key] = None if d is None else d.mean
+            parts[f"{tag}_low"][key] = None if d is None else d.low
+            parts[f"{tag}_high"][key] = None if d is None else d.high
+            parts["verdict"][key] = "no paired seeds" if d is None else d.verdict
+        rows += list(parts.values())
+    return rows
+
+
 def write_csv(rows: Sequence[Dict[str, Any]], path: str) -> None:
     """Paper columns are percentages as published; ours are fractions, as in metrics.json."""
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: ("" if row[k] is None else row[k]) for k in COLUMNS})
+            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in COLUMNS})
 
 
 def _pct(x: Optional[float]) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
+
+
+def _mean_std(g: GroupSummary, key: str) -> str:
+    st = g.stats[key]
+    if st is None:
+        return "–"
+    return f"{100 * st.mean:.1f}" if st.std is None else f"{100 * st.mean:.1f} ± {100 * st.std:.1f}"
 
 
 def _duration(seconds: Optional[float]) -> str:
@@ -84,69 +143,86 @@ def _duration(seconds: Optional[float]) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def _paper(row: Dict[str, Any]) -> str:
-    if row["paper_mAP"] is None:
+def _paper(g: GroupSummary) -> str:
+    if g.first("paper_mAP") is None:
         return ""
-    r1 = "–" if row["paper_rank1"] is None else f"{row['paper_rank1']:g}"
-    return f"{r1} / {row['paper_mAP']:g}"
+    r1 = "–" if g.first("paper_rank1") is None else f"{g.first('paper_rank1'):g}"
+    return f"{r1} / {g.first('paper_mAP'):g}"
 
 
-def write_markdown(rows: Sequence[Dict[str, Any]], path: str) -> None:
+def _config_names(groups: Sequence[GroupSummary]) -> Dict[str, str]:
+    """A group's config basename, or its group name where basenames repeat."""
+    base = {g.group: osp.basename(g.first("config")) or g.group for g in groups}
+    counts: Dict[str, int] = {}
+    for name in base.values():
+        counts[name] = counts.get(name, 0) + 1
+    return {k: (v if counts[v] == 1 else k) for k, v in base.items()}
+
+
+def _seeds(g: GroupSummary) -> str:
+    return ", ".join("?" if s is None else str(s) for s in g.seeds)
+
+
+def _difference(p: PairedComparison, key: str) -> str:
+    d = p.diffs[key]
+    if d is None:
+        return "– (no paired seeds)"
+    if d.low is None:
+        return f"{100 * d.mean:+.1f} (n = 1: no interval)"
+    same = " (equal on every seed: a zero-width interval)" if d.std <= 1e-12 * max(1.0, abs(d.mean)) else ""
+    return f"{100 * d.mean:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}] {d.verdict}{same}"
+
+
+def markdown_lines(groups: Sequence[GroupSummary], pairs: Sequence[PairedComparison] = ()) -> List[str]:
+    names = _config_names(groups)
     lines = [
-        "| dataset | method | config | epochs | rank-1 | mAP | mINP | params (M) | GMACs | train time | paper rank-1 / mAP |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "Rank-1, mAP, mINP (%): mean ± sample std (n - 1 denominator) over n seeds; "
+        "a single value where n = 1. Train time: mean per run.",
+        "",
+        "| dataset | method | config | epochs | n | seeds | rank-1 | mAP | mINP | params (M) | GMACs "
+        "| train time | paper rank-1 / mAP |",
+        "| --- | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
-    for r in sorted(rows, key=lambda r: r["dataset"]):  # stable: input order within a dataset
-        params = "–" if r["params"] is None else f"{r['params'] / 1e6:.2f}"
-        macs = "–" if r["macs"] is None else f"{r['macs'] / 1e9:.2f}"
+    for g in sorted(groups, key=lambda g: g.dataset):  # stable: input order within a dataset
+        params, macs = g.first("params"), g.first("macs")
+        params = "–" if params is None else f"{params / 1e6:.2f}"
+        macs = "–" if macs is None else f"{macs / 1e9:.2f}"
         lines.append(
-            f"| {r['dataset']} | {r['method']} | `{osp.basename(r['config']) or r['name']}` | {r['epoch']} "
-            f"| {_pct(r['rank1'])} | {_pct(r['mAP'])} | {_pct(r['mINP'])} | {params} | {macs} "
-            f"| {_duration(r['train_seconds'])} | {_paper(r)} |")
+            f"| {g.dataset} | {g.first('method')} | `{names[g.group]}` | {g.first('epoch')} | {g.n} "
+            f"| {_seeds(g)} | {_mean_std(g, 'rank1')} | {_mean_std(g, 'mAP')} | {_mean_std(g, 'mINP')} "
+            f"| {params} | {macs} | {_duration(g.mean_of('train_seconds'))} | {_paper(g)} |")
+    if pairs:
+        baseline = names[pairs[0].baseline.group]
+        lines += [
+            "",
+            f"Paired difference to `{baseline}` (same seeds; percentage points): mean "
+            f"[{round(100 * LEVEL)}% t-interval, Student t with n - 1 dof]; a gain or a loss only "
+            "when the interval excludes 0.",
+            "",
+            "| dataset | method | config | n | Δ rank-1 | Δ mAP | Δ mINP |",
+            "| --- | --- | --- | ---: | --- | --- | --- |",
+        ]
+        for p in sorted(pairs, key=lambda p: p.group.dataset):
+            g = p.group
+            lines.append(f"| {g.dataset} | {g.first('method')} | `{names[g.group]}` | {len(p.seeds)} "
+                         f"| {_difference(p, 'rank1')} | {_difference(p, 'mAP')} | {_difference(p, 'mINP')} |")
+    return lines
+
+
+def write_markdown(groups: Sequence[GroupSummary], path: str, pairs: Sequence[PairedComparison] = ()) -> None:
     with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write("\n".join(markdown_lines(groups, pairs)) + "\n")
 
 
-def write_plot(rows: Sequence[Dict[str, Any]], path: str) -> None:
-    """Grouped bars of rank-1 and mAP (%) per method; one panel per dataset; paper values as ticks."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def write_report(rows: Sequence[Dict[str, Any]], out_dir: str, baseline: Optional[str] = None) -> Dict[str, str]:
+    """Write results.csv, results.md and results.png into ``out_dir``; return their paths.
 
-    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-    if not datasets:
-        raise HarnessError("nothing to plot: no results")
-    widest = max(sum(r["dataset"] == d for r in rows) for d in datasets)
-    fig = Figure(figsize=(max(4.0, 1.1 * widest + 1.5) * len(datasets), 4.2))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(datasets), squeeze=False)[0]
-    width = 0.38
-    for ax, dataset in zip(axes, datasets):
-        sub = [r for r in rows if r["dataset"] == dataset]
-        xs = range(len(sub))
-        for offset, key, colour in ((-width / 2, "rank1", "tab:blue"), (width / 2, "mAP", "tab:orange")):
-            values = [100 * r[key] for r in sub]
-            bars = ax.bar([x + offset for x in xs], values, width, label=key if key == "mAP" else "rank-1",
-                          color=colour)
-            ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
-            paper = [(x + offset, r[f"paper_{key}"]) for x, r in zip(xs, sub) if r[f"paper_{key}"] is not None]
-            if paper:
-                ax.scatter(*zip(*paper), marker="_", s=300, color="black", zorder=3,
-                           label="paper" if key == "rank1" else None)
-        ax.set_xticks(list(xs))
-        ax.set_xticklabels([r["method"] for r in sub], rotation=25, ha="right", fontsize=8)
-        ax.set_ylim(0, 105)
-        ax.set_ylabel("%")
-        ax.set_title(f"{dataset} (epoch {sub[0]['epoch']})" if len({r['epoch'] for r in sub}) == 1 else dataset)
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-def write_report(rows: Sequence[Dict[str, Any]], out_dir: str) -> Dict[str, str]:
-    """Write results.csv, results.md and results.png into ``out_dir``; return their paths."""
+    ``rows``: :func:`collect_rows`; ``baseline``: the group the others are paired with.
+    """
+    groups = summarize_groups(rows)
+    pairs = paired_comparisons(groups, baseline, LEVEL) if baseline else []
     paths = {ext: osp.join(out_dir, f"results.{ext}") for ext in ("csv", "md", "png")}
-    write_csv(rows, paths["csv"])
-    write_markdown(rows, paths["md"])
-    write_plot(rows, paths["png"])
+    write_csv(list(rows) + summary_rows(groups, pairs), paths["csv"])
+    write_markdown(groups, paths["md"], pairs)
+    write_plot(groups, paths["png"], pairs)
     return paths

@@ -1,10 +1,12 @@
 """Plan and launch the runs of a comparison: one ``scripts/main.py`` subprocess per config.
 
 Each config runs with the same overrides, in its own save dir ``<out>/runs/<name>``, with
-``model.resume auto`` (a killed comparison continues). A run is finished when its
-``metrics.json`` holds an evaluation at ``train.max_epoch``. ``run.json`` in the save dir
-records the config and overrides, so a save dir can later be passed alone, and a save dir
-made with other overrides is refused instead of being mixed into the table.
+``model.resume auto`` (a killed comparison continues). With seeds, each config runs once per
+seed (``train.seed``) in ``<out>/runs/<name>-seed<S>``; the runs of one config form a group.
+A run is finished when its ``metrics.json`` holds an evaluation at ``train.max_epoch``.
+``run.json`` in the save dir records the config and overrides, so a save dir can later be
+passed alone, and a save dir made with other overrides is refused instead of being mixed
+into the table.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from ..config import CN, ConfigError, load_config
 
 __all__ = ["HarnessError", "Run", "plan_runs", "read_spec", "final_epoch", "is_finished", "launch",
-           "load_metrics", "PROTOCOL_KEYS"]
+           "load_metrics", "check_seeds", "PROTOCOL_KEYS"]
 
 SPEC_FILE = "run.json"
 METRICS_FILE = "metrics.json"
@@ -29,6 +31,7 @@ PROTOCOL_KEYS = ("data.root", "train.seed", "test.evaluator", "test.dist_metric"
                  "test.normalize_feature", "test.rerank", "data.height", "data.width")
 # Keys the harness sets per run; overriding them for all runs would make runs collide.
 RESERVED_KEYS = ("data.save_dir", "model.resume", "test.evaluate")
+SEED_KEY = "train.seed"  # set per run by the harness when seeds are given
 
 
 class HarnessError(ValueError):
@@ -42,6 +45,11 @@ class Run:
     config: str = ""  # config file ('' for a save dir given without one)
     overrides: List[str] = field(default_factory=list)
     cfg: Optional[CN] = None  # config with overrides, save dir and resume applied
+    group: str = ""  # the runs of one config over seeds share it ('' -> name)
+    seed: Optional[int] = None  # train.seed the harness set for this run (None: the config's)
+
+    def __post_init__(self) -> None:
+        self.group = self.group or self.name
 
     @property
     def max_epoch(self) -> Optional[int]:
@@ -66,7 +74,7 @@ def run_name(config: str) -> str:
     return rel.replace(os.sep, "__")
 
 
-def _check_overrides(overrides: Sequence[str]) -> List[str]:
+def _check_overrides(overrides: Sequence[str], seeded: bool = False) -> List[str]:
     overrides = [str(x) for x in overrides]
     if len(overrides) % 2:
         raise HarnessError(f"overrides must be KEY VALUE pairs; got an odd number of items: {overrides}")
@@ -74,16 +82,41 @@ def _check_overrides(overrides: Sequence[str]) -> List[str]:
         if key in RESERVED_KEYS:
             raise HarnessError(f"override '{key}' is set per run by the harness; remove it "
                                f"(reserved: {list(RESERVED_KEYS)}; choose the output folder with --out)")
+        if seeded and key == SEED_KEY:
+            raise HarnessError(f"override '{SEED_KEY}' conflicts with --seeds, which sets it per run; "
+                               "remove one of them")
     return overrides
 
 
-def _config_run(config: str, save_dir: str, overrides: List[str], name: str) -> Run:
+def check_seeds(seeds: Optional[Sequence[int]]) -> Optional[List[int]]:
+    """None (each config's own ``train.seed``) or a non-empty list of distinct integer seeds."""
+    if seeds is None:
+        return None
+    seeds = list(seeds)
+    if not seeds:
+        raise HarnessError("--seeds needs at least one integer seed, e.g. --seeds 1 2 3")
+    bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int)]
+    if bad:
+        raise HarnessError(f"seeds must be integers, got {bad}")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise HarnessError(f"seeds {repeated} are given more than once in --seeds {seeds}")
+    return seeds
+
+
+def _config_run(config: str, save_dir: str, overrides: List[str], name: str, group: str = "",
+                seed: Optional[int] = None) -> Run:
     run_opts = overrides + ["data.save_dir", save_dir, "model.resume", "auto"]
     try:
         cfg = load_config(config, run_opts)
     except ConfigError as exc:
         raise HarnessError(f"{config}: {exc}") from exc
-    return Run(name=name, save_dir=save_dir, config=config, overrides=overrides, cfg=cfg)
+    return Run(name=name, save_dir=save_dir, config=config, overrides=overrides, cfg=cfg, group=group,
+               seed=seed)
+
+
+def _seeded_run_name(name: str, seed: int) -> str:
+    return f"{name}-seed{seed}"
 
 
 def _read_json_in(save_dir: str, name: str) -> Optional[Dict[str, Any]]:
@@ -125,13 +158,18 @@ def _check_spec(run: Run) -> None:
 
 
 def _check_protocol(runs: Sequence[Run]) -> None:
+    """One protocol for all runs; the seed only within runs of the same harness seed."""
     configured = [r for r in runs if r.cfg is not None]
     for key in PROTOCOL_KEYS:
-        values = {r.name: _get(r.cfg, key) for r in configured}
-        if len({json.dumps(v if not isinstance(v, tuple) else list(v)) for v in values.values()}) > 1:
-            raise HarnessError(
-                f"runs differ in {key} ({values}); a comparison needs one evaluation protocol: "
-                f"add `{key} <value>` to the overrides")
+        slots = {}
+        for r in configured:
+            slots.setdefault(r.seed if key == SEED_KEY else None, []).append(r)
+        for slot in slots.values():
+            values = {r.name: _get(r.cfg, key) for r in slot}
+            if len({json.dumps(v if not isinstance(v, tuple) else list(v)) for v in values.values()}) > 1:
+                raise HarnessError(
+                    f"runs differ in {key} ({values}); a comparison needs one evaluation protocol: "
+                    f"add `{key} <value>` to the overrides")
 
 
 def _check_data(run: Run) -> None:
@@ -145,26 +183,46 @@ def _check_data(run: Run) -> None:
             raise HarnessError(f"{run.config}: {msg}") from exc
 
 
-def plan_runs(inputs: Sequence[str], out_dir: str, overrides: Sequence[str] = ()) -> List[Run]:
-    """Check every input (config file or save dir) and return the runs, before any training."""
+def _input_runs(path: str, out_dir: str, overrides: List[str], seeds: Optional[List[int]]) -> List[Run]:
+    """The runs of one input: one per seed for a config (one if no seeds), one for a save dir."""
+    if osp.isdir(path):
+        if seeds is not None:
+            raise HarnessError(
+                f"input '{path}' is a save dir (one run of one seed); with --seeds give config files, "
+                "and finished runs in --out are reused")
+        return [_save_dir_run(path)]
+    if osp.isfile(path) and path.endswith((".yaml", ".yml")):
+        name = run_name(path)
+        if seeds is None:
+            runs = [_config_run(path, osp.join(out_dir, "runs", name), overrides, name)]
+        else:
+            runs = [_config_run(path, osp.join(out_dir, "runs", _seeded_run_name(name, s)),
+                                overrides + [SEED_KEY, str(s)], _seeded_run_name(name, s), name, s)
+                    for s in seeds]
+        for run in runs:
+            _check_spec(run)
+        return runs
+    if osp.exists(path):
+        raise HarnessError(f"input '{path}' is neither a config file (.yaml/.yml) nor a save dir")
+    raise HarnessError(f"input '{path}' does not exist (expected a config file or a save dir)")
+
+
+def plan_runs(inputs: Sequence[str], out_dir: str, overrides: Sequence[str] = (),
+              seeds: Optional[Sequence[int]] = None) -> List[Run]:
+    """Check every input (config file or save dir) and return the runs, before any training.
+
+    ``seeds``: run every config once per seed (``train.seed``); None: once, with its own seed.
+    """
     if not inputs:
         raise HarnessError("no input: give config files (.yaml) or save dirs holding metrics.json")
-    overrides = _check_overrides(overrides)
+    seeds = check_seeds(seeds)
+    overrides = _check_overrides(overrides, seeded=seeds is not None)
     runs: List[Run] = []
     for path in inputs:
-        if osp.isdir(path):
-            run = _save_dir_run(path)
-        elif osp.isfile(path) and path.endswith((".yaml", ".yml")):
-            name = run_name(path)
-            run = _config_run(path, osp.join(out_dir, "runs", name), overrides, name)
-            _check_spec(run)
-        elif osp.exists(path):
-            raise HarnessError(f"input '{path}' is neither a config file (.yaml/.yml) nor a save dir")
-        else:
-            raise HarnessError(f"input '{path}' does not exist (expected a config file or a save dir)")
-        if any(r.save_dir == run.save_dir for r in runs):
-            raise HarnessError(f"input '{path}' is given twice (save dir '{run.save_dir}')")
-        runs.append(run)
+        for run in _input_runs(path, out_dir, overrides, seeds):
+            if any(r.save_dir == run.save_dir for r in runs):
+                raise HarnessError(f"input '{path}' is given twice (save dir '{run.save_dir}')")
+            runs.append(run)
     _check_protocol(runs)
     for run in runs:
         if run.cfg is not None and not is_finished(run):
