@@ -197,3 +197,76 @@ def test_non_utf8_string_in_the_pickle_is_a_checkpoint_error(tmp_path):
             dst.writestr(info, data)
     with pytest.raises(CheckpointError, match="unreadable"):
         load_checkpoint(str(bad))
+
+
+# ---------------------------------------------------------------- a full disk
+
+
+def _full_disk_writer(error):
+    """A torch.save that writes part of the file, then fails as torch does on a full disk."""
+
+    def save(obj, f):
+        f.write(b"PK partial")
+        raise error
+
+    return save
+
+
+@pytest.mark.parametrize("error", [
+    OSError(28, "No space left on device"),  # ENOSPC from the file's write
+    RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),  # torch's zip writer
+])
+def test_full_disk_says_so_and_names_the_file(tmp_path, monkeypatch, error):
+    import errno
+
+    from torchreid_ext.checkpoint import DiskFullError
+
+    path = str(tmp_path / "model.pth.tar-2")
+    save_checkpoint({"epoch": 1}, str(tmp_path / "model.pth.tar-1"))
+    monkeypatch.setattr(torch, "save", _full_disk_writer(error))
+    with pytest.raises(DiskFullError, match=r"no space left on device: could not write '.*model\.pth\.tar-2'") as info:
+        save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, path)
+    assert info.value.errno == errno.ENOSPC and isinstance(info.value, OSError)
+    assert info.value.__cause__ is error  # the original error stays in the traceback
+    assert sorted(os.listdir(tmp_path)) == ["model.pth.tar-1"]  # no partial or temp file
+    assert load_checkpoint(str(tmp_path / "model.pth.tar-1"))["epoch"] == 1
+
+
+def _runtime_error_with_context(code):
+    """What torch raises when a Python file's write fails mid-save: its RuntimeError, with the
+    OSError as context (seen on a full tmpfs)."""
+
+    def save(obj, f):
+        try:
+            raise OSError(code, os.strerror(code))
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    return save
+
+
+def test_torch_runtime_error_over_enospc_is_a_full_disk_and_over_eio_is_not(tmp_path, monkeypatch):
+    import errno
+
+    from torchreid_ext.checkpoint import DiskFullError
+
+    monkeypatch.setattr(torch, "save", _runtime_error_with_context(errno.ENOSPC))
+    with pytest.raises(DiskFullError, match="no space left on device"):
+        save_checkpoint({"epoch": 1}, str(tmp_path / "c.pth"))
+    monkeypatch.setattr(torch, "save", _runtime_error_with_context(errno.EIO))
+    with pytest.raises(RuntimeError, match="unexpected pos") as info:
+        save_checkpoint({"epoch": 1}, str(tmp_path / "c.pth"))
+    assert not isinstance(info.value, DiskFullError)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("error", [
+    OSError(5, "Input/output error"),
+    RuntimeError("something else went wrong"),
+])
+def test_other_write_errors_are_not_called_a_full_disk(tmp_path, monkeypatch, error):
+    monkeypatch.setattr(torch, "save", _full_disk_writer(error))
+    with pytest.raises(type(error)) as info:
+        save_checkpoint({"epoch": 1}, str(tmp_path / "c.pth"))
+    assert info.value is error
+    assert os.listdir(tmp_path) == []

@@ -2,7 +2,8 @@
 
 * Saving writes plain Python numbers and tensors only, to a temporary file that is
   fsync'ed and renamed over the target: a run killed at any moment leaves the previous
-  checkpoint loadable.
+  checkpoint loadable. A full disk is a :class:`DiskFullError` naming the file (torch's
+  own message is ``unexpected pos ...``); the target is left as it was, no temporary file.
 * Loading always uses ``torch.load(weights_only=True)``. Torchreid's own checkpoints
   pickle a numpy scalar (``rank1``), which that mode rejects; we allow exactly the numpy
   scalar/dtype types such files contain. A file that needs anything else is refused:
@@ -17,6 +18,7 @@
 """
 from __future__ import annotations
 
+import errno
 import glob
 import logging
 import os
@@ -24,8 +26,9 @@ import os.path as osp
 import pickle
 import random
 import re
+import shutil
 from collections import OrderedDict
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -34,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CheckpointError",
+    "DiskFullError",
     "atomic_write_bytes",
     "save_checkpoint",
     "load_checkpoint",
@@ -48,6 +52,33 @@ __all__ = [
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be loaded safely or does not fit the model."""
+
+
+class DiskFullError(OSError):
+    """A file could not be written for lack of space (``errno`` ENOSPC or EDQUOT); the file
+    it was to replace, if any, is unchanged and no temporary file is left."""
+
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full_errno(exc: BaseException) -> Optional[int]:
+    """ENOSPC / EDQUOT if ``exc`` says the disk or quota is full, else None.
+
+    torch's zip writer turns a failed write into ``RuntimeError: ... unexpected pos N vs M``
+    (the OSError, when it is a Python file's, is the RuntimeError's context). That message
+    means the bytes did not reach the file: taken as a full disk unless an OSError with
+    another errno (EIO ...) is in the chain."""
+    seen = set()
+    runtime_pos = False
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc.errno if exc.errno in _FULL_ERRNOS else None
+        if isinstance(exc, RuntimeError) and "unexpected pos" in str(exc):
+            runtime_pos = True
+        exc = exc.__cause__ or exc.__context__
+    return errno.ENOSPC if runtime_pos else None
 
 
 def _numpy_allowlist() -> list:
@@ -81,8 +112,11 @@ def _to_plain(obj: Any) -> Any:
     return obj
 
 
-def atomic_write_bytes(path: str, writer) -> None:
-    """Call ``writer(fileobj)`` on a temp file next to ``path``, then rename it into place."""
+def atomic_write_bytes(path: str, writer: Callable[[Any], Any]) -> None:
+    """Call ``writer(fileobj)`` on a temp file next to ``path``, then rename it into place.
+
+    Any failure removes the temp file and leaves ``path`` as it was; a full disk or quota
+    (also as torch's ``unexpected pos`` RuntimeError) raises :class:`DiskFullError`."""
     directory = osp.dirname(osp.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -92,10 +126,18 @@ def atomic_write_bytes(path: str, writer) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if osp.exists(tmp):
             os.remove(tmp)
-        raise
+        code = _disk_full_errno(exc) if isinstance(exc, (OSError, RuntimeError)) else None
+        if code is None:
+            raise
+        what = "no space left on device" if code == errno.ENOSPC else "disk quota exceeded (no space left on device)"
+        previous = "left unchanged" if osp.exists(path) else "not written"
+        raise DiskFullError(
+            code, f"{what}: could not write '{path}' ({_free_space(directory)} free there); the file was "
+                  f"{previous} and earlier files are untouched. Free some space or write elsewhere"
+        ) from exc
     try:  # make the rename itself durable
         fd = os.open(directory, os.O_RDONLY)
         try:
@@ -104,6 +146,21 @@ def atomic_write_bytes(path: str, writer) -> None:
             os.close(fd)
     except OSError:
         pass
+
+
+def _free_space(directory: str) -> str:
+    """Free space of ``directory``'s file system, for messages."""
+    try:
+        free = float(shutil.disk_usage(directory).free)
+    except OSError:
+        return "unknown"
+    if free < 1024:
+        return f"{free:.0f} B"
+    for unit in ("KiB", "MiB"):
+        free /= 1024
+        if free < 1024:
+            return f"{free:.1f} {unit}"
+    return f"{free / 1024:.1f} GiB"
 
 
 def save_checkpoint(state: Dict[str, Any], path: str) -> str:
@@ -219,7 +276,7 @@ def resume_from_checkpoint(
     if restore_rng and "rng" in ckpt:
         restore_rng_state(ckpt["rng"])
     epoch = int(ckpt.get("epoch", 0))
-    print(f"Resumed from '{path}' (completed epochs: {epoch})")
+    logger.info("Resumed from '%s' (completed epochs: %d)", path, epoch)
     return epoch
 
 
