@@ -1,17 +1,25 @@
-"""MSGREngine (METHOD.md G): one training step per loss and mode on synthreid_small, fixbase
-skipping, build_engine, construction errors, the MSGR configs, and an end-to-end run."""
+"""MSGREngine (docs/methods.md G): one training step per loss and mode on synthreid_small, the
+logged R against an independent computation, lazy MSGR (interval) against hand-built SGD
+steps, fixbase skipping, build_engine, construction errors, the MSGR configs, and an
+end-to-end run."""
+import copy
 import math
 import os.path as osp
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from torchreid_ext import cli
-from torchreid_ext.config import load_config
+from torchreid_ext.adapter import torchreid
+from torchreid_ext.config import ConfigError, load_config
 from torchreid_ext.engines import build_engine
-from torchreid_ext.engines.msgr import MSGREngine
+from torchreid_ext.engines.msgr import MSGREngine, penalty_due
+from torchreid_ext.msgr import StageCapture, feature_gradient_penalty
 
-from conftest import REPO, tiny_setup
+from conftest import REPO, tiny_opts, tiny_setup
 
 OSNET_STAGES = ["conv2", "conv3"]
 
@@ -124,10 +132,152 @@ def test_msgr_run_end_to_end_logs_to_tensorboard(tiny, tmp_path):
 
     save = str(tmp_path / "run")
     cfg, args = cli.load_run_config(tiny(save_dir=save, **{
-        "msgr.enabled": True, "msgr.stages": "[conv2, conv3]", "msgr.mode": "fast", "train.max_epoch": 1}))
+        "msgr.enabled": True, "msgr.stages": "[conv2, conv3]", "msgr.mode": "fast", "train.max_epoch": 1,
+        "msgr.interval": 2}))
     res = cli.run(cfg, args.config)
     assert 0.0 <= res["synthreid_small"]["rank1"] <= 1.0
     acc = EventAccumulator(save)
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"Train/msgr/R", "Train/msgr/R_conv2", "Train/msgr/gnorm_conv3", "Train/msgr/R_fd"} <= tags
+    # lazy: R on steps 0, 2, 4, ...; TensorBoard gets the running mean of msgr/applied
+    applied = [e.value for e in acc.Scalars("Train/msgr/applied")]
+    assert len(applied) >= 3 and applied[:3] == pytest.approx([1.0, 0.5, 2 / 3])
+
+
+@pytest.mark.parametrize("mode, loss", [("exact", "softmax"), ("fast", "softmax"), ("exact", "triplet")])
+def test_logged_r_equals_an_independent_penalty_on_the_same_batch(setup, mode, loss):
+    """msgr/R and its parts vs feature_gradient_penalty on a copy of the model taken before the
+    step, with Torchreid's own loss classes on the same batch."""
+    cfg, dm = setup(**{"loss.name": loss, "msgr.mode": mode, "msgr.eps": "[0.01, 0.02]"})
+    engine, model = engine_for(cfg, dm)
+    data = next(iter(dm.train_loader))
+    twin = copy.deepcopy(model)  # the weights (and BatchNorm state) the step starts from
+    summary = engine.forward_backward(data)
+    imgs, pids = engine.train_inputs(data)
+    with StageCapture(twin, OSNET_STAGES) as cap:
+        outputs = twin(imgs)
+    losses = torchreid().losses
+    if loss == "softmax":
+        ce = losses.CrossEntropyLoss(num_classes=dm.num_train_pids, use_gpu=False, label_smooth=True)
+        loss_mean = ce(outputs, pids)
+    else:  # cfg.loss.triplet: weight_t 1, weight_x 0
+        loss_mean = losses.TripletLoss(margin=cfg.loss.triplet.margin)(outputs[1], pids)
+    ref = feature_gradient_penalty(imgs.shape[0] * loss_mean, cap.outputs, {"conv2": 0.01, "conv3": 0.02})
+    assert summary["loss"] == pytest.approx(loss_mean.item(), rel=1e-5)
+    assert summary["msgr/applied"] == 1.0
+    assert summary["msgr/R"] == pytest.approx(ref.penalty.item(), rel=1e-4)
+    for s in OSNET_STAGES:
+        assert summary[f"msgr/R_{s}"] == pytest.approx(ref.stage_penalty[s].item(), rel=1e-4)
+        assert summary[f"msgr/gnorm_{s}"] == pytest.approx(ref.stage_gnorm[s].item(), rel=1e-4)
+
+
+# ------------------------------------------------------------------ lazy MSGR (msgr.interval)
+
+LAZY_EPS = {"layer1": 0.5, "layer2": 0.2}
+
+
+class LazyNet(nn.Module):
+    """No BatchNorm, smooth (tanh): a float64 SGD step can be rebuilt by hand exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.layer1 = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.Tanh())
+        self.layer2 = nn.Sequential(nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.Tanh())
+        self.classifier = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.classifier(self.layer2(self.layer1(torch.tanh(self.conv1(x)))).mean((2, 3)))
+
+
+def lazy_batch():
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(8, 3, 12, 6, generator=g, dtype=torch.float64), torch.arange(4).repeat_interleave(2)
+
+
+def lazy_engine(net, mode, interval):
+    dm = SimpleNamespace(train_loader=None, test_loader={}, num_train_pids=4, sources=[])
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    return MSGREngine(dm, net, opt, stages=list(LAZY_EPS), eps=list(LAZY_EPS.values()), mode=mode,
+                      interval=interval, use_gpu=False, label_smooth=False)
+
+
+def reference_params(net, imgs, pids, weight):
+    """Parameters after one plain SGD step (lr 0.5) on CE + weight * R (R from
+    feature_gradient_penalty; weight None: CE alone), from a copy of ``net``."""
+    net = copy.deepcopy(net)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    with StageCapture(net, list(LAZY_EPS)) as cap:
+        loss = F.cross_entropy(net(imgs), pids)
+    if weight is not None:
+        loss = loss + weight * feature_gradient_penalty(imgs.shape[0] * loss, cap.outputs, LAZY_EPS).penalty
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return torch.cat([p.detach().flatten() for p in net.parameters()])
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_lazy_step_is_loss_plus_n_times_r_or_a_plain_step(mode):
+    """interval N = 3, 4 batches per epoch: steps 0, 3, 6 (global index) apply R with weight N;
+    the update equals SGD on CE + N * R there, SGD on CE alone elsewhere."""
+    n, num_batches = 3, 4
+    torch.manual_seed(0)
+    init = LazyNet().double()
+    imgs, pids = lazy_batch()
+    start = torch.cat([p.detach().flatten() for p in init.parameters()])
+    plain, weighted = reference_params(init, imgs, pids, None), reference_params(init, imgs, pids, n)
+    once = reference_params(init, imgs, pids, 1)
+    assert (weighted - plain).norm() > 2 * (once - plain).norm()  # guard: the weight N shows
+    tol = 1e-12 if mode == "exact" else 1e-5  # fast mode: first order in its step
+    for epoch, batch_idx in [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 2)]:
+        net = copy.deepcopy(init)
+        engine = lazy_engine(net, mode, n)
+        engine.epoch, engine.batch_idx, engine.num_batches = epoch, batch_idx, num_batches
+        summary = engine.forward_backward({"img": imgs, "pid": pids})
+        after = torch.cat([p.detach().flatten() for p in net.parameters()])
+        due = (epoch * num_batches + batch_idx) % n == 0
+        assert summary["msgr/applied"] == float(due)
+        ref = weighted if due else plain
+        err = (after - ref).norm() / (ref - start).norm()
+        assert err < (tol if due else 1e-13), (epoch, batch_idx, float(err))
+        if due:  # R logged unweighted
+            with StageCapture(init, list(LAZY_EPS)) as cap:
+                loss = F.cross_entropy(init(imgs), pids)
+            r = feature_gradient_penalty(imgs.shape[0] * loss, cap.outputs, LAZY_EPS).penalty.item()
+            assert summary["msgr/R"] == pytest.approx(r, rel=1e-10)
+        else:  # no R on this step: its keys are left out, not logged as 0
+            assert not any(k.startswith("msgr/R") for k in summary)
+
+
+def test_lazy_choice_depends_on_epoch_and_batch_index_only():
+    """No counter: the same (epoch, batch_idx) gives the same choice however often and in
+    whatever order it comes, and in a new engine (a resumed run); rank plays no part."""
+    assert [penalty_due(e, b, 4, 3) for e in range(3) for b in range(4)] == [
+        i % 3 == 0 for i in range(12)]
+    assert all(penalty_due(e, b, 5, 1) for e in range(3) for b in range(5))
+    torch.manual_seed(0)
+    imgs, pids = lazy_batch()
+    engine = lazy_engine(LazyNet().double(), "exact", 3)
+    engine.num_batches = 4
+    order = [(0, 1), (1, 2), (0, 1), (0, 0), (1, 2), (0, 1), (2, 0), (2, 0)]
+    seen = []
+    for epoch, batch_idx in order:
+        engine.epoch, engine.batch_idx = epoch, batch_idx
+        seen.append(engine.forward_backward({"img": imgs, "pid": pids})["msgr/applied"])
+    assert seen == [float((4 * e + b) % 3 == 0) for e, b in order] == [0, 1, 0, 1, 1, 0, 0, 0]
+    resumed = lazy_engine(LazyNet().double(), "exact", 3)
+    resumed.epoch, resumed.batch_idx, resumed.num_batches = 1, 2, 4
+    assert resumed.penalty_due() and resumed.forward_backward({"img": imgs, "pid": pids})["msgr/applied"] == 1
+
+
+def test_interval_is_checked_and_read_from_the_config(setup, data_root, tmp_path):
+    net = LazyNet().double()
+    for bad in (0, -2, 2.5, True):
+        with pytest.raises(ValueError, match=r"MSGR interval = .* must be an integer >= 1"):
+            lazy_engine(net, "exact", bad)
+    cfg, dm = setup(**{"msgr.interval": 4})
+    assert engine_for(cfg, dm)[0].msgr_interval == 4
+    with pytest.raises(ConfigError, match=r"msgr\.interval = 0 is not valid.*integer N >= 1"):
+        cli.load_run_config(tiny_opts(data_root, str(tmp_path / "log"), **{"msgr.interval": 0}))
