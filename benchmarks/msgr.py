@@ -1,4 +1,4 @@
-"""Benchmark: a plain training step vs exact vs fast MSGR (METHOD.md G4, G5, G7).
+"""Benchmark: a plain training step vs exact vs fast MSGR, and lazy MSGR (docs/methods.md G4, G5, G7).
 
 One step = forward, loss (cross-entropy over 751 identities), backward(s), Adam step, on random
 images, model in train mode, MSGR on the outputs of ``layer1`` and ``layer2`` (eps 1e-2, q 2,
@@ -8,6 +8,10 @@ grad_of sum; fast mode with its automatic step). Models: ``resnet50_bnfc512`` an
 * Time: all modes of a model in ONE process, interleaved (plain, exact, fast, plain, ...) after a
   warm-up step each, so load changes on a shared machine hit every mode alike; the fastest
   (least disturbed) and the median step are reported, and their ratios to the plain step.
+* Lazy MSGR (``msgr.interval`` N): a cycle of N steps, the first with R (weight N) and the
+  others plain (the engine's choice, ``penalty_due``), timed in the same interleaved loop;
+  the amortised step cost is the cycle time / N, reported against the plain step. N = 1 is
+  the MSGR step itself (timed again as a cycle of one).
 * Memory: one subprocess per (model, mode). CPU: peak RSS (VmHWM) and its rise over
   the RSS after building the model, optimizer and batch ("step memory": activations, graphs,
   gradients, Adam state; the same Adam state in every mode). GPU: ``max_memory_allocated``.
@@ -15,7 +19,8 @@ grad_of sum; fast mode with its automatic step). Models: ``resnet50_bnfc512`` an
 Defaults: CPU B = 16 at 128x64 (METHOD.md G7's setting); on a GPU B = 64 at 256x128 (the
 paper's batch). ``--profile`` prints torch.profiler's top operators for one step per mode.
 
-Usage: ``python benchmarks/msgr.py [--models ...] [--batch 16] [--size 128 64] [--repeats 5]``.
+Usage: ``python benchmarks/msgr.py [--models ...] [--batch 16] [--size 128 64] [--repeats 5]
+[--intervals 1 2 4 8] [--lazy-modes exact fast]`` (``--intervals`` with no value: no lazy cycles).
 """
 from __future__ import annotations
 
@@ -52,7 +57,7 @@ def build(name: str, batch: int, size, device: torch.device):
     return model, opt, x, y, built
 
 
-def step(mode: str, model, opt, x, y) -> None:
+def step(mode: str, model, opt, x, y, weight: float = 1.0) -> None:
     from torchreid_ext.msgr import msgr_backward
 
     opt.zero_grad(set_to_none=True)
@@ -60,8 +65,20 @@ def step(mode: str, model, opt, x, y) -> None:
         F.cross_entropy(model(x), y).backward()
     else:
         msgr_backward(model, lambda: model(x), lambda out: F.cross_entropy(out, y), STAGES, 0.01,
-                      mode=mode, h=None)
+                      mode=mode, h=None, weight=weight)
     opt.step()
+
+
+def lazy_cycle(mode: str, interval: int, model, opt, x, y) -> None:
+    """``interval`` steps as MSGREngine takes them with ``msgr.interval`` N = interval: R (weight N)
+    on the steps ``penalty_due`` picks (the first of the cycle), plain steps on the others."""
+    from torchreid_ext.engines.msgr import penalty_due
+
+    for i in range(interval):
+        if penalty_due(0, i, interval, interval):
+            step(mode, model, opt, x, y, weight=float(interval))
+        else:
+            step("plain", model, opt, x, y)
 
 
 def sync(device: torch.device) -> None:
@@ -72,7 +89,9 @@ def sync(device: torch.device) -> None:
 def time_model(name: str, args, device: torch.device) -> Dict[str, object]:
     model, opt, x, y, built = build(name, args.batch, args.size, device)
     times: Dict[str, List[float]] = {m: [] for m in args.modes}
-    for m in args.modes:  # warm-up
+    lazy = [(m, n) for m in args.lazy_modes for n in args.intervals]
+    lazy_times: Dict[str, List[float]] = {f"{m}/{n}": [] for m, n in lazy}  # per step, amortised
+    for m in dict.fromkeys(list(args.modes) + [m for m, _ in lazy]):  # warm-up
         step(m, model, opt, x, y)
     for _ in range(args.repeats):
         for m in args.modes:
@@ -81,6 +100,12 @@ def time_model(name: str, args, device: torch.device) -> Dict[str, object]:
             step(m, model, opt, x, y)
             sync(device)
             times[m].append(time.perf_counter() - t0)
+        for m, n in lazy:
+            sync(device)
+            t0 = time.perf_counter()
+            lazy_cycle(m, n, model, opt, x, y)
+            sync(device)
+            lazy_times[f"{m}/{n}"].append((time.perf_counter() - t0) / n)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -92,7 +117,9 @@ def time_model(name: str, args, device: torch.device) -> Dict[str, object]:
             print(f"\n--- profile: {built} {m} ---")
             print(prof.key_averages().table(sort_by=key, row_limit=args.profile))
     return {"built": built, "median_s": {m: statistics.median(v) for m, v in times.items()},
-            "min_s": {m: min(v) for m, v in times.items()}, "all_s": times}
+            "min_s": {m: min(v) for m, v in times.items()}, "all_s": times,
+            "lazy_median_s": {k: statistics.median(v) for k, v in lazy_times.items()},
+            "lazy_min_s": {k: min(v) for k, v in lazy_times.items()}, "lazy_all_s": lazy_times}
 
 
 def child(args) -> None:
@@ -130,6 +157,9 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"))
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--intervals", type=int, nargs="*", default=[1, 2, 4, 8],
+                   help="lazy MSGR intervals N to time (amortised step cost)")
+    p.add_argument("--lazy-modes", nargs="*", default=["exact", "fast"], choices=["exact", "fast"])
     p.add_argument("--profile", type=int, default=0, help="print this many top operators per mode")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--json", default="", help="write the results here")
@@ -144,9 +174,12 @@ def main(argv=None) -> None:
         return
     if "plain" not in args.modes:
         args.modes = ["plain"] + args.modes
+    if any(n < 1 for n in args.intervals):
+        p.error(f"--intervals {args.intervals}: each N must be an integer >= 1")
     device = torch.device(args.device)
     print(f"MSGR benchmark: device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"B = {args.batch} at {args.size[0]}x{args.size[1]}, stages {STAGES}, {args.repeats} repeats")
+          f"B = {args.batch} at {args.size[0]}x{args.size[1]}, stages {STAGES}, {args.repeats} repeats, "
+          f"lazy intervals {args.intervals} for {args.lazy_modes}")
     results = {}
     for name in args.models:
         r = time_model(name, args, device)
@@ -174,6 +207,17 @@ def main(argv=None) -> None:
             else:
                 cols += ["-", "-", "-"]
             print("| " + " | ".join(cols) + " |")
+    if args.intervals and args.lazy_modes:
+        print("\nLazy MSGR: amortised step cost (cycle of N steps / N), x plain step, min / median")
+        print("| model | mode | " + " | ".join(f"N = {n}" for n in args.intervals) + " |")
+        print("|---|---|" + "---|" * len(args.intervals))
+        for name, r in results.items():
+            label = name if r["built"] == name else f"{name} (missing: {r['built']} instead)"
+            t0, u0 = r["min_s"]["plain"], r["median_s"]["plain"]
+            for m in args.lazy_modes:
+                cols = [f"{r['lazy_min_s'][f'{m}/{n}'] / t0:.2f} / {r['lazy_median_s'][f'{m}/{n}'] / u0:.2f}"
+                        for n in args.intervals]
+                print(f"| {label} | {m} | " + " | ".join(cols) + " |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=2)
