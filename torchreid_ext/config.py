@@ -186,6 +186,14 @@ def get_default_config() -> CN:
     cfg.test.visactmap = False  # legacy upstream key, still present in its OSNet configs
     # ours
     cfg.test.evaluator = "fast"  # fast (torchreid_ext.metrics) | torchreid
+    cfg.test.rerank_k1 = 20  # k-reciprocal re-ranking (test.rerank): Torchreid's k1, k2, lambda_value
+    cfg.test.rerank_k2 = 6
+    cfg.test.rerank_lambda = 0.3
+    cfg.test.flip = False  # features of each image averaged with those of its horizontal flip
+    cfg.test.aqe = False  # alpha query expansion (FastReID's AQE): top-k, alpha, rounds
+    cfg.test.aqe_k = 5
+    cfg.test.aqe_alpha = 3.0
+    cfg.test.aqe_rounds = 1
 
     return cfg
 
@@ -427,6 +435,17 @@ def validate_config(cfg: CN) -> None:
                           "supported under torchrun; set train.fixbase_epoch 0 or msgr.mode exact")
     _validate_scale_out(cfg)
     _validate_losses(cfg)
+    _validate_test(cfg)
+
+
+def _validate_test(cfg: CN) -> None:
+    """test.* evaluation options (re-ranking, AQE): the evaluation's own checks, naming the key."""
+    from .metrics.evaluation import EvaluationOptions
+
+    try:
+        EvaluationOptions.from_config(cfg)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def _env_world_size() -> int:

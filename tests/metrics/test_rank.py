@@ -11,7 +11,6 @@ from torchreid_ext.metrics import (
     evaluate_features,
     evaluate_rank,
     iter_distance_chunks,
-    reranked_distance_matrix,
 )
 
 MAX_RANK = 20
@@ -309,16 +308,6 @@ def test_max_rank_beyond_gallery_and_threads_restored():
     assert res.cmc.shape == (50,) and np.all(res.cmc[30:] == 1.0)
     assert_result(res, distmat, *labels, max_rank=50)
     assert res.rank(1) == res.cmc[0] and res.as_torchreid()[1] == res.mAP
-
-
-def test_reranked_distance_matrix_is_torchreids():
-    rng = np.random.RandomState(0)
-    qf, gf = rng.randn(12, 8).astype(np.float32), rng.randn(40, 8).astype(np.float32)
-    tr = torchreid()
-    q, g = torch.from_numpy(qf), torch.from_numpy(gf)
-    expected = tr.utils.re_ranking(*(tr.metrics.compute_distance_matrix(a, b).numpy() for a, b in
-                                     ((q, g), (q, q), (g, g))), k1=5, k2=3, lambda_value=0.3)
-    np.testing.assert_allclose(reranked_distance_matrix(qf, gf, k1=5, k2=3), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any, Dict, Optional
 
 from ..losses import build_loss_terms
+from ..metrics import EvaluationOptions
 from .base import ReIDEngine
 from .metric import ImageDRSLEngine, ImageMetricEngine, ImageSNEngine
 
@@ -50,5 +51,8 @@ def build_engine(cfg, datamanager, model, optimizer, scheduler=None, run_info: O
                 "msgr.enabled = True, but the MSGR engine is not available yet in this "
                 "version of torchreid_ext; set msgr.enabled False"
             ) from exc
-        return MSGREngine.from_config(cfg, datamanager, model, optimizer, scheduler, **kwargs)
-    return ImageMetricEngine(datamanager, model, optimizer, scheduler, **kwargs)
+        engine = MSGREngine.from_config(cfg, datamanager, model, optimizer, scheduler, **kwargs)
+    else:
+        engine = ImageMetricEngine(datamanager, model, optimizer, scheduler, **kwargs)
+    engine.evaluation_options = EvaluationOptions.from_config(cfg)  # test.rerank_k1, test.flip, test.aqe, ...
+    return engine

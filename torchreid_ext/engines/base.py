@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import logging
 import os
 import os.path as osp
 import time
@@ -32,7 +33,6 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .. import distributed
 from ..adapter import torchreid
@@ -50,6 +50,8 @@ __all__ = ["ReIDEngine", "EvalOptions", "AMP_DTYPES", "write_json_atomic"]
 
 # train.amp -> autocast dtype
 AMP_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+logger = logging.getLogger(__name__)
 
 _tr = torchreid()
 
@@ -310,22 +312,43 @@ class ReIDEngine(_tr.engine.Engine):
         return epoch
 
     # ------------------------------------------------------------------ evaluation
+    #: Test-time options beyond ``run``'s Torchreid arguments (re-ranking k1 / k2 / lambda, flip, AQE):
+    #: an :class:`~torchreid_ext.metrics.EvaluationOptions`; ``build_engine`` sets it from ``cfg.test``.
+    #: The Torchreid-named arguments of ``run`` / ``test`` (dist_metric, rerank, ...) override its fields.
+    evaluation_options = None
+
+    def evaluation_options_for(self, opts: EvalOptions, **extra):
+        """The :class:`~torchreid_ext.metrics.EvaluationOptions` of one :meth:`test` call."""
+        from ..metrics import EvaluationOptions
+
+        base = self.evaluation_options or EvaluationOptions()
+        return base.replace(
+            dist_metric=opts.dist_metric, normalize_feature=bool(opts.normalize_feature),
+            use_metric_cuhk03=bool(opts.use_metric_cuhk03), max_rank=max([50, *opts.ranks]),
+            rerank=bool(opts.rerank), evaluator=self.evaluator, progress=True, **extra,
+        )
+
     def test(self, **options) -> float:
         """Evaluate on every target; log to TensorBoard and metrics.json; return rank-1.
-        ``options``: :class:`EvalOptions`. Under DDP rank 0 evaluates; the others return 0."""
+        ``options``: :class:`EvalOptions`, plus any field of
+        :class:`~torchreid_ext.metrics.EvaluationOptions` (e.g. ``rerank_k1=10``, ``flip=True``).
+        Under DDP rank 0 evaluates; the others return 0."""
+        extra = {k: options.pop(k) for k in list(options) if k not in EvalOptions._fields}
         opts = EvalOptions(**options)
+        evaluation = self.evaluation_options_for(opts, **extra)
         if not self.is_main_process:
             return 0.0
         self.set_model_mode("eval")
         entry: Dict[str, Any] = {"epoch": self.epoch + 1, "results": {}}
         for name in self.test_loader:
             domain = "source" if name in self.datamanager.sources else "target"
-            print(f"##### Evaluating {name} ({domain}) #####")
+            logger.info(f"##### Evaluating {name} ({domain}) #####")
             res = self._evaluate(
                 dataset_name=name,
                 query_loader=self.test_loader[name]["query"],
                 gallery_loader=self.test_loader[name]["gallery"],
                 opts=opts,
+                evaluation=evaluation,
             )
             self.last_results[name] = res
             entry["results"][name] = res
@@ -359,69 +382,53 @@ class ReIDEngine(_tr.engine.Engine):
             return unwrap_model(self.model)(input)
 
     @torch.no_grad()
-    def extract(self, loader, desc: str):
-        """Features, pids and camids of a loader, with a progress bar."""
-        from tqdm import tqdm
+    def extract(self, loader, desc: str, flip: bool = False):
+        """Features (float32, CPU), pids and camids of a loader, with a progress bar; ``flip``: averaged
+        with the features of the mirrored images (``test.flip``; :func:`torchreid_ext.features.embed`)."""
+        from ..features import extract_loader
 
-        feats, pids, camids = [], [], []
-        for data in tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True):
-            imgs, pid, camid = self.parse_data_for_eval(data)
-            feats.append(self.extract_features(self.to_device(imgs)).float().cpu())
-            pids.append(np.asarray(pid))
-            camids.append(np.asarray(camid))
-        return torch.cat(feats), np.concatenate(pids), np.concatenate(camids)
+        return extract_loader(self.extract_features, loader, self.device, flip=flip,
+                              channels_last=self.channels_last, desc=desc)
 
     @torch.no_grad()
-    def _evaluate(self, dataset_name: str, query_loader, gallery_loader, opts: EvalOptions) -> Dict[str, Any]:
+    def _evaluate(self, dataset_name: str, query_loader, gallery_loader, opts: EvalOptions,
+                  evaluation=None) -> Dict[str, Any]:
+        """Extract, then :func:`torchreid_ext.metrics.evaluate_test_features` (the one evaluation from
+        features, also behind ``scripts/evaluate.py``); ``evaluation``: its options."""
         from .. import metrics
 
-        dist_metric, normalize_feature, visrank, visrank_topk, save_dir, use_metric_cuhk03, ranks, rerank = opts
+        ev = evaluation if evaluation is not None else self.evaluation_options_for(opts)
+        ranks = list(opts.ranks)
         t0 = time.time()
-        qf, q_pids, q_camids = self.extract(query_loader, "query features")
-        gf, g_pids, g_camids = self.extract(gallery_loader, "gallery features")
-        print(f"Extracted query {tuple(qf.shape)} and gallery {tuple(gf.shape)} features "
-              f"in {time.time() - t0:.1f} s")
-        if normalize_feature:
-            qf, gf = F.normalize(qf, p=2, dim=1), F.normalize(gf, p=2, dim=1)
-        max_rank = max(50, max(ranks))
+        qf, q_pids, q_camids = self.extract(query_loader, "query features", flip=ev.flip)
+        gf, g_pids, g_camids = self.extract(gallery_loader, "gallery features", flip=ev.flip)
+        logger.info(f"Extracted query {tuple(qf.shape)} and gallery {tuple(gf.shape)} features "
+                    f"in {time.time() - t0:.1f} s" + (" (with flipped images)" if ev.flip else ""))
         t0 = time.time()
-        distmat = None
-        if rerank:
-            print("Applying person re-ranking ...")
-            distmat = metrics.reranked_distance_matrix(qf, gf, dist_metric)
-        elif visrank or self.evaluator == "torchreid":
-            distmat = metrics.compute_distance_matrix(qf, gf, dist_metric).cpu().numpy()
-        if self.evaluator == "torchreid":
-            cmc, mAP = _tr.metrics.evaluate_rank(
-                distmat, q_pids, g_pids, q_camids, g_camids, max_rank=max_rank,
-                use_metric_cuhk03=use_metric_cuhk03,
-            )
-            res = {"cmc": np.asarray(cmc), "mAP": float(mAP), "mINP": None, "num_valid_queries": None}
-        else:
-            if distmat is not None:
-                out = metrics.evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids,
-                                            max_rank=max_rank, use_metric_cuhk03=use_metric_cuhk03)
-            else:
-                out = metrics.evaluate_features(
-                    qf.to(self.device), gf.to(self.device), q_pids, g_pids, q_camids, g_camids,
-                    metric=dist_metric, max_rank=max_rank, use_metric_cuhk03=use_metric_cuhk03,
-                    progress=True,
-                )
-            res = {"cmc": np.asarray(out.cmc), "mAP": float(out.mAP), "mINP": float(out.mINP),
-                   "num_valid_queries": int(out.num_valid_queries)}
-        print(f"Evaluated with the {self.evaluator} evaluator in {time.time() - t0:.2f} s")
-        print("** Results **")
-        print(f"mAP: {res['mAP']:.1%}")
+        if ev.aqe:
+            logger.info(f"Alpha query expansion (k = {ev.aqe_k}, alpha = {ev.aqe_alpha}, rounds = {ev.aqe_rounds})")
+        if ev.rerank:
+            logger.info(f"Applying person re-ranking (k1 = {ev.rerank_k1}, k2 = {ev.rerank_k2}, "
+                        f"lambda = {ev.rerank_lambda}) ...")
+        qf_d, gf_d = (qf, gf) if ev.evaluator == "torchreid" else (qf.to(self.device), gf.to(self.device))
+        out = metrics.evaluate_test_features(qf_d, gf_d, q_pids, g_pids, q_camids, g_camids, ev)
+        res = {"cmc": np.asarray(out.cmc), "mAP": float(out.mAP),
+               "mINP": None if out.mINP is None else float(out.mINP),
+               "num_valid_queries": None if out.num_valid_queries is None else int(out.num_valid_queries)}
+        logger.info(f"Evaluated with the {ev.evaluator} evaluator in {time.time() - t0:.2f} s")
+        logger.info("** Results **")
+        logger.info(f"mAP: {res['mAP']:.1%}")
         if res["mINP"] is not None:
-            print(f"mINP: {res['mINP']:.1%}")
-        print("CMC curve")
+            logger.info(f"mINP: {res['mINP']:.1%}")
+        logger.info("CMC curve")
         for r in ranks:
-            print(f"Rank-{r:<3}: {res['cmc'][r - 1]:.1%}")
-        if visrank:
+            logger.info(f"Rank-{r:<3}: {res['cmc'][r - 1]:.1%}")
+        if opts.visrank:
+            distmat = metrics.evaluation_distance_matrix(qf, gf, ev)
             _tr.utils.visualize_ranked_results(
                 distmat, self.datamanager.fetch_test_loaders(dataset_name), self.datamanager.data_type,
                 width=self.datamanager.width, height=self.datamanager.height,
-                save_dir=osp.join(save_dir, "visrank_" + dataset_name), topk=visrank_topk,
+                save_dir=osp.join(opts.save_dir, "visrank_" + dataset_name), topk=opts.visrank_topk,
             )
         cmc = res.pop("cmc")
         return {"rank1": float(cmc[0]), **{f"rank{r}": float(cmc[r - 1]) for r in ranks}, **res,

@@ -16,6 +16,7 @@ it is carried here so that one object holds every test-time option.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
@@ -30,6 +31,9 @@ from .rerank import check_rerank_args, reranked_distance_matrix
 __all__ = ["EVALUATORS", "EvaluationOptions", "evaluate_test_features", "evaluation_distance_matrix"]
 
 EVALUATORS = ("fast", "torchreid")
+
+# option -> its config key (the rest are ``test.<option>``)
+_CONFIG_KEYS = {"use_metric_cuhk03": "cuhk03.use_metric_cuhk03", "max_rank": "test.ranks"}
 
 
 @dataclass(frozen=True)
@@ -57,35 +61,45 @@ class EvaluationOptions:
 
     @classmethod
     def from_config(cls, cfg, **overrides) -> "EvaluationOptions":
-        """Options from a torchreid_ext config (``cfg.test``, ``cfg.cuhk03.use_metric_cuhk03``)."""
+        """Options from a torchreid_ext config (``cfg.test``, ``cfg.cuhk03.use_metric_cuhk03``); a bad
+        value raises ``ValueError`` naming its config key."""
         t = cfg.test
         values = dict(
             dist_metric=t.dist_metric, normalize_feature=bool(t.normalize_feature),
-            use_metric_cuhk03=bool(cfg.cuhk03.use_metric_cuhk03), max_rank=max(50, *t.ranks),
+            use_metric_cuhk03=bool(cfg.cuhk03.use_metric_cuhk03), max_rank=max([50, *t.ranks]),
             evaluator=t.evaluator, rerank=bool(t.rerank), rerank_k1=t.rerank_k1, rerank_k2=t.rerank_k2,
-            rerank_lambda=float(t.rerank_lambda), flip=bool(t.flip), aqe=bool(t.aqe), aqe_k=t.aqe_k,
-            aqe_alpha=float(t.aqe_alpha), aqe_rounds=t.aqe_rounds,
+            rerank_lambda=t.rerank_lambda, flip=bool(t.flip), aqe=bool(t.aqe), aqe_k=t.aqe_k,
+            aqe_alpha=t.aqe_alpha, aqe_rounds=t.aqe_rounds,
         )
         values.update(overrides)
+        names = {n: _CONFIG_KEYS.get(n, "test." + n) for n in values if n not in overrides}
+        _check(SimpleNamespace(**{**{f.name: f.default for f in fields(cls)}, **values}), names)
         return cls(**values)
 
     def replace(self, **changes) -> "EvaluationOptions":
         return replace(self, **changes)
 
-    def check(self, prefix: str = "") -> None:
-        """Raise ``ValueError`` naming the first bad option (``prefix``: e.g. ``'test.'``)."""
-        if self.dist_metric not in METRICS:
-            raise ValueError(f"{prefix}dist_metric = {self.dist_metric!r}; choose one of {list(METRICS)}")
-        if self.evaluator not in EVALUATORS:
-            raise ValueError(f"{prefix}evaluator = {self.evaluator!r}; choose one of {list(EVALUATORS)}")
-        _check_max_rank(self.max_rank)
-        check_rerank_args(self.rerank_k1, self.rerank_k2, self.rerank_lambda,
-                          names=tuple(prefix + n for n in ("rerank_k1", "rerank_k2", "rerank_lambda")))
-        check_aqe_args(self.aqe_k, self.aqe_alpha, self.aqe_rounds,
-                       names=tuple(prefix + n for n in ("aqe_k", "aqe_alpha", "aqe_rounds")))
+    def check(self, names: Optional[dict] = None) -> None:
+        """Raise ``ValueError`` naming the first bad option (``names``: option -> the caller's name)."""
+        _check(self, names or {})
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _check(opts, names: dict) -> None:
+    def name(option: str) -> str:
+        return names.get(option, option)
+
+    if opts.dist_metric not in METRICS:
+        raise ValueError(f"{name('dist_metric')} = {opts.dist_metric!r}; choose one of {list(METRICS)}")
+    if opts.evaluator not in EVALUATORS:
+        raise ValueError(f"{name('evaluator')} = {opts.evaluator!r}; choose one of {list(EVALUATORS)}")
+    _check_max_rank(opts.max_rank)
+    check_rerank_args(opts.rerank_k1, opts.rerank_k2, opts.rerank_lambda,
+                      names=(name("rerank_k1"), name("rerank_k2"), name("rerank_lambda")))
+    check_aqe_args(opts.aqe_k, opts.aqe_alpha, opts.aqe_rounds,
+                   names=(name("aqe_k"), name("aqe_alpha"), name("aqe_rounds")))
 
 
 def _features(qf: ArrayLike, gf: ArrayLike, opts: EvaluationOptions):

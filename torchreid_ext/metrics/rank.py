@@ -565,7 +565,7 @@ def _evaluate_reranked(qf, gf, q_pids, g_pids, q_camids, g_camids, metric, norma
     acc = _RankAccumulator(q_pids, g_pids, q_camids, g_camids, q.shape[0], g.shape[0], q.device, max_rank, cuhk03)
     rows = _chunk_rows(chunk_size, g.shape[0], q.device, cuhk03)
     blocks = reranked_distance_blocks(q, g, metric, normalize, k1, k2, lambda_value, chunk_size=rows,
-                                      progress=progress)
+                                      progress=progress, num_threads=num_threads)
     for start, block in blocks:
         with _cpu_threads(q.device, num_threads):
             for s in range(0, block.shape[0], rows):

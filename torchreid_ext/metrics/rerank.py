@@ -23,6 +23,7 @@ tile. Values match Torchreid's to float32 rounding (it sums in float32 in anothe
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Iterator, Optional, Tuple
 
@@ -125,10 +126,28 @@ class _RunningTopK:
         self.idx[items] = ci.gather(1, p)
         self.tau[items] = nv.amax(1)
 
-    def ranked(self) -> torch.Tensor:
-        """``N x k`` columns of each item, nearest first."""
-        order = torch.argsort(self.vals, dim=1, stable=True)
-        return self.idx.gather(1, order)
+    def ranked(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``N x k`` columns of each item, nearest first, and their values."""
+        vals, order = torch.sort(self.vals, dim=1, stable=True)
+        return self.idx.gather(1, order), vals
+
+
+def _pair_values(source, rank: torch.Tensor, near: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """``|D|`` of O's pairs (i, j): from the neighbour pass where j is among i's nearest (the same
+    products), else computed by the source."""
+    out = torch.empty(i.numel(), dtype=near.dtype, device=near.device)
+    missing = []
+    step = max(1, (1 << 22) // rank.shape[1])
+    for s in range(0, i.numel(), step):
+        ii, jj = i[s:s + step], j[s:s + step]
+        hit = rank[ii] == jj.unsqueeze(1)
+        found = hit.any(1)
+        out[s:s + step] = near[ii].gather(1, hit.to(torch.uint8).argmax(1, keepdim=True)).squeeze(1)
+        missing.append((~found).nonzero().squeeze(1) + s)
+    missing = torch.cat(missing)
+    if missing.numel():
+        out[missing] = source.pair_values(i[missing], j[missing]).abs().to(out.dtype)
+    return out
 
 
 class _FeatureSource:
@@ -144,9 +163,12 @@ class _FeatureSource:
         n = self.x.shape[0]
         return n * n
 
+    matmul_threads: Optional[int] = None  # torch threads for the distance products (set by _reranked)
+
     def _d(self, a, b, c, e):
         xn = self.xn
-        return _block(self.x[a:b], self.x[c:e], None if xn is None else xn[a:b], None if xn is None else xn[c:e])
+        with _threads(self.matmul_threads):
+            return _block(self.x[a:b], self.x[c:e], None if xn is None else xn[a:b], None if xn is None else xn[c:e])
 
     def neighbours(self, top: _RunningTopK, tile: int, bar) -> None:
         n = self.x.shape[0]
@@ -309,24 +331,25 @@ class _Progress:
         self.bar.close()
 
 
-def _reranked(source, k1: int, k2: int, lambda_value: float, rows: Optional[int], progress: bool
-              ) -> Iterator[Tuple[int, torch.Tensor]]:
-    """Yield ``(first query row, float32 block of re-ranked query x gallery distances)``."""
-    nq, ng = source.num_q, source.num_g
-    n = nq + ng
-    dev = source.device
-    bar = _Progress(source.work() + nq * ng, progress)
-    try:
+class _SparseReRanking:
+    """Steps 1-5 of the module docstring for one problem; :meth:`block` gives rows of the result."""
+
+    def __init__(self, source, k1: int, k2: int, lambda_value: float, bar):
+        nq, ng = source.num_q, source.num_g
+        n = nq + ng
+        dev = source.device
+        self.source, self.lambda_value, self.bar = source, lambda_value, bar
         top = _RunningTopK(n, k1 + 1, source.dtype, dev)
         source.neighbours(top, _TILE["cpu" if dev.type == "cpu" else "other"], bar)
         if not bool(torch.isfinite(top.amax).all()):
             raise ValueError("re-ranking input distances contain non-finite values (inf or NaN)")
-        scale = _sq32(top.amax)  # Torchreid's normaliser: max of the squared distances of each column
-        rank = top.ranked()
+        self.scale = _sq32(top.amax)  # Torchreid's normaliser: max of the squared distances of each column
+        rank, near = top.ranked()
         del top
 
         er, ec = _expansion_sets(rank, k1)
-        weight = torch.exp(-(_sq32(source.pair_values(er, ec)) / scale[er]))
+        weight = torch.exp(-(_sq32(_pair_values(source, rank, near, er, ec)) / self.scale[er]))
+        del near
         total = torch.zeros(n, dtype=torch.float32, device=dev).index_add_(0, er, weight)
         ptr, cols, vals = _csr(er, n), ec, weight / total[er]
         del er, weight
@@ -334,34 +357,77 @@ def _reranked(source, k1: int, k2: int, lambda_value: float, rows: Optional[int]
             ptr, cols, vals = _local_query_expansion(ptr, cols, vals, rank, k2)
         del rank
 
-        # gallery rows of V by column (j -> gallery items g with V[g, j] > 0); query rows by row
+        # gallery rows of V by column (j -> gallery items g with V[g, j] > 0), query rows by row
         gstart = int(ptr[nq])
-        g_rows = torch.arange(nq, n, device=dev).repeat_interleave(ptr[nq + 1:] - ptr[nq:-1]) - nq
+        g_rows = torch.arange(ng, device=dev).repeat_interleave(ptr[nq + 1:] - ptr[nq:-1])
         order = torch.argsort(cols[gstart:], stable=True)
-        g_items, g_vals = g_rows[order], vals[gstart:][order]
-        g_ptr = _csr(cols[gstart:], n)
-        g_count = g_ptr[1:] - g_ptr[:-1]
-        q_cols, q_vals = cols[:gstart], vals[:gstart]
-        q_rows = torch.arange(nq, device=dev).repeat_interleave(ptr[1:nq + 1] - ptr[:nq])
-        q_lens = g_count[q_cols]
-        cum = torch.cumsum(torch.zeros(nq, dtype=torch.int64, device=dev).index_add_(0, q_rows, q_lens), 0)
-        max_rows = rows or auto_chunk_rows(ng, dev)
+        self.g_items, self.g_vals = g_rows[order], vals[gstart:][order]
+        self.g_ptr = _csr(cols[gstart:], n)
+        self.q_ptr, self.q_cols, self.q_vals = ptr[: nq + 1], cols[:gstart], vals[:gstart]
+        self.q_rows = torch.arange(nq, device=dev).repeat_interleave(ptr[1:nq + 1] - ptr[:nq])
+        self.q_lens = (self.g_ptr[1:] - self.g_ptr[:-1])[self.q_cols]  # gallery entries each query entry meets
+        per_query = torch.zeros(nq, dtype=torch.int64, device=dev).index_add_(0, self.q_rows, self.q_lens)
+        self.pairs_cum = torch.cumsum(per_query, 0)
 
+    def bounds(self, max_rows: int) -> Iterator[Tuple[int, int]]:
+        """Query row ranges of at most ``max_rows`` rows and about ``_PAIR_BUDGET`` join pairs."""
+        cum, nq = self.pairs_cum, self.source.num_q
+        ends = []
         a = 0
         while a < nq:
             base = int(cum[a - 1]) if a else 0
             b = min(a + max_rows, max(a + 1, int(torch.searchsorted(cum, base + _PAIR_BUDGET, right=True))))
-            e0, e1 = int(ptr[a]), int(ptr[b])
-            lens = q_lens[e0:e1]
-            idx = _ranges(g_ptr[q_cols[e0:e1]], lens)
-            mins = torch.minimum(q_vals[e0:e1].repeat_interleave(lens, output_size=idx.numel()), g_vals[idx])
-            target = (q_rows[e0:e1] - a).repeat_interleave(lens, output_size=idx.numel()) * ng + g_items[idx]
-            m = torch.zeros((b - a) * ng, dtype=torch.float32, device=dev).index_add_(0, target, mins).view(b - a, ng)
-            jaccard = 1 - m / (2 - m)
-            original = _sq32(source.query_rows(a, b)) / scale[a:b].unsqueeze(1)
-            yield a, jaccard.mul_(1 - lambda_value).add_(original.mul_(lambda_value))
-            bar.update((b - a) * ng)
+            ends.append((a, b))
             a = b
+        return iter(ends)
+
+    def block(self, a: int, b: int) -> torch.Tensor:
+        """Rows ``a:b`` of the re-ranked distances (float32): the Jaccard join, then the mix with O."""
+        ng, dev = self.source.num_g, self.source.device
+        e0, e1 = int(self.q_ptr[a]), int(self.q_ptr[b])
+        lens = self.q_lens[e0:e1]
+        idx = _ranges(self.g_ptr[self.q_cols[e0:e1]], lens)
+        mins = torch.minimum(self.q_vals[e0:e1].repeat_interleave(lens, output_size=idx.numel()), self.g_vals[idx])
+        target = (self.q_rows[e0:e1] - a).repeat_interleave(lens, output_size=idx.numel()) * ng + self.g_items[idx]
+        m = torch.zeros((b - a) * ng, dtype=torch.float32, device=dev).index_add_(0, target, mins).view(b - a, ng)
+        jaccard = 1 - m / (2 - m)
+        original = _sq32(self.source.query_rows(a, b)) / self.scale[a:b].unsqueeze(1)
+        self.bar.update((b - a) * ng)
+        return jaccard.mul_(1 - self.lambda_value).add_(original.mul_(self.lambda_value))
+
+
+@contextlib.contextmanager
+def _threads(n: Optional[int]):
+    """torch's intra-op threads set to ``n`` inside (None: unchanged)."""
+    previous = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _reranked(source, k1: int, k2: int, lambda_value: float, rows: Optional[int], progress: bool,
+              num_threads: Optional[int]) -> Iterator[Tuple[int, torch.Tensor]]:
+    """Yield ``(first query row, float32 block of re-ranked query x gallery distances)``.
+
+    On CPU the index work runs with ``num_threads`` torch threads (default 1: its many short ops
+    each wait for every thread, measured 50x slower with 2 threads on a busy 2-core machine); the
+    distance products keep torch's setting.
+    """
+    cpu = source.device.type == "cpu"
+    source.matmul_threads = torch.get_num_threads() if cpu else None
+    index_threads = (num_threads or 1) if cpu else None
+    bar = _Progress(source.work() + source.num_q * source.num_g, progress)
+    try:
+        with torch.no_grad(), _threads(index_threads):
+            state = _SparseReRanking(source, k1, k2, lambda_value, bar)
+            bounds = list(state.bounds(rows or auto_chunk_rows(source.num_g, source.device)))
+        for a, b in bounds:
+            with torch.no_grad(), _threads(index_threads):
+                block = state.block(a, b)
+            yield a, block
     finally:
         bar.close()
 
@@ -379,11 +445,11 @@ def _as_matrix(x, name: str, shape: Tuple[int, int]) -> torch.Tensor:
 
 @torch.no_grad()
 def re_ranking(q_g_dist: ArrayLike, q_q_dist: ArrayLike, g_g_dist: ArrayLike, k1: int = 20, k2: int = 6,
-               lambda_value: float = 0.3):
+               lambda_value: float = 0.3, num_threads: Optional[int] = None):
     """Torchreid's ``utils.re_ranking``: the ``Q x G`` re-ranked distances from its three distance
     matrices (see the module docstring), float32, as a numpy array for numpy input, else a tensor on
     the inputs' device. Memory beyond the inputs and the result: a few ``2048 x 2048`` tiles and the
-    sparse ``V`` (no ``(Q + G)^2`` concatenation)."""
+    sparse ``V`` (no ``(Q + G)^2`` concatenation). ``num_threads``: torch threads on CPU (default 1)."""
     qg = as_real_matrix(q_g_dist, "q_g_dist", "num_query x num_gallery").detach()
     nq, ng = qg.shape
     check_rerank_args(k1, k2, lambda_value, nq + ng)
@@ -396,7 +462,7 @@ def re_ranking(q_g_dist: ArrayLike, q_q_dist: ArrayLike, g_g_dist: ArrayLike, k1
         dtype = torch.float64
     qg, qq, gg = qg.to(dtype), qq.to(dtype), gg.to(dtype)
     out = torch.empty((nq, ng), dtype=torch.float32, device=qg.device)
-    for a, block in _reranked(_MatrixSource(qg, qq, gg), k1, k2, float(lambda_value), None, False):
+    for a, block in _reranked(_MatrixSource(qg, qq, gg), k1, k2, float(lambda_value), None, False, num_threads):
         out[a:a + block.shape[0]] = block
     return out.numpy() if isinstance(q_g_dist, np.ndarray) else out
 
@@ -411,22 +477,19 @@ def reranked_distance_blocks(
     lambda_value: float = 0.3,
     chunk_size: Optional[int] = None,
     progress: bool = False,
+    num_threads: Optional[int] = None,
 ) -> Iterator[Tuple[int, torch.Tensor]]:
     """Yield ``(first query row, block)`` of the re-ranked ``Q x G`` distances that Torchreid's engine
     computes with ``test.rerank True`` (``compute_distance_matrix`` for qg, qq and gg, then
     ``re_ranking``), from features, on their device. Blocks have at most ``chunk_size`` query rows
     (None: automatic); neither a ``Q x G`` nor an ``N x N`` matrix is held. Inputs are checked at the
-    call."""
+    call. On CPU the distance products use torch's thread setting, the rest ``num_threads`` threads
+    (default 1)."""
     q, g, qn, gn = _prepare(qf, gf, metric, normalize)
     check_rerank_args(k1, k2, lambda_value, q.shape[0] + g.shape[0])
     if chunk_size is not None and (not _is_int(chunk_size) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-    return _no_grad_blocks(_FeatureSource(q, g, qn, gn), k1, k2, float(lambda_value), chunk_size, progress)
-
-
-def _no_grad_blocks(*args):
-    with torch.no_grad():
-        yield from _reranked(*args)
+    return _reranked(_FeatureSource(q, g, qn, gn), k1, k2, float(lambda_value), chunk_size, progress, num_threads)
 
 
 @torch.no_grad()
