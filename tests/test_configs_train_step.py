@@ -19,9 +19,9 @@ from torchreid_ext.config import get_default_config, load_config, lr_scheduler_k
 
 from conftest import REPO
 
-CONFIGS = sorted(
+CONFIGS = sorted(  # base/ folders (at any depth) hold mix-ins, not runs
     p for p in glob.glob(osp.join(REPO, "configs", "**", "*.yaml"), recursive=True)
-    if osp.join("configs", "base") not in p
+    if "base" not in osp.relpath(p, REPO).split(osp.sep)[:-1]
 )
 
 
@@ -43,6 +43,8 @@ def test_config_glob_sees_every_dataset():
                                                    "csip", "msff", "msff_msgr", "resnet50_drsl",
                                                    "sn_resnet50")} <= names
     assert "configs/osnet_x1_0_softmax_market.yaml" in names
+    assert {"configs/synthreid/ce.yaml", "configs/synthreid/ce_msgr_exact_lazy4.yaml",
+            "configs/synthreid/drsl_study/drsl_alone.yaml"} <= names  # the proxy benchmark and DRSL study
     assert not any("/base/" in n for n in names)
 
 
