@@ -16,7 +16,7 @@ grad_of sum; fast mode with its automatic step). Models: ``resnet50_bnfc512`` an
   the RSS after building the model, optimizer and batch ("step memory": activations, graphs,
   gradients, Adam state; the same Adam state in every mode). GPU: ``max_memory_allocated``.
 
-Defaults: CPU B = 16 at 128x64 (METHOD.md G7's setting); on a GPU B = 64 at 256x128 (the
+Defaults: CPU B = 16 at 128x64 (docs/methods.md G7 setting); on a GPU B = 64 at 256x128 (the
 paper's batch). ``--profile`` prints torch.profiler's top operators for one step per mode.
 
 Usage: ``python benchmarks/msgr.py [--models ...] [--batch 16] [--size 128 64] [--repeats 5]

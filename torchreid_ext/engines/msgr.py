@@ -10,7 +10,8 @@ with a first-order adversarial perturbation of every stage, no double backward; 
 
 Lazy MSGR (``interval`` N, ours after the lazy regularisation of Karras et al., StyleGAN2,
 CVPR 2020): R is applied on every N-th step with weight N (L_mean + N * R) and the other steps
-are plain steps of the base losses, so R keeps its average weight at about 1/N of its cost.
+are plain steps of the base losses (ImageMetricEngine's, under autocast with AMP even in fast
+mode), so R keeps its average weight at about 1/N of its extra cost.
 The choice comes from the global step index ``epoch * num_batches + batch_idx`` (Torchreid's
 ``Engine.train`` sets them): the same on every DDP rank, and a resumed run makes the choices
 of an uninterrupted one.
