@@ -1,19 +1,28 @@
-"""The ``torchreid_ext`` logger: library output goes through :mod:`logging`.
+"""The ``torchreid_ext`` logger and a run's log file.
 
-``import torchreid_ext`` gives the package logger one console handler that writes the bare
-message to the *current* ``sys.stdout`` (so Torchreid-style console output, the CLI's log
-file tee and pytest's capture all see it), at INFO level. Users silence or redirect it the
-usual way::
+Library output goes through :mod:`logging`. ``import torchreid_ext`` gives the package logger
+one console handler that writes the bare message to the *current* ``sys.stdout`` (so
+Torchreid-style console output, the run log below and pytest's capture all see it), at INFO
+level. Users silence or redirect it the usual way::
 
     logging.getLogger("torchreid_ext").setLevel(logging.WARNING)      # quiet
     logging.getLogger("torchreid_ext").handlers.clear()               # own handlers instead
+
+:class:`RunLog` copies everything a run writes to stdout and stderr (our logger's lines and
+Torchreid's own per-iteration prints alike) to its ``train.log-*`` / ``test.log-*`` file.
+Output written before the file is opened is kept in memory and written first, so the run's
+checks can finish before anything lands in the save dir.
 """
 from __future__ import annotations
 
+import io
 import logging
+import os
+import os.path as osp
 import sys
+from typing import Optional, TextIO
 
-__all__ = ["ConsoleHandler", "PACKAGE_LOGGER", "install_console_handler"]
+__all__ = ["ConsoleHandler", "PACKAGE_LOGGER", "install_console_handler", "RunLog"]
 
 PACKAGE_LOGGER = "torchreid_ext"
 
@@ -43,3 +52,88 @@ def install_console_handler() -> logging.Logger:
             logger.setLevel(logging.INFO)
         logger.propagate = False
     return logger
+
+
+class _Tee:
+    """A text stream that writes to ``stream`` and to the run log's sink."""
+
+    def __init__(self, stream: TextIO, log: "RunLog"):
+        self.stream = stream
+        self.log = log
+
+    def write(self, msg: str) -> int:
+        self.stream.write(msg)
+        self.log.record(msg)
+        return len(msg)
+
+    def flush(self) -> None:
+        self.stream.flush()
+        self.log.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+class RunLog:
+    """Context manager: stdout and stderr also go to a log file, from the moment the block
+    starts (``open`` names the file; earlier output is written to it first).
+
+        with RunLog() as log:
+            ...checks...            # printed, and kept in memory
+            log.open(path)          # now in the file too (appending)
+            log.record("error: ...\\n")   # the file only
+
+    ``enabled=False`` (torchrun ranks other than 0) discards stdout instead.
+    """
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.path: Optional[str] = None
+        self._file: Optional[TextIO] = None
+        self._pending: Optional[io.StringIO] = io.StringIO()
+        self._saved = None
+        self._devnull: Optional[TextIO] = None
+
+    def __enter__(self) -> "RunLog":
+        self._saved = sys.stdout, sys.stderr
+        if self.enabled:
+            sys.stdout, sys.stderr = _Tee(sys.stdout, self), _Tee(sys.stderr, self)
+        else:
+            self._devnull = open(os.devnull, "w")
+            sys.stdout = self._devnull
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sys.stdout, sys.stderr = self._saved
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._devnull is not None:
+            self._devnull.close()
+        self._pending = None
+
+    def open(self, path: str) -> str:
+        """Start writing to ``path`` (appending; its folder is created), earlier output first."""
+        if not self.enabled or self._file is not None:
+            return path
+        os.makedirs(osp.dirname(path) or ".", exist_ok=True)
+        self._file = open(path, "a", buffering=1)
+        self.path = path
+        if self._pending is not None:
+            self._file.write(self._pending.getvalue())
+            self._pending = None
+        return path
+
+    def record(self, msg: str) -> None:
+        """Write ``msg`` to the log only (kept in memory until :meth:`open`)."""
+        if self._file is not None:
+            self._file.write(msg)
+        elif self._pending is not None:
+            self._pending.write(msg)
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()

@@ -1,0 +1,59 @@
+"""log.py: the package logger and a run's log file (RunLog)."""
+import logging
+import sys
+
+from torchreid_ext.log import PACKAGE_LOGGER, RunLog
+
+logger = logging.getLogger("torchreid_ext.test_log")
+
+
+def test_run_log_keeps_early_output_and_copies_both_streams(tmp_path, capsys):
+    path = tmp_path / "sub" / "train.log"
+    with RunLog() as log:
+        logger.info("before the file")
+        print("a print")
+        log.record("pending record\n")
+        assert not path.parent.exists()  # nothing written before open
+        log.open(str(path))
+        print("to stderr", file=sys.stderr)
+        logger.info("after the file")
+        log.record("error: only in the file\n")
+    out, err = capsys.readouterr()
+    assert out == "before the file\na print\nafter the file\n" and err == "to stderr\n"
+    assert path.read_text() == ("before the file\na print\npending record\nto stderr\nafter the file\n"
+                                "error: only in the file\n")
+    print("after the block")
+    assert "after the block" not in path.read_text()
+
+
+def test_run_log_without_open_writes_nothing_and_disabled_discards(tmp_path, capsys):
+    with RunLog():
+        print("kept on the console")
+    with RunLog(enabled=False) as log:
+        print("discarded")
+        log.open(str(tmp_path / "x.log"))
+    assert capsys.readouterr().out == "kept on the console\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_silenced_or_redirected_package_logger(tmp_path, capsys):
+    pkg = logging.getLogger(PACKAGE_LOGGER)
+    level = pkg.level
+    with RunLog() as log:
+        log.open(str(tmp_path / "train.log"))
+        pkg.setLevel(logging.WARNING)
+        try:
+            logger.info("silenced")
+            logger.warning("a warning")
+        finally:
+            pkg.setLevel(level)
+        handler = logging.FileHandler(tmp_path / "mine.log")
+        pkg.addHandler(handler)
+        try:
+            logger.info("redirected too")
+        finally:
+            pkg.removeHandler(handler)
+            handler.close()
+    assert capsys.readouterr().out == "a warning\nredirected too\n"
+    assert (tmp_path / "train.log").read_text() == "a warning\nredirected too\n"
+    assert (tmp_path / "mine.log").read_text() == "redirected too\n"
