@@ -10,7 +10,7 @@ somebody else's class is an error.
 from __future__ import annotations
 
 from .adapter import torchreid
-from .data import DATASETS
+from .data import datasets
 from .data.checks import read_image
 from .models import MODELS
 
@@ -31,7 +31,7 @@ def register() -> None:
         factory[name] = fn
 
     registry = tr.image_datasets()
-    for name, cls in DATASETS.items():
+    for name, cls in datasets().items():
         current = registry.get(name)
         if current is None:
             tr.data.register_image_dataset(name, cls)

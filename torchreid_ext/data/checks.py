@@ -1,13 +1,28 @@
 """Fail-fast checks on data, run before any long work.
 
 Torchreid, given a missing dataset folder, tries to download from a URL that is dead
-(leaving an empty folder behind), and given an unreadable image, retries it forever.
-These checks turn both into one clear error.
+(leaving an empty folder behind); given an empty split folder, a file name outside the
+dataset's pattern or a one-identity training set, it fails with a bare IndexError,
+AttributeError or AssertionError; given an unreadable image, it retries it forever; and a
+target whose queries have no match in the gallery, or a truncated JPEG, is found only at
+the final test, after training. These checks turn each into one clear error:
+
+* before data loading: :func:`check_dataset_present`, :func:`scan_image_folders` (split
+  folders of Market-1501-style datasets: non-empty, names parse, identity count) and
+  :func:`check_train_identities`;
+* on the lists the data manager built: :func:`check_queries` and :func:`check_images`
+  (every file opens; with ``decode`` every pixel decodes, which finds truncated files).
 """
 from __future__ import annotations
 
+import glob
+import logging
+import os
 import os.path as osp
-from typing import Iterable, Optional
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from PIL import Image
 
@@ -15,16 +30,29 @@ from ..adapter import torchreid
 
 __all__ = [
     "DatasetNotFound",
+    "DatasetError",
     "UnreadableImageError",
     "EXPECTED_LAYOUTS",
+    "FolderLayout",
+    "FOLDER_LAYOUTS",
+    "FolderScan",
     "check_dataset_present",
+    "scan_image_folders",
+    "check_train_identities",
+    "check_queries",
     "read_image",
     "check_images",
 ]
 
+logger = logging.getLogger(__name__)
+
 
 class DatasetNotFound(FileNotFoundError):
     pass
+
+
+class DatasetError(ValueError):
+    """A dataset is present but cannot be trained or evaluated on as it is."""
 
 
 class UnreadableImageError(OSError):
@@ -44,6 +72,38 @@ EXPECTED_LAYOUTS = {
                "cuhk03_new_protocol_config_{detected,labeled}.mat in cuhk03/",
                [("cuhk03_release/cuhk-03.mat",)]),
 }
+
+
+@dataclass(frozen=True)
+class FolderLayout:
+    """A dataset stored as Market-1501's split folders of ``<pid>_c<cam>...jpg`` files, as
+    Torchreid's reader for it parses them (pid -1: junk, skipped)."""
+
+    data_dirs: Tuple[str, ...]  # under the dataset dir; the first that exists is used
+    max_pid: Optional[int]  # Torchreid asserts 0 <= pid <= max_pid (None: no bound)
+    max_cam: int  # and 1 <= camera <= max_cam
+    splits: Tuple[str, ...] = ("bounding_box_train", "query", "bounding_box_test")
+    pattern: str = r"([-\d]+)_c(\d)"
+    example: str = "0002_c1s1_000451_03.jpg"
+
+
+FOLDER_LAYOUTS: Dict[str, FolderLayout] = {
+    "market1501": FolderLayout(("Market-1501-v15.09.15", ""), max_pid=1501, max_cam=6),
+    "dukemtmcreid": FolderLayout(("DukeMTMC-reID",), max_pid=None, max_cam=8),
+}
+
+
+@dataclass(frozen=True)
+class FolderScan:
+    """Identities found in each split folder of one dataset (junk excluded)."""
+
+    name: str
+    data_dir: str
+    pids: Dict[str, frozenset]  # split -> identities; the training split first
+
+    @property
+    def train_pids(self) -> frozenset:
+        return next(iter(self.pids.values()))
 
 
 def check_dataset_present(name: str, root: str) -> None:
@@ -73,6 +133,84 @@ def check_dataset_present(name: str, root: str) -> None:
     )
 
 
+def scan_image_folders(name: str, root: str) -> Optional[FolderScan]:
+    """For a dataset with a :data:`FOLDER_LAYOUTS` entry: raise DatasetError on an empty
+    split folder or a file name Torchreid cannot parse (naming the file and the expected
+    pattern), else return the identities of each split. None for other datasets."""
+    layout = FOLDER_LAYOUTS.get(name)
+    if layout is None:
+        return None
+    cls = torchreid().image_datasets()[name]
+    top = osp.join(osp.abspath(osp.expanduser(root)), getattr(cls, "dataset_dir", name))
+    data_dir = next((osp.join(top, d) for d in layout.data_dirs if osp.isdir(osp.join(top, d))), top)
+    pattern = re.compile(layout.pattern)
+    pid_rule = f"0 <= pid <= {layout.max_pid}" if layout.max_pid is not None else "pid >= -1"
+    pids: Dict[str, frozenset] = {}
+    for split in layout.splits:
+        folder = osp.join(data_dir, split)
+        if not osp.isdir(folder):
+            raise DatasetNotFound(f"Dataset '{name}': the split folder '{folder}' does not exist")
+        files = sorted(glob.glob(osp.join(folder, "*.jpg")))
+        if not files:
+            raise DatasetError(f"Dataset '{name}': the split folder '{folder}' holds no .jpg images")
+        found = set()
+        for path in files:
+            m = pattern.search(osp.basename(path))
+            if m is None:
+                raise DatasetError(
+                    f"Dataset '{name}': the image name '{path}' does not fit the pattern "
+                    f"<pid>_c<camera>... (regex '{layout.pattern}', e.g. '{layout.example}')")
+            pid, cam = int(m.group(1)), int(m.group(2))
+            if pid == -1:
+                continue  # junk, skipped by Torchreid
+            if (layout.max_pid is not None and not 0 <= pid <= layout.max_pid) or pid < -1 \
+                    or not 1 <= cam <= layout.max_cam:
+                raise DatasetError(
+                    f"Dataset '{name}': the image name '{path}' gives pid {pid} and camera {cam}; "
+                    f"Torchreid's reader allows {pid_rule} (-1: junk) and 1 <= camera <= {layout.max_cam}")
+            found.add(pid)
+        pids[split] = frozenset(found)
+    return FolderScan(name, data_dir, pids)
+
+
+def check_train_identities(scans: Sequence[FolderScan], min_ids: int, why: str = "",
+                           combineall: bool = False) -> int:
+    """Raise DatasetError unless the training sets of ``scans`` (the sources, summed as
+    Torchreid concatenates them) hold at least ``min_ids`` identities; returns the count.
+    With ``combineall`` a dataset's query and gallery identities (not 0 / -1) count too."""
+    total, parts = 0, []
+    for scan in scans:
+        ids = set(scan.train_pids)
+        if combineall:
+            for found in scan.pids.values():
+                ids |= {p for p in found if p > 0}
+        total += len(ids)
+        parts.append(f"'{scan.name}' has {len(ids)}")
+    if total < min_ids:
+        raise DatasetError(
+            f"the training set ({', '.join(parts)}) has {total} identit{'y' if total == 1 else 'ies'}; "
+            f"training needs at least {min_ids}{why}")
+    return total
+
+
+def check_queries(name: str, query: Sequence[tuple], gallery: Sequence[tuple]) -> int:
+    """Raise DatasetError unless some query of target ``name`` is valid (an image of its
+    identity from another camera is in the gallery); returns the number of valid queries."""
+    cams: Dict[int, set] = {}
+    for item in gallery:
+        cams.setdefault(item[1], set()).add(item[2])
+    valid = sum(1 for item in query if cams.get(item[1], set()) - {item[2]})
+    if valid == 0:
+        raise DatasetError(
+            f"target dataset '{name}': none of its {len(query)} queries has a gallery image of the same "
+            "identity from another camera, so rank-1 and mAP are undefined; check its query and gallery "
+            "folders (identity and camera come from the file names)")
+    if valid < len(query):
+        logger.warning("Target '%s': %d of %d queries have no gallery image of their identity from another "
+                       "camera; the evaluator skips them", name, len(query) - valid, len(query))
+    return valid
+
+
 def read_image(path: str) -> Image.Image:
     """Open an image as RGB, or raise UnreadableImageError naming the file (no retry loop)."""
     try:
@@ -82,16 +220,35 @@ def read_image(path: str) -> Image.Image:
         raise UnreadableImageError(f"cannot read image file '{path}': {exc}") from exc
 
 
-def check_images(paths: Iterable[str], limit: Optional[int] = None) -> int:
-    """Open every image header (cheap: no decoding); raise on the first bad file."""
-    count = 0
-    for path in paths:
-        if limit is not None and count >= limit:
-            break
-        try:
-            with Image.open(path) as img:
+def _image_problem(path: str, decode: bool) -> Optional[str]:
+    try:
+        with Image.open(path) as img:
+            if decode:
+                img.load()  # every pixel: a truncated file fails here
+            else:
                 img.size  # header parsed
-        except (OSError, ValueError, SyntaxError) as exc:
-            raise UnreadableImageError(f"cannot read image file '{path}': {exc}") from exc
-        count += 1
-    return count
+    except (OSError, ValueError, SyntaxError) as exc:
+        return f"cannot read image file '{path}': {exc}"
+    return None
+
+
+def check_images(paths: Iterable[str], limit: Optional[int] = None, decode: bool = False,
+                 workers: Optional[int] = None) -> int:
+    """Open every image (``decode``: and decode it fully, in ``workers`` threads; PIL decodes
+    without the GIL); raise UnreadableImageError on the first bad file in ``paths`` order."""
+    todo: List[str] = list(paths)[:limit] if limit is not None else list(paths)
+    if decode and len(todo) > 64:
+        workers = workers or min(8, os.cpu_count() or 1)
+        pool = ThreadPoolExecutor(workers)
+        try:
+            for problem in pool.map(_image_problem, todo, [True] * len(todo)):
+                if problem:
+                    raise UnreadableImageError(problem)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        return len(todo)
+    for path in todo:
+        problem = _image_problem(path, decode)
+        if problem:
+            raise UnreadableImageError(problem)
+    return len(todo)

@@ -17,7 +17,9 @@ queries: one image from each of two cameras per test identity.
 """
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import os.path as osp
 import shutil
@@ -30,7 +32,9 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from ..adapter import torchreid
 
-__all__ = ["SynthSpec", "generate", "ensure_generated", "SyntheticReID", "SyntheticReIDSmall"]
+__all__ = ["SynthSpec", "generate", "ensure_generated", "dataset_classes", "SyntheticReID", "SyntheticReIDSmall"]
+
+logger = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1
 MARKER = "GENERATED.json"
@@ -298,7 +302,8 @@ def ensure_generated(dataset_dir: str, spec: SynthSpec = SynthSpec()) -> str:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".synthreid-", dir=parent)
     try:
-        print(f"Generating SynthReID (synthetic, seed {spec.seed}) into '{dataset_dir}' ...")
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the folder is the dataset's
+        logger.info("Generating SynthReID (synthetic, seed %d) into '%s' ...", spec.seed, dataset_dir)
         counts = generate(tmp, spec)
         with open(osp.join(tmp, MARKER), "w") as f:
             json.dump({**want, "counts": counts}, f)
@@ -312,38 +317,60 @@ def ensure_generated(dataset_dir: str, spec: SynthSpec = SynthSpec()) -> str:
     return dataset_dir
 
 
-_Market1501 = torchreid().datasets.Market1501
+def _umask() -> int:
+    """The process's umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
-class SyntheticReID(_Market1501):
-    """Torchreid image dataset ``synthreid``: generated on first use under ``<root>/synthreid``.
+@functools.lru_cache(maxsize=None)
+def dataset_classes() -> Dict[str, type]:
+    """``{'synthreid': SyntheticReID, 'synthreid_small': SyntheticReIDSmall}``: Torchreid dataset
+    classes, made on first use (they subclass Torchreid's Market1501, which is looked up then,
+    not when this module is imported)."""
+    market1501 = torchreid().datasets.Market1501
 
-    Parsing is Torchreid's own Market-1501 code; only the download step is replaced by
-    generation. Lists are sorted so sampling order does not depend on the file system.
-    """
+    class SyntheticReID(market1501):
+        """Torchreid image dataset ``synthreid``: generated on first use under ``<root>/synthreid``.
 
-    dataset_dir = "synthreid"
-    dataset_url = None
-    generated = True  # data.checks: nothing to download
-    spec = SynthSpec()
+        Parsing is Torchreid's own Market-1501 code; only the download step is replaced by
+        generation. Lists are sorted so sampling order does not depend on the file system.
+        """
 
-    def __init__(self, root: str = "", **kwargs):
-        self.root = osp.abspath(osp.expanduser(root))
-        self.dataset_dir = ensure_generated(osp.join(self.root, type(self).dataset_dir), self.spec)
-        self.data_dir = self.dataset_dir
-        self.train_dir = osp.join(self.data_dir, "bounding_box_train")
-        self.query_dir = osp.join(self.data_dir, "query")
-        self.gallery_dir = osp.join(self.data_dir, "bounding_box_test")
-        train = sorted(self.process_dir(self.train_dir, relabel=True))
-        query = sorted(self.process_dir(self.query_dir, relabel=False))
-        gallery = sorted(self.process_dir(self.gallery_dir, relabel=False))
-        kwargs.pop("market1501_500k", None)
-        # Skip Market1501.__init__ (it would try to download); go to ImageDataset's.
-        super(_Market1501, self).__init__(train, query, gallery, **kwargs)
+        dataset_dir = "synthreid"
+        dataset_url = None
+        generated = True  # data.checks: nothing to download
+        spec = SynthSpec()
+
+        def __init__(self, root: str = "", **kwargs):
+            self.root = osp.abspath(osp.expanduser(root))
+            self.dataset_dir = ensure_generated(osp.join(self.root, type(self).dataset_dir), self.spec)
+            self.data_dir = self.dataset_dir
+            self.train_dir = osp.join(self.data_dir, "bounding_box_train")
+            self.query_dir = osp.join(self.data_dir, "query")
+            self.gallery_dir = osp.join(self.data_dir, "bounding_box_test")
+            train = sorted(self.process_dir(self.train_dir, relabel=True))
+            query = sorted(self.process_dir(self.query_dir, relabel=False))
+            gallery = sorted(self.process_dir(self.gallery_dir, relabel=False))
+            kwargs.pop("market1501_500k", None)
+            # Skip Market1501.__init__ (it would try to download); go to ImageDataset's.
+            super(market1501, self).__init__(train, query, gallery, **kwargs)
+
+    class SyntheticReIDSmall(SyntheticReID):
+        """``synthreid_small``: 24 + 24 identities, for smoke tests and CI (seconds per epoch)."""
+
+        dataset_dir = "synthreid_small"
+        spec = SynthSpec(num_train_ids=24, num_test_ids=24, num_distractors=20, num_junk=5, seed=1)
+
+    for cls in (SyntheticReID, SyntheticReIDSmall):  # picklable as torchreid_ext.data.synthetic.<name>
+        cls.__module__, cls.__qualname__ = __name__, cls.__name__
+    return {"synthreid": SyntheticReID, "synthreid_small": SyntheticReIDSmall}
 
 
-class SyntheticReIDSmall(SyntheticReID):
-    """``synthreid_small``: 24 + 24 identities, for smoke tests and CI (seconds per epoch)."""
-
-    dataset_dir = "synthreid_small"
-    spec = SynthSpec(num_train_ids=24, num_test_ids=24, num_distractors=20, num_junk=5, seed=1)
+def __getattr__(name: str):
+    """``SyntheticReID`` / ``SyntheticReIDSmall``, made on first access."""
+    classes = {cls.__name__: cls for cls in dataset_classes().values()} if name.startswith("Synthetic") else {}
+    if name in classes:
+        return classes[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
