@@ -12,6 +12,11 @@ TORCHREID_RUNTIME = [
     "six",
 ]
 
+# scripts/export.py (ONNX through torch's torch.export-based exporter, which needs onnxscript;
+# onnxruntime checks every exported file). Tested: onnx 1.23.2, onnxruntime 1.32.0, onnxscript 0.7.2
+# with torch 2.14.1. The test extra includes them, so CI runs the export parity tests.
+DEPLOY = ["onnx", "onnxruntime", "onnxscript"]
+
 setup(
     name="torchreid-ext",
     version="0.1.0",
@@ -34,6 +39,6 @@ setup(
         "tqdm",
         *TORCHREID_RUNTIME,
     ],
-    extras_require={"test": ["pytest>=7", "pytest-timeout"]},
+    extras_require={"deploy": DEPLOY, "test": ["pytest>=7", "pytest-timeout", *DEPLOY]},
     entry_points={"console_scripts": ["torchreid-ext=torchreid_ext.cli:main"]},
 )

@@ -1,0 +1,130 @@
+"""Command lines of ``scripts/extract.py``, ``scripts/evaluate.py`` and ``scripts/export.py``.
+
+Each ``*_main(argv)`` returns the exit status: 0 on success, 2 for bad input (one line on
+stderr naming the problem, nothing written; argparse's own errors exit 2 too), 1 when an
+exported file fails its check against PyTorch. ``TORCHREID_EXT_TRACEBACK=1`` re-raises instead.
+Trailing ``KEY VALUE`` pairs override the config as in ``scripts/main.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+from .errors import ExportCheckError
+from .images import SPLITS
+
+__all__ = ["extract_main", "evaluate_main", "export_main"]
+
+
+def _user_errors() -> tuple:
+    """Exceptions that mean bad input (exit 2)."""
+    from ..builders import PretrainedWeightsUnavailable
+    from ..checkpoint import CheckpointError
+    from ..config import ConfigError
+    from ..data.checks import DatasetNotFound, UnreadableImageError
+    from ..models.msfl import BackboneWeightsError
+    from .errors import DeployInputError, MissingDependencyError
+
+    return (ConfigError, KeyError, FileNotFoundError, CheckpointError, DatasetNotFound, UnreadableImageError,
+            DeployInputError, MissingDependencyError, BackboneWeightsError, PretrainedWeightsUnavailable)
+
+
+def _run(step) -> int:
+    try:
+        step()
+    except _user_errors() as exc:
+        if os.environ.get("TORCHREID_EXT_TRACEBACK"):
+            raise
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"error: {msg} (set TORCHREID_EXT_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        return 2
+    except ExportCheckError as exc:
+        if os.environ.get("TORCHREID_EXT_TRACEBACK"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
+
+
+def extract_main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description="Extract features of a folder or a dataset split to HDF5")
+    p.add_argument("--config", default="", help="YAML config of the model (default: the built-in defaults)")
+    p.add_argument("--weights", default="", help="checkpoint (ours or Torchreid's); default: model.load_weights, "
+                   "else the newest in <data.save_dir>/model")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="folder of images (searched recursively)")
+    src.add_argument("--dataset", help="registered dataset name (under data.root); needs --split")
+    p.add_argument("--split", choices=SPLITS, help="split of --dataset")
+    p.add_argument("--out", required=True, help="output HDF5 file (its folder must exist)")
+    _opts(p)
+    args = p.parse_args(argv)
+    if args.dataset and not args.split:
+        p.error("--dataset needs --split (query, gallery or train)")
+    if args.images and args.split:
+        p.error("--split goes with --dataset, not --images")
+
+    def step():
+        from ..config import load_config
+        from .extract import extract_features
+
+        cfg = load_config(args.config, args.opts)
+        extract_features(cfg, args.out, images=args.images, dataset=args.dataset, split=args.split,
+                         weights=args.weights)  # logs what it wrote
+
+    return _run(step)
+
+
+def evaluate_main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description="Evaluate saved query / gallery features (scripts/extract.py output)")
+    p.add_argument("--query", required=True, help="query features (HDF5)")
+    p.add_argument("--gallery", required=True, help="gallery features (HDF5)")
+    p.add_argument("--out", default="", help="folder for metrics.json (default: the query file's folder)")
+    p.add_argument("--no-write", action="store_true", help="print only; write no metrics.json")
+    _opts(p)
+    args = p.parse_args(argv)
+
+    def step():
+        from .evaluate import evaluate_files, format_results
+
+        record = evaluate_files(args.query, args.gallery, args.opts, out_dir=args.out or None,
+                                write=not args.no_write, progress=True)
+        print(f"Evaluated {record['num_query']} query and {record['num_gallery']} gallery features "
+              f"of '{record['model']}'")
+        print(format_results(record["results"], record["ranks"]))
+        if record["metrics_file"]:
+            print(f"Metrics written to '{record['metrics_file']}'")
+
+    return _run(step)
+
+
+def export_main(argv: Optional[List[str]] = None) -> int:
+    from .export import FORMATS
+
+    p = argparse.ArgumentParser(description="Export the eval-mode model (image -> embedding) and check it")
+    p.add_argument("--config", default="", help="YAML config of the model (default: the built-in defaults)")
+    p.add_argument("--weights", default="", help="checkpoint (ours or Torchreid's); default: model.load_weights, "
+                   "else the newest in <data.save_dir>/model")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--out", required=True, help="output file (its folder must exist)")
+    p.add_argument("--height", type=int, default=None, help="input height (default: data.height)")
+    p.add_argument("--width", type=int, default=None, help="input width (default: data.width)")
+    p.add_argument("--check-image", default=None,
+                   help="image for the check (default: the first query image of data.targets[0])")
+    _opts(p)
+    args = p.parse_args(argv)
+
+    def step():
+        from ..config import load_config
+        from .export import export_model
+
+        cfg = load_config(args.config, args.opts)
+        export_model(cfg, args.out, args.format, weights=args.weights, height=args.height, width=args.width,
+                     check_image=args.check_image)  # logs the check's max |difference|
+
+    return _run(step)

@@ -1,0 +1,158 @@
+"""Evaluate saved query / gallery features: the engine's evaluation, without the model.
+
+The test options come from the config saved in the query file (the one the features were
+extracted with) plus ``KEY VALUE`` overrides (``test.dist_metric``, ``test.normalize_feature``,
+``test.rerank`` ..., ``test.ranks``); the metrics are computed by
+:func:`torchreid_ext.metrics.evaluate_test_features` with
+:meth:`~torchreid_ext.metrics.EvaluationOptions.from_config`, the function the engine's
+evaluation calls, so features extracted from a trained run give the engine's numbers.
+
+``metrics.json`` goes to ``out_dir`` (default: the query file's folder). A ``metrics.json`` there
+that this tool did not write (a training run's record) is never overwritten.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os.path as osp
+from typing import Any, Dict, Optional, Sequence
+
+import numpy as np
+import yaml
+
+from ..config import CN, ConfigError, get_default_config, merge_dict, merge_from_list
+from .errors import DeployInputError, FeatureFileError
+from .model import model_device
+from .saved_features import FeatureSet, load_features
+
+__all__ = ["METRICS_FILE", "config_of", "evaluate_saved", "evaluate_files", "format_results", "results_dict"]
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+KIND = "saved_features_evaluation"  # marks a metrics.json written here (safe to overwrite)
+
+
+def config_of(fs: FeatureSet, opts: Sequence[str] = ()) -> CN:
+    """The config saved with ``fs`` (defaults if none) with ``KEY VALUE`` overrides applied."""
+    cfg = get_default_config()
+    if fs.config:
+        try:
+            data = yaml.safe_load(fs.config) or {}
+        except yaml.YAMLError as exc:
+            raise FeatureFileError(f"features file '{fs.path}': its config is not valid YAML ({exc})") from exc
+        merge_dict(cfg, data, where=f" in the config saved in '{fs.path}'")
+    merge_from_list(cfg, list(opts))
+    return cfg
+
+
+def _check_pair(query: FeatureSet, gallery: FeatureSet) -> None:
+    """Both labelled, and extracted by the same model, weights, size and flip setting."""
+    for role, fs in (("query", query), ("gallery", gallery)):
+        if not fs.has_labels:
+            raise FeatureFileError(
+                f"{role} features '{fs.path}' have no pids / camids ({fs.meta.get('source', 'unknown source')}); "
+                "evaluation needs features of a dataset split (scripts/extract.py --dataset NAME --split ...)")
+    if query.features.shape[1] != gallery.features.shape[1]:
+        raise FeatureFileError(f"query features are {query.features.shape[1]}-d, gallery features "
+                               f"{gallery.features.shape[1]}-d: they come from different models")
+    if query.model_name != gallery.model_name:
+        raise FeatureFileError(f"query features come from model '{query.model_name}', gallery features from "
+                               f"'{gallery.model_name}'; extract both with the same model")
+    qw, gw = query.meta.get("weights_sha256", ""), gallery.meta.get("weights_sha256", "")
+    if qw != gw:
+        raise FeatureFileError(f"query features were extracted with weights '{query.meta.get('weights', '')}', "
+                               f"gallery features with '{gallery.meta.get('weights', '')}' (different files); "
+                               "extract both with the same weights")
+    for key in ("flip", "height", "width"):
+        if query.meta.get(key) != gallery.meta.get(key):
+            logger.warning("query and gallery features differ in %s (%s vs %s)", key, query.meta.get(key),
+                           gallery.meta.get(key))
+
+
+def results_dict(result, ranks: Sequence[int]) -> Dict[str, Any]:
+    """A :class:`~torchreid_ext.metrics.RankResult` as the engine records it (metrics.json)."""
+    cmc = np.asarray(result.cmc)
+    return {"rank1": float(cmc[0]), **{f"rank{r}": float(cmc[r - 1]) for r in ranks},
+            "mAP": float(result.mAP), "mINP": None if result.mINP is None else float(result.mINP),
+            "num_valid_queries": None if result.num_valid_queries is None else int(result.num_valid_queries),
+            "cmc": [float(c) for c in cmc[: max(ranks)]]}
+
+
+def format_results(res: Dict[str, Any], ranks: Sequence[int]) -> str:
+    """The results block the engine prints after an evaluation."""
+    lines = ["** Results **", f"mAP: {res['mAP']:.1%}"]
+    if res.get("mINP") is not None:
+        lines.append(f"mINP: {res['mINP']:.1%}")
+    lines.append("CMC curve")
+    lines += [f"Rank-{r:<3}: {res['cmc'][r - 1]:.1%}" for r in ranks]
+    return "\n".join(lines)
+
+
+def _ranks(cfg) -> list:
+    ranks = [int(r) for r in cfg.test.ranks]
+    if not ranks or any(r < 1 for r in ranks):
+        raise ConfigError(f"test.ranks = {list(cfg.test.ranks)}: ranks start at 1")
+    return ranks
+
+
+def evaluate_saved(query: FeatureSet, gallery: FeatureSet, cfg: Optional[CN] = None,
+                   progress: bool = False) -> Dict[str, Any]:
+    """Metrics of saved features with ``cfg``'s test options (default: the query's saved config),
+    as the engine's evaluation returns them (``rank1``, ``rank<r>``, ``mAP``, ``mINP``, ``cmc`` ...)."""
+    from ..metrics import EvaluationOptions, evaluate_test_features
+
+    _check_pair(query, gallery)
+    cfg = config_of(query) if cfg is None else cfg
+    ranks = _ranks(cfg)
+    try:
+        options = EvaluationOptions.from_config(cfg, progress=progress)
+    except ValueError as exc:
+        raise ConfigError(f"test options: {exc}") from exc
+    device = model_device(cfg)
+    import torch
+
+    result = evaluate_test_features(
+        torch.from_numpy(query.features).to(device), torch.from_numpy(gallery.features).to(device),
+        query.pids, gallery.pids, query.camids, gallery.camids, options)
+    return results_dict(result, ranks)
+
+
+def _metrics_path(out_dir: str) -> str:
+    if not osp.isdir(out_dir):
+        raise FileNotFoundError(f"output folder '{out_dir}' does not exist (create it first)")
+    path = osp.join(out_dir, METRICS_FILE)
+    if osp.exists(path):
+        try:
+            with open(path) as f:
+                kind = json.load(f).get("kind")
+        except (OSError, ValueError, AttributeError):
+            kind = None
+        if kind != KIND:
+            raise DeployInputError(f"'{path}' exists and was not written by the saved-features evaluation (a "
+                                   "training run's record?); it is left alone: choose another output folder")
+    return path
+
+
+def evaluate_files(query: str, gallery: str, opts: Sequence[str] = (), out_dir: Optional[str] = None,
+                   write: bool = True, progress: bool = False) -> Dict[str, Any]:
+    """Evaluate two feature files (``scripts/extract.py`` output) with the query file's config and
+    ``opts`` overrides; write ``<out_dir>/metrics.json`` (default: the query file's folder) unless
+    ``write`` is False. Returns ``{"results", "ranks", "options", "metrics_file", ...}``."""
+    from ..engines.base import write_json_atomic
+    from ..metrics import EvaluationOptions
+
+    q, g = load_features(query), load_features(gallery)
+    cfg = config_of(q, opts)
+    path = _metrics_path(osp.abspath(out_dir or osp.dirname(q.path))) if write else ""
+    res = evaluate_saved(q, g, cfg, progress=progress)
+    record = {
+        "kind": KIND, "query": q.path, "gallery": g.path, "model": q.model_name,
+        "weights": q.meta.get("weights", ""), "overrides": list(opts), "ranks": _ranks(cfg),
+        "options": EvaluationOptions.from_config(cfg).as_dict(), "num_query": int(q.features.shape[0]),
+        "num_gallery": int(g.features.shape[0]), "results": res, "metrics_file": path,
+    }
+    if write:
+        write_json_atomic(record, path)
+        logger.info("Wrote '%s'", path)
+    return record

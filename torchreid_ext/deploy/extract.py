@@ -1,0 +1,90 @@
+"""Feature extraction for files: a trained model over a folder or a dataset split -> HDF5.
+
+Features are computed by :func:`torchreid_ext.features.extract_loader` (the engine's own
+extraction) with the config's ``test.flip``, ``test.batch_size``, ``data.workers``, device
+(``use_gpu``), ``train.amp`` and ``train.channels_last``, on images read with Torchreid's test
+transform at ``data.height`` x ``data.width``: features of a dataset's query and gallery equal
+those the engine evaluates.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from ..features import extract_loader
+from .errors import DeployInputError, check_output_path
+from .images import SPLITS, CheckedBatches, dataset_images, eval_transform, folder_images, image_loader
+from .model import build_eval_model, file_sha256, model_device, resolve_weights
+from .saved_features import FeatureSet, save_features
+
+__all__ = ["extract_features"]
+
+logger = logging.getLogger(__name__)
+
+
+def _autocast(cfg, device: torch.device):
+    """The engine's evaluation autocast for ``train.amp`` (a no-op for 'none')."""
+    from ..engines.base import AMP_DTYPES
+
+    dtype = AMP_DTYPES[cfg.train.amp]
+    if dtype is None:
+        return None
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def extract_features(
+    cfg,
+    out: Optional[str] = None,
+    *,
+    images: Optional[str] = None,
+    dataset: Optional[str] = None,
+    split: Optional[str] = None,
+    weights: str = "",
+    progress: bool = True,
+) -> FeatureSet:
+    """Features of the images in folder ``images``, or of ``split`` of registered ``dataset``.
+
+    ``weights``: a checkpoint of ours or Torchreid's (default: ``model.load_weights``, else the
+    newest in ``<data.save_dir>/model``). Writes ``out`` (HDF5, see
+    :mod:`~torchreid_ext.deploy.saved_features`) when given and returns the :class:`FeatureSet`.
+    Every input is checked (output folder, weights file, images, dataset, split) before the
+    model is built; nothing is written unless extraction succeeds.
+    """
+    if (images is None) == (dataset is None):
+        raise DeployInputError("give either images (a folder) or dataset (a registered dataset name, with split)")
+    if dataset is not None and split not in SPLITS:
+        raise DeployInputError(f"split = {split!r} is not valid; choose one of {list(SPLITS)}")
+    if images is None and split is None:
+        raise DeployInputError("dataset needs split")
+    if out is not None:
+        out = check_output_path(out, "features file")
+    weights_path = resolve_weights(cfg, weights)
+    image_set = folder_images(images) if images is not None else dataset_images(cfg, dataset, split)
+    transform = eval_transform(cfg.data.height, cfg.data.width, cfg.data.norm_mean, cfg.data.norm_std)
+    device = model_device(cfg)
+    model, weights_path = build_eval_model(cfg, weights_path, device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    flip = bool(cfg.test.get("flip", False))
+    loader = image_loader(image_set, transform, cfg.data.height, cfg.data.width, cfg.test.batch_size,
+                          workers=cfg.data.workers, pin_memory=device.type == "cuda")
+    logger.info("Extracting %d images (%s) with '%s'%s on %s", len(image_set.paths), image_set.source,
+                cfg.model.name, " (flip)" if flip else "", device)
+    feats, _, _ = extract_loader(model, CheckedBatches(loader), device, flip=flip,
+                                 autocast=_autocast(cfg, device), channels_last=cfg.train.channels_last,
+                                 desc="features", progress=progress)
+    from .. import __version__
+
+    fs = FeatureSet(
+        features=feats.numpy(), paths=image_set.paths, pids=image_set.pids, camids=image_set.camids,
+        model_name=cfg.model.name, config=cfg.dump(),
+        meta={"source": image_set.source, "weights": weights_path, "weights_sha256": file_sha256(weights_path),
+              "flip": flip, "height": int(cfg.data.height), "width": int(cfg.data.width),
+              "torchreid_ext_version": __version__},
+    )
+    if out is not None:
+        save_features(fs, out)
+        logger.info("Saved %d x %d features to '%s'", *fs.features.shape, out)
+    return fs

@@ -1,0 +1,128 @@
+"""Saved features: one HDF5 file per image set (``scripts/extract.py`` writes, ``evaluate.py`` reads).
+
+Layout (``format_version`` 1)::
+
+    features   float32  N x D   embeddings as the model returns them (not normalised)
+    paths      utf-8    N       image paths, in extraction order
+    pids       int64    N       identities   } only when the images come from a dataset
+    camids     int64    N       camera ids   }
+    config     utf-8    scalar  the full config of the extraction, as YAML
+    attrs: format_version, model_name, source ("folder:<path>" | "dataset:<name>/<split>"),
+           weights (path or ''), weights_sha256, flip, height, width, torchreid_ext_version
+
+Files are written to a temporary name and renamed into place: an interrupted extraction
+leaves no partial file.
+"""
+from __future__ import annotations
+
+import os
+import os.path as osp
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from .errors import FeatureFileError, check_output_path
+
+__all__ = ["FORMAT_VERSION", "FeatureSet", "save_features", "load_features"]
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class FeatureSet:
+    """Features of an image set with what is needed to evaluate or reproduce them."""
+
+    features: np.ndarray  # float32, N x D
+    paths: List[str]
+    pids: Optional[np.ndarray] = None  # int64, N (None: unknown)
+    camids: Optional[np.ndarray] = None
+    model_name: str = ""
+    config: str = ""  # YAML of the config
+    meta: Dict[str, Any] = field(default_factory=dict)  # the other attrs (see the module docstring)
+    path: str = ""  # the file it was loaded from (not saved)
+
+    def __post_init__(self) -> None:
+        self.features = np.asarray(self.features, dtype=np.float32)
+        if self.features.ndim != 2:
+            raise FeatureFileError(f"features must be N x D, got shape {self.features.shape}")
+        n = self.features.shape[0]
+        for name in ("pids", "camids"):
+            value = getattr(self, name)
+            if value is not None:
+                value = np.asarray(value, dtype=np.int64)
+                setattr(self, name, value)
+                if value.shape != (n,):
+                    raise FeatureFileError(f"{name} has shape {value.shape}; expected ({n},)")
+        if len(self.paths) != n:
+            raise FeatureFileError(f"{len(self.paths)} paths for {n} feature rows")
+
+    @property
+    def has_labels(self) -> bool:
+        return self.pids is not None and self.camids is not None
+
+
+def save_features(fs: FeatureSet, path: str) -> str:
+    """Write ``fs`` to ``path`` (HDF5) atomically; return the absolute path."""
+    import h5py
+
+    path = check_output_path(path, "features file")
+    tmp = osp.join(osp.dirname(path), f".{osp.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("features", data=fs.features)
+            f.create_dataset("paths", data=list(fs.paths), dtype=h5py.string_dtype("utf-8"))
+            if fs.pids is not None:
+                f.create_dataset("pids", data=fs.pids)
+            if fs.camids is not None:
+                f.create_dataset("camids", data=fs.camids)
+            f.create_dataset("config", data=fs.config, dtype=h5py.string_dtype("utf-8"))
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["model_name"] = fs.model_name
+            for key, value in fs.meta.items():
+                f.attrs[key] = value
+        os.replace(tmp, path)
+    finally:
+        if osp.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def load_features(path: str) -> FeatureSet:
+    """Read a file written by :func:`save_features`."""
+    import h5py
+
+    if not osp.isfile(path):
+        raise FileNotFoundError(f"features file '{path}' does not exist")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise FeatureFileError(f"features file '{path}' is not an HDF5 file ({exc})") from exc
+    with f:
+        missing = [k for k in ("features", "paths") if k not in f]
+        if missing:
+            raise FeatureFileError(f"features file '{path}' lacks {missing}; was it written by scripts/extract.py?")
+        version = int(f.attrs.get("format_version", 0))
+        if version > FORMAT_VERSION:
+            raise FeatureFileError(f"features file '{path}' has format_version {version}; this version of "
+                                   f"torchreid_ext reads up to {FORMAT_VERSION}")
+        meta = {k: _plain(f.attrs[k]) for k in f.attrs if k not in ("format_version", "model_name")}
+        return FeatureSet(
+            features=f["features"][()],
+            paths=list(f["paths"].asstr()[()]),
+            pids=f["pids"][()] if "pids" in f else None,
+            camids=f["camids"][()] if "camids" in f else None,
+            model_name=str(_plain(f.attrs.get("model_name", ""))),
+            config=f["config"].asstr()[()] if "config" in f else "",
+            meta=meta,
+            path=osp.abspath(path),
+        )
+
+
+def _plain(value: Any) -> Any:
+    """HDF5 attribute -> Python value (numpy scalars and bytes unwrapped)."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
