@@ -241,10 +241,20 @@ def _kaiming_init(module: nn.Module) -> None:
 
 # ---------------------------------------------------------------- ImageNet weights (M7)
 
+# Torchreid's resnet50 caches ImageNet weights under this name (torchvision's first ResNet50
+# release, the same tensor names); a Torchreid user's cache holds it, not torchvision's file.
+TORCHREID_RESNET50_FILE = "resnet50-19c8e357.pth"
+
+
 def _imagenet_state_dict() -> Tuple[Mapping[str, torch.Tensor], str]:
-    """torchvision's IMAGENET1K_V1 ResNet50 through torch hub (cache, else download)."""
+    """ImageNet ResNet50 from torch hub's cache: torchvision's IMAGENET1K_V1 file, else
+    Torchreid's; with neither, torchvision's is downloaded."""
     weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V1
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(weights.url).path))
+    hub = os.path.join(torch.hub.get_dir(), "checkpoints")
+    cached = os.path.join(hub, os.path.basename(urlparse(weights.url).path))
+    for path in (cached, os.path.join(hub, TORCHREID_RESNET50_FILE)):
+        if os.path.isfile(path):
+            return _read_state_dict(path, what="cached ImageNet weights"), path
     try:
         state = weights.get_state_dict(progress=True, check_hash=True)
     except (OSError, urllib.error.URLError) as exc:  # offline: DNS / connection / HTTP errors
@@ -257,20 +267,23 @@ def _imagenet_state_dict() -> Tuple[Mapping[str, torch.Tensor], str]:
     return state, cached
 
 
-def _read_state_dict(path: str) -> Mapping[str, torch.Tensor]:
-    """A local state dict: raw or under 'state_dict'; 'module.' prefixes stripped."""
+def _read_state_dict(path: str, what: str = "model.backbone_weights") -> Mapping[str, torch.Tensor]:
+    """A local state dict (through the safe loader): raw or under 'state_dict'; 'module.'
+    prefixes stripped. ``what`` names the file in errors."""
+    from ..checkpoint import CheckpointError, load_checkpoint
+
     path = os.path.expanduser(path)
     if not os.path.isfile(path):
-        raise BackboneWeightsError(f"model.backbone_weights: file '{path}' does not exist")
+        raise BackboneWeightsError(f"{what}: file '{path}' does not exist")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle / zip errors vary by torch version
-        raise BackboneWeightsError(f"model.backbone_weights: cannot read '{path}' ({exc})") from exc
+        obj = load_checkpoint(path)
+    except CheckpointError as exc:
+        raise BackboneWeightsError(f"{what}: cannot read '{path}' ({exc})") from exc
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
         raise BackboneWeightsError(
-            f"model.backbone_weights: '{path}' holds a {type(obj).__name__}, not a state dict"
+            f"{what}: '{path}' holds a {type(obj).__name__}, not a state dict"
         )
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
 
