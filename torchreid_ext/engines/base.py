@@ -8,8 +8,10 @@ contract of ``forward_backward``. Replaced:
 * evaluation: the fast evaluator (``test.evaluator: fast``, chunked, adds mINP) or
   Torchreid's (``torchreid``), a progress bar on feature extraction, ``Test/<ds>/mINP``;
 * checkpoints: atomic, weights-only-safe, with RNG state, every ``checkpoint_freq``
-  epochs (older rolling ones pruned; evaluation epochs kept), so ``model.resume`` ends
-  with the same weights as an uninterrupted run;
+  epochs (older rolling ones pruned, also the one a resumed run started from; evaluation
+  epochs and the last kept), so ``model.resume`` ends with the same weights as an
+  uninterrupted run. The last epoch's is written before the final evaluation (an evaluation
+  that fails loses no training: resuming it only evaluates) and updated with its rank-1;
 * ``metrics.json`` in the save dir: run info plus every evaluation's results
   (``metrics-test.json`` for evaluation-only runs);
 * scale-out (``train.amp``, ``train.channels_last``, DDP): :meth:`autocast` around the
@@ -53,7 +55,15 @@ AMP_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 logger = logging.getLogger(__name__)
 
-_tr = torchreid()
+
+class _TorchreidOnUse:
+    """``_tr.<name>`` is ``torchreid().<name>``, fetched when used, not at import."""
+
+    def __getattr__(self, name: str):
+        return getattr(torchreid(), name)
+
+
+_tr = _TorchreidOnUse()
 
 
 def write_json_atomic(obj: Any, path: str) -> None:
@@ -87,7 +97,7 @@ class EvalOptions(NamedTuple):
     rerank: bool = False
 
 
-class ReIDEngine(_tr.engine.Engine):
+class ReIDEngine(torchreid().engine.Engine):
     """Base engine; subclasses implement ``forward_backward(data) -> dict``."""
 
     def __init__(
@@ -216,6 +226,9 @@ class ReIDEngine(_tr.engine.Engine):
         returns the last evaluation's results per target dataset."""
         if visrank and not test_only:
             raise ValueError("visrank can be set to True only if test_only=True")
+        if not test_only and start_epoch > max_epoch:
+            raise ValueError(f"start_epoch = {start_epoch} is past max_epoch = {max_epoch}: the run already "
+                             f"finished at epoch {start_epoch}; evaluate it with test_only=True")
         self.save_dir = save_dir
         # an evaluation-only run must not overwrite the training run's record
         self.metrics_file = "metrics-test.json" if test_only else "metrics.json"
@@ -235,7 +248,8 @@ class ReIDEngine(_tr.engine.Engine):
                 return self.last_results
             time_start = time.time()
             self.start_epoch, self.max_epoch = start_epoch, max_epoch
-            print("=> Start training")
+            self._rolling_checkpoint = self._resumed_rolling_checkpoint(save_dir)
+            logger.info("=> Start training")
             rank1 = 0.0
             for self.epoch in range(start_epoch, max_epoch):
                 t0 = time.time()
@@ -254,11 +268,20 @@ class ReIDEngine(_tr.engine.Engine):
                 if evaluate or (periodic and not last):
                     self.save_model(self.epoch, rank1, save_dir, keep=evaluate)
             if max_epoch > 0:
-                print("=> Final test")
-                self.epoch = max(max_epoch - 1, start_epoch)
+                self.epoch = max_epoch - 1
+                # saved before the final evaluation, so that its failure loses no training;
+                # a resumed run that had finished training (start_epoch = max_epoch) only evaluates
+                state = self.checkpoint_state(self.epoch, rank1) if self.is_main_process else None
+                if start_epoch < max_epoch:
+                    self.save_model(self.epoch, rank1, save_dir, keep=True, state=state)
+                logger.info("=> Final test")
+                # a re-evaluation replaces the earlier record of this epoch
+                self.history = [e for e in self.history if e.get("epoch") != max_epoch]
                 rank1 = self.test(**test_kwargs)
-                self.save_model(max_epoch - 1, rank1, save_dir, keep=True)
-            print(f"Elapsed {datetime.timedelta(seconds=round(time.time() - time_start))}")
+                if state is not None:  # the last checkpoint records its evaluation (Torchreid's rank1)
+                    state.update(rank1=float(rank1), history=self.history)
+                    self.save_model(self.epoch, rank1, save_dir, keep=True, state=state, note="updated")
+            logger.info("Elapsed %s", datetime.timedelta(seconds=round(time.time() - time_start)))
             return self.last_results
         finally:
             if self.writer is not None:
@@ -266,35 +289,40 @@ class ReIDEngine(_tr.engine.Engine):
                 self.writer = None
 
     def checkpoint_state(self, epoch: int, rank1: float) -> Dict[str, Any]:
+        """Everything a resume needs after ``epoch`` (0-based), with ``max_epoch`` of the run."""
         model = self.model.module if hasattr(self.model, "module") else self.model
         state = {
             "state_dict": model.state_dict(),
             "epoch": epoch + 1,
+            "max_epoch": getattr(self, "max_epoch", None),
             "rank1": float(rank1),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "rng": capture_rng_state(),
             "train_seconds": self._train_seconds,
             "train_images": self._train_images,
-            "history": self.history,
+            "history": list(self.history),
         }
         for key, obj in self.extra_state.items():
             if obj is not None:
                 state[key] = obj.state_dict()
         return state
 
-    def save_model(self, epoch: int, rank1: float, save_dir: str, is_best: bool = False, keep: bool = True) -> None:
-        """Save ``<save_dir>/model/model.pth.tar-<epoch+1>`` atomically (Torchreid's name).
+    def save_model(self, epoch: int, rank1: float, save_dir: str, is_best: bool = False, keep: bool = True,
+                   state: Optional[Dict[str, Any]] = None, note: str = "saved to") -> None:
+        """Save ``<save_dir>/model/model.pth.tar-<epoch+1>`` atomically (Torchreid's name);
+        ``state`` defaults to :meth:`checkpoint_state`.
 
         ``keep=False`` marks a rolling checkpoint: the previous rolling one is removed once
-        the new file is in place. Checkpoints of evaluation epochs and the last are kept.
+        the new file is in place (a failed save leaves it). Checkpoints of evaluation epochs
+        and the last are kept.
         """
         if not self.is_main_process:
             return
         directory = osp.join(save_dir, "model")
         path = osp.join(directory, f"model.pth.tar-{epoch + 1}")
-        save_checkpoint(self.checkpoint_state(epoch, rank1), path)
-        print(f'Checkpoint saved to "{path}"')
+        save_checkpoint(self.checkpoint_state(epoch, rank1) if state is None else state, path)
+        logger.info('Checkpoint %s "%s"', note, path)
         previous = getattr(self, "_rolling_checkpoint", None)
         if previous and previous != path and osp.exists(previous):
             os.remove(previous)
@@ -309,7 +337,24 @@ class ReIDEngine(_tr.engine.Engine):
         self._train_seconds = float(ckpt.get("train_seconds", 0.0))
         self._train_images = int(ckpt.get("train_images", 0))
         self.history = list(ckpt.get("history", []))
+        # kept: a checkpoint whose epoch was evaluated or ended its run (one written before
+        # "max_epoch" was recorded and ending its run was saved after its evaluation)
+        kept = epoch == ckpt.get("max_epoch") or any(e.get("epoch") == epoch for e in self.history)
+        self._resumed_from = None if kept else (path, epoch)
         return epoch
+
+    def _resumed_rolling_checkpoint(self, save_dir: str) -> Optional[str]:
+        """The rolling checkpoint :meth:`resume` read, if it is this run's own
+        (``<save_dir>/model/model.pth.tar-<its epoch>``), so that the next one replaces it;
+        a checkpoint of another save dir is never removed."""
+        found, self._resumed_from = getattr(self, "_resumed_from", None), None
+        if found is None:
+            return None
+        path, epoch = found
+        own = osp.join(save_dir, "model", f"model.pth.tar-{epoch}")
+        if osp.isfile(path) and osp.isfile(own) and osp.samefile(path, own):
+            return own
+        return None
 
     # ------------------------------------------------------------------ evaluation
     #: Test-time options beyond ``run``'s Torchreid arguments (re-ranking k1 / k2 / lambda, flip, AQE):
