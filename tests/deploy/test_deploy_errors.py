@@ -158,6 +158,8 @@ def test_python_api_rejects_unknown_split_and_format(env, data_root):
     cfg = load_config(None, env["opts"])
     with pytest.raises(DeployInputError, match=r"split = 'probe' is not valid; choose one of \['query', 'gallery', 'train'\]"):
         extract_features(cfg, dataset="synthreid_small", split="probe")
+    with pytest.raises(DeployInputError, match="split = 'query' goes with dataset"):
+        extract_features(cfg, images=str(env["tmp"]), split="query")
     with pytest.raises(DeployInputError, match=r"format = 'tflite' is not valid; choose one of \['onnx', 'torchscript'\]"):
         export_model(cfg, str(env["out"] / "m"), "tflite")
     assert listing(str(env["out"])) == []

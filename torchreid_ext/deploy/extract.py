@@ -56,8 +56,8 @@ def extract_features(
         raise DeployInputError("give either images (a folder) or dataset (a registered dataset name, with split)")
     if dataset is not None and split not in SPLITS:
         raise DeployInputError(f"split = {split!r} is not valid; choose one of {list(SPLITS)}")
-    if images is None and split is None:
-        raise DeployInputError("dataset needs split")
+    if images is not None and split is not None:
+        raise DeployInputError(f"split = {split!r} goes with dataset, not with images (a folder)")
     if out is not None:
         out = check_output_path(out, "features file")
     weights_path = resolve_weights(cfg, weights)
@@ -85,6 +85,6 @@ def extract_features(
               "torchreid_ext_version": __version__},
     )
     if out is not None:
-        save_features(fs, out)
+        fs.path = save_features(fs, out)
         logger.info("Saved %d x %d features to '%s'", *fs.features.shape, out)
     return fs
