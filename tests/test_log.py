@@ -36,24 +36,36 @@ def test_run_log_without_open_writes_nothing_and_disabled_discards(tmp_path, cap
     assert list(tmp_path.iterdir()) == []
 
 
-def test_silenced_or_redirected_package_logger(tmp_path, capsys):
+def test_a_silenced_console_still_leaves_the_log_file_complete(tmp_path, capsys):
     pkg = logging.getLogger(PACKAGE_LOGGER)
     level = pkg.level
-    with RunLog() as log:
-        log.open(str(tmp_path / "train.log"))
-        pkg.setLevel(logging.WARNING)
-        try:
-            logger.info("silenced")
+    pkg.setLevel(logging.WARNING)  # the user silences our lines
+    try:
+        with RunLog() as log:
+            log.open(str(tmp_path / "train.log"))
+            logger.info("info line")
+            print("a print")
             logger.warning("a warning")
-        finally:
-            pkg.setLevel(level)
-        handler = logging.FileHandler(tmp_path / "mine.log")
-        pkg.addHandler(handler)
-        try:
-            logger.info("redirected too")
-        finally:
-            pkg.removeHandler(handler)
-            handler.close()
-    assert capsys.readouterr().out == "a warning\nredirected too\n"
-    assert (tmp_path / "train.log").read_text() == "a warning\nredirected too\n"
-    assert (tmp_path / "mine.log").read_text() == "redirected too\n"
+        assert pkg.level == logging.WARNING and all(h.level == logging.NOTSET for h in pkg.handlers)
+        logger.info("after the run")
+    finally:
+        pkg.setLevel(level)
+    assert capsys.readouterr().out == "a print\na warning\n"
+    assert (tmp_path / "train.log").read_text() == "info line\na print\na warning\n"
+
+
+def test_a_redirected_logger_keeps_its_handlers_and_the_log_file(tmp_path, capsys):
+    pkg = logging.getLogger(PACKAGE_LOGGER)
+    saved = pkg.handlers[:]
+    mine = logging.FileHandler(tmp_path / "mine.log")
+    pkg.handlers[:] = [mine]
+    try:
+        with RunLog() as log:
+            log.open(str(tmp_path / "train.log"))
+            logger.info("redirected")
+    finally:
+        pkg.handlers[:] = saved
+        mine.close()
+    assert capsys.readouterr().out == ""
+    assert (tmp_path / "train.log").read_text() == "redirected\n"
+    assert (tmp_path / "mine.log").read_text() == "redirected\n"

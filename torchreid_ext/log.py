@@ -11,7 +11,9 @@ level. Users silence or redirect it the usual way::
 :class:`RunLog` copies everything a run writes to stdout and stderr (our logger's lines and
 Torchreid's own per-iteration prints alike) to its ``train.log-*`` / ``test.log-*`` file.
 Output written before the file is opened is kept in memory and written first, so the run's
-checks can finish before anything lands in the save dir.
+checks can finish before anything lands in the save dir. The file is the run's complete
+record: the package logger's INFO lines reach it even while the console is silenced or
+redirected (the logger's level then applies to its handlers for the duration of the run).
 """
 from __future__ import annotations
 
@@ -77,9 +79,23 @@ class _Tee:
         return getattr(self.stream, name)
 
 
+class _RecordHandler(logging.Handler):
+    """The run log's handler: the package logger's records the console did not show."""
+
+    def __init__(self, log: "RunLog", below: float):
+        super().__init__(logging.INFO)
+        self.log, self.below = log, below
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno < self.below:  # else the console handler wrote it to the tee
+            self.log.record(self.format(record) + "\n")
+
+
 class RunLog:
     """Context manager: stdout and stderr also go to a log file, from the moment the block
-    starts (``open`` names the file; earlier output is written to it first).
+    starts (``open`` names the file; earlier output is written to it first), and so do the
+    package logger's INFO records that a silenced or redirected console does not show.
 
         with RunLog() as log:
             ...checks...            # printed, and kept in memory
@@ -96,11 +112,36 @@ class RunLog:
         self._pending: Optional[io.StringIO] = io.StringIO()
         self._saved = None
         self._devnull: Optional[TextIO] = None
+        self._levels = None
+        self._handler: Optional[_RecordHandler] = None
+
+    def _capture_records(self) -> None:
+        """Let INFO records through the package logger for the file; move a higher level the
+        user set onto its handlers, so the console (and their handlers) stay as quiet."""
+        pkg = logging.getLogger(PACKAGE_LOGGER)
+        user = pkg.getEffectiveLevel()
+        self._levels = (pkg.level, [(h, h.level) for h in pkg.handlers])
+        if user > logging.INFO:
+            pkg.setLevel(logging.INFO)
+            for h in pkg.handlers:
+                h.setLevel(max(h.level, user))
+        consoles = [h.level for h in pkg.handlers if isinstance(h, ConsoleHandler)]
+        self._handler = _RecordHandler(self, below=max(consoles) if consoles else float("inf"))
+        pkg.addHandler(self._handler)
+
+    def _release_records(self) -> None:
+        pkg = logging.getLogger(PACKAGE_LOGGER)
+        pkg.removeHandler(self._handler)
+        level, handlers = self._levels
+        pkg.setLevel(level)
+        for h, lvl in handlers:
+            h.setLevel(lvl)
 
     def __enter__(self) -> "RunLog":
         self._saved = sys.stdout, sys.stderr
         if self.enabled:
             sys.stdout, sys.stderr = _Tee(sys.stdout, self), _Tee(sys.stderr, self)
+            self._capture_records()
         else:
             self._devnull = open(os.devnull, "w")
             sys.stdout = self._devnull
@@ -108,6 +149,9 @@ class RunLog:
 
     def __exit__(self, *exc) -> None:
         sys.stdout, sys.stderr = self._saved
+        if self._handler is not None:
+            self._release_records()
+            self._handler = None
         if self._file is not None:
             self._file.close()
             self._file = None
