@@ -63,7 +63,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .distance import ArrayLike, _as_features, _blocks, _check_chunk, _prepare, as_real_matrix, auto_chunk_rows
+from .distance import ArrayLike, _blocks, _check_chunk, _prepare, as_real_matrix, auto_chunk_rows
 
 __all__ = ["RankResult", "evaluate_features", "evaluate_rank"]
 
@@ -560,8 +560,8 @@ def _evaluate_reranked(qf, gf, q_pids, g_pids, q_camids, g_camids, metric, norma
                        chunk_size, progress, num_threads, k1, k2, lambda_value) -> RankResult:
     from .rerank import reranked_distance_blocks
 
-    q = _as_features(qf, "qf")
-    g = _as_features(gf, "gf")
+    q = as_real_matrix(qf, "qf", "num_samples x feature_dim")  # shapes for the label checks; values: below
+    g = as_real_matrix(gf, "gf", "num_samples x feature_dim")
     acc = _RankAccumulator(q_pids, g_pids, q_camids, g_camids, q.shape[0], g.shape[0], q.device, max_rank, cuhk03)
     rows = _chunk_rows(chunk_size, g.shape[0], q.device, cuhk03)
     blocks = reranked_distance_blocks(q, g, metric, normalize, k1, k2, lambda_value, chunk_size=rows,

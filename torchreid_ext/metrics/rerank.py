@@ -24,13 +24,13 @@ tile. Values match Torchreid's to float32 rounding (it sums in float32 in anothe
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import torch
 
 from .distance import ArrayLike, _block, _prepare, as_real_matrix, auto_chunk_rows
+from .knn import RunningTopK
 
 __all__ = ["check_rerank_args", "re_ranking", "reranked_distance_blocks", "reranked_distance_matrix"]
 
@@ -74,62 +74,7 @@ def _ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# neighbour pass
-
-
-class _RunningTopK:
-    """For each item: the ``k`` smallest values seen so far (unordered), their columns, and the maximum."""
-
-    def __init__(self, n: int, k: int, dtype: torch.dtype, device: torch.device):
-        self.k = k
-        self.vals = torch.full((n, k), math.inf, dtype=dtype, device=device)
-        self.idx = torch.full((n, k), -1, dtype=torch.int64, device=device)
-        self.tau = torch.full((n,), math.inf, dtype=dtype, device=device)  # current k-th smallest
-        self.amax = torch.full((n,), -math.inf, dtype=dtype, device=device)
-
-    def update(self, d: torch.Tensor, reduce_dim: int, ent0: int, col0: int) -> None:
-        """Fold in a tile of non-negative values: ``reduce_dim`` 1: its rows are items ``ent0 ...`` and
-        its columns columns ``col0 ...``; 0: the other way round."""
-        n = d.shape[1 - reduce_dim]
-        sl = slice(ent0, ent0 + n)
-        self.amax[sl] = torch.maximum(self.amax[sl], d.amax(dim=reduce_dim))
-        tau = self.tau[sl]
-        if not bool(torch.isfinite(tau).all()):  # some item has seen fewer than k values
-            rows = d if reduce_dim == 1 else d.t()
-            v, i = torch.topk(rows, min(self.k, rows.shape[1]), dim=1, largest=False, sorted=False)
-            self._merge(torch.arange(ent0, ent0 + n, device=d.device), v, i + col0)
-            return
-        below = d < (tau.unsqueeze(1) if reduce_dim == 1 else tau.unsqueeze(0))
-        r, c = below.nonzero(as_tuple=True)
-        if r.numel() == 0:
-            return
-        vals = d[r, c]
-        ent, col = (r, c) if reduce_dim == 1 else (c, r)
-        if reduce_dim == 0:
-            order = torch.argsort(ent, stable=True)
-            ent, col, vals = ent[order], col[order], vals[order]
-        items, counts = torch.unique_consecutive(ent, return_counts=True)
-        width = int(counts.max())
-        slot = torch.arange(items.numel(), device=d.device).repeat_interleave(counts)
-        pos = torch.arange(ent.numel(), device=d.device) - (torch.cumsum(counts, 0) - counts)[slot]
-        pv = torch.full((items.numel(), width), math.inf, dtype=d.dtype, device=d.device)
-        pi = torch.full((items.numel(), width), -1, dtype=torch.int64, device=d.device)
-        pv[slot, pos] = vals
-        pi[slot, pos] = col + col0
-        self._merge(items + ent0, pv, pi)
-
-    def _merge(self, items: torch.Tensor, v: torch.Tensor, i: torch.Tensor) -> None:
-        cv = torch.cat([self.vals[items], v], 1)
-        ci = torch.cat([self.idx[items], i], 1)
-        nv, p = torch.topk(cv, self.k, dim=1, largest=False, sorted=False)
-        self.vals[items] = nv
-        self.idx[items] = ci.gather(1, p)
-        self.tau[items] = nv.amax(1)
-
-    def ranked(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``N x k`` columns of each item, nearest first, and their values."""
-        vals, order = torch.sort(self.vals, dim=1, stable=True)
-        return self.idx.gather(1, order), vals
+# distance sources
 
 
 def _pair_values(source, rank: torch.Tensor, near: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
@@ -170,17 +115,19 @@ class _FeatureSource:
         with _threads(self.matmul_threads):
             return _block(self.x[a:b], self.x[c:e], None if xn is None else xn[a:b], None if xn is None else xn[c:e])
 
-    def neighbours(self, top: _RunningTopK, tile: int, bar) -> None:
+    def neighbours(self, top: RunningTopK, tile: int, bar) -> None:
         n = self.x.shape[0]
-        for a in range(0, n, tile):  # D is symmetric: tiles on and above the diagonal serve both sides
-            b = min(a + tile, n)
-            for c in range(a, n, tile):
-                e = min(c + tile, n)
-                d = self._d(a, b, c, e).abs_()  # abs: Torchreid ranks by D ** 2
-                top.update(d, 1, a, c)
-                if c != a:
-                    top.update(d, 0, c, a)
-                bar.update(d.numel() * (1 if c == a else 2))
+        starts = range(0, n, tile)
+        # D is symmetric: tiles on and above the diagonal serve both sides; diagonal tiles first, so
+        # that each item's first (full top-k) tile is read along its rows
+        pairs = [(a, a) for a in starts] + [(a, c) for a in starts for c in starts if c > a]
+        for a, c in pairs:
+            b, e = min(a + tile, n), min(c + tile, n)
+            d = self._d(a, b, c, e)  # ranked by |D|: Torchreid ranks by D ** 2
+            top.update(d, 1, a, c)
+            if c != a:
+                top.update(d, 0, c, a)
+            bar.update(d.numel() * (1 if c == a else 2))
 
     def pair_values(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """``D[i, j]`` for index pairs."""
@@ -215,14 +162,14 @@ class _MatrixSource:
             return (self.qq[r0:r1, c0:c1], 0) if r0 < q else (self.qg[c0:c1, r0 - q:r1 - q], 1)
         return (self.qg[r0:r1, c0 - q:c1 - q], 0) if r0 < q else (self.gg[r0 - q:r1 - q, c0 - q:c1 - q], 0)
 
-    def neighbours(self, top: _RunningTopK, tile: int, bar) -> None:
+    def neighbours(self, top: RunningTopK, tile: int, bar) -> None:
         q, n = self.num_q, self.num_q + self.num_g
         bounds = [(s, min(s + tile, q)) for s in range(0, q, tile)]
         bounds += [(s, min(s + tile, n)) for s in range(q, n, tile)]
         for c0, c1 in bounds:  # the items: columns of D (rows of O)
             for r0, r1 in bounds:
                 t, dim = self._tile(r0, r1, c0, c1)
-                top.update(t.abs(), dim, c0, r0)
+                top.update(t, dim, c0, r0)
                 bar.update(t.numel())
 
     def pair_values(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
@@ -268,9 +215,11 @@ def _expansion_sets(rank: torch.Tensor, k1: int) -> Tuple[torch.Tensor, torch.Te
     for a in range(0, n, _ROWS):
         b = min(a + _ROWS, n)
         ri, km = rank[a:b], kmask[a:b]
-        kset = torch.where(km, ri, -1)
-        hc = h[ri]  # B x k x half: H of each of i's neighbours
-        common = (hc.unsqueeze(3) == kset.view(b - a, 1, 1, k)).any(3).sum(2)
+        kset = torch.where(km, ri, -1).sort(1).values  # K(i), sorted; -1: no item
+        hc = h[ri].view(b - a, k * half)  # H of each of i's neighbours
+        at = torch.searchsorted(kset, hc).clamp_(max=k - 1)
+        common = (kset.gather(1, at) == hc).view(b - a, k, half).sum(2)  # |H(j) & K(i)|
+        hc = hc.view(b - a, k, half)
         accept = km & (common.double() > (2.0 / 3) * hsize[ri])  # Torchreid's test, in float64
         cand = torch.cat([torch.where(km, ri, n), torch.where(accept.unsqueeze(2), hc, n).flatten(1)], 1)
         cand = cand.sort(1).values
@@ -339,7 +288,7 @@ class _SparseReRanking:
         n = nq + ng
         dev = source.device
         self.source, self.lambda_value, self.bar = source, lambda_value, bar
-        top = _RunningTopK(n, k1 + 1, source.dtype, dev)
+        top = RunningTopK(n, k1 + 1, source.dtype, dev)
         source.neighbours(top, _TILE["cpu" if dev.type == "cpu" else "other"], bar)
         if not bool(torch.isfinite(top.amax).all()):
             raise ValueError("re-ranking input distances contain non-finite values (inf or NaN)")
@@ -390,10 +339,12 @@ class _SparseReRanking:
         mins = torch.minimum(self.q_vals[e0:e1].repeat_interleave(lens, output_size=idx.numel()), self.g_vals[idx])
         target = (self.q_rows[e0:e1] - a).repeat_interleave(lens, output_size=idx.numel()) * ng + self.g_items[idx]
         m = torch.zeros((b - a) * ng, dtype=torch.float32, device=dev).index_add_(0, target, mins).view(b - a, ng)
-        jaccard = 1 - m / (2 - m)
-        original = _sq32(self.source.query_rows(a, b)) / self.scale[a:b].unsqueeze(1)
+        del idx, mins, target
+        # Torchreid's float32 operations, in place: 1 - m / (2 - m), then (1 - lambda) J + lambda O
+        jaccard = m.div_(torch.rsub(m, 2)).neg_().add_(1).mul_(1 - self.lambda_value)
+        original = _sq32(self.source.query_rows(a, b)).div_(self.scale[a:b].unsqueeze(1))
         self.bar.update((b - a) * ng)
-        return jaccard.mul_(1 - self.lambda_value).add_(original.mul_(self.lambda_value))
+        return jaccard.add_(original.mul_(self.lambda_value))
 
 
 @contextlib.contextmanager
