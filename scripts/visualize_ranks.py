@@ -13,7 +13,9 @@ try:
 except ImportError:  # running from a source checkout that is not installed
     sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
+from torchreid_ext.checkpoint import CheckpointError
 from torchreid_ext.config import ConfigError, load_config
+from torchreid_ext.data.checks import UnreadableImageError
 from torchreid_ext.experiments.ranks import visualize_ranks
 from torchreid_ext.experiments.runs import read_spec
 
@@ -43,7 +45,7 @@ def main(argv=None) -> int:
         out = args.out or osp.join(cfg.data.save_dir, "ranks")
         for item in visualize_ranks(cfg, out, args.weights, args.num_queries, args.topk):
             print(f"{item['image']}: top-{len(item['matched'])} matches {''.join('+' if m else '-' for m in item['matched'])}")
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, FileNotFoundError, ValueError, CheckpointError, UnreadableImageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

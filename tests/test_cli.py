@@ -1,9 +1,13 @@
 """scripts/main.py end to end: training, outputs, kill-and-resume, and every bad input."""
+import contextlib
 import glob
 import hashlib
+import io
 import json
+import logging
 import os
 import os.path as osp
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,14 +17,15 @@ import urllib.error
 import pytest
 import torch
 
-from torchreid_ext import cli
+from torchreid_ext import builders, cli
 from torchreid_ext.checkpoint import load_checkpoint
 from torchreid_ext.config import ConfigError
 from torchreid_ext.data import SynthSpec, generate
 from torchreid_ext.data.checks import DatasetNotFound, UnreadableImageError
 from torchreid_ext.engines import ImageMetricEngine, build_engine
 
-from conftest import REPO
+from conftest import REPO, tiny_opts
+from readonly import read_only
 
 
 def run_main(argv):
@@ -36,10 +41,24 @@ def scalars(save_dir):
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def test_train_and_evaluate_writes_all_outputs(tiny, tmp_path, capsys):
-    save = str(tmp_path / "run")
-    results = run_main(tiny(save_dir=save, **{"test.eval_freq": 1, "train.max_epoch": 2}))
-    out = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def finished(data_root, tmp_path_factory):
+    """A finished 2-epoch run, evaluated after each epoch: (save_dir, results, console output).
+    Tests that change it work on a copy (:func:`copy_run`)."""
+    save = str(tmp_path_factory.mktemp("finished") / "run")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        results = run_main(tiny_opts(data_root, save, **{"test.eval_freq": 1, "train.max_epoch": 2}))
+    return save, results, out.getvalue()
+
+
+def copy_run(finished, dst):
+    shutil.copytree(finished[0], str(dst))
+    return str(dst)
+
+
+def test_train_and_evaluate_writes_all_outputs(finished):
+    save, results, out = finished
     res = results["synthreid_small"]
     assert 0.0 <= res["rank1"] <= 1.0 and 0.0 <= res["mAP"] <= 1.0
     for line in ("Rank-1  :", "Rank-5  :", "Rank-10 :", "mAP:"):
@@ -56,7 +75,13 @@ def test_train_and_evaluate_writes_all_outputs(tiny, tmp_path, capsys):
     ckpt = load_checkpoint(osp.join(save, "model", "model.pth.tar-2"))
     assert ckpt["epoch"] == 2 and isinstance(ckpt["rank1"], float)
     assert glob.glob(osp.join(save, "train.log-*"))
-    assert "mAP" in open(glob.glob(osp.join(save, "train.log-*"))[0]).read()
+    log = open(glob.glob(osp.join(save, "train.log-*"))[0]).read()
+    # our logger's lines, Torchreid's prints and the results: on the console and in the log
+    for line in ("Show configuration", "torchreid layout 'pypi'", "Building model: osnet_x0_25", "=> Loading train",
+                 "Checked 377 image files: all opened (query and gallery decoded)", "Rank-1  :", "mAP:"):
+        assert line in out and line in log, line
+    assert sorted(os.listdir(save)) == sorted(["model", "metrics.json", osp.basename(glob.glob(
+        osp.join(save, "train.log-*"))[0]), osp.basename(glob.glob(osp.join(save, "events.out.tfevents.*"))[0])])
 
 
 def final_weights(save_dir, epoch):
@@ -148,7 +173,7 @@ def test_pretrained_weights_offline_says_where_to_put_them(tiny, tmp_path, monke
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     argv = tiny(save_dir=str(tmp_path / "run"), **{"model.name": "resnet50", "model.pretrained": True})
-    with pytest.raises(cli.PretrainedWeightsUnavailable,
+    with pytest.raises(builders.PretrainedWeightsUnavailable,
                        match=r"torch-home/hub/checkpoints/resnet50-19c8e357\.pth.*model\.pretrained False"):
         run_main(argv)
 
@@ -162,7 +187,7 @@ def test_real_market1501_loader_on_generated_files_and_unreadable_image(tiny, tm
     opts = {"data.root": str(root), "data.sources": "[market1501]", "data.targets": "[market1501]",
             "train.batch_size": 8}
     cfg, _ = cli.load_run_config(tiny(save_dir=str(tmp_path / "run"), **opts))
-    dm = cli.build_datamanager(cfg)
+    dm = builders.build_datamanager(cfg)
     assert dm.num_train_pids == 8
     assert len(dm.test_dataset["market1501"]["query"]) == counts["query"]
     bad = sorted(glob.glob(str(market / "bounding_box_train" / "*.jpg")))[3]
@@ -205,8 +230,8 @@ def test_scripts_main_accepts_upstream_arguments(data_root, tmp_path):
 def test_build_engine_from_python(tiny, tmp_path):
     cfg, _ = cli.load_run_config(tiny(save_dir=str(tmp_path / "run"), **{"loss.name": "triplet",
                                                                          "loss.triplet.weight_x": 0.5}))
-    dm = cli.build_datamanager(cfg)
-    model = cli.build_model(cfg, dm.num_train_pids)
+    dm = builders.build_datamanager(cfg)
+    model = builders.build_model(cfg, dm.num_train_pids)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     engine = build_engine(cfg, dm, model, opt)
     assert isinstance(engine, ImageMetricEngine)
@@ -217,10 +242,9 @@ def test_build_engine_from_python(tiny, tmp_path):
     assert summary["loss"] == pytest.approx(0.5 * summary["loss_x"] + summary["loss_t"], rel=1e-5)
 
 
-def test_fast_and_torchreid_evaluators_agree_inside_the_engine(tiny, tmp_path):
-    save = str(tmp_path / "run")
-    run_main(tiny(save_dir=save, **{"train.max_epoch": 1}))
-    weights = osp.join(save, "model", "model.pth.tar-1")
+def test_fast_and_torchreid_evaluators_agree_inside_the_engine(tiny, finished, tmp_path):
+    save = copy_run(finished, tmp_path / "run")
+    weights = osp.join(save, "model", "model.pth.tar-2")
     out = {}
     for evaluator in ("fast", "torchreid"):
         for metric in ("euclidean", "cosine"):
@@ -237,18 +261,252 @@ def test_fast_and_torchreid_evaluators_agree_inside_the_engine(tiny, tmp_path):
     assert osp.exists(osp.join(save, "metrics-test.json"))
 
 
-def test_evaluate_with_an_upstream_torchreid_checkpoint(tiny, tmp_path):
+def test_evaluate_with_an_upstream_torchreid_checkpoint(tiny, finished, tmp_path):
     """Torchreid's own save_checkpoint pickles numpy scalars; ``model.load_weights`` loads it
     through the safe loader's allowlist (Torchreid's loader would need weights_only=False)."""
     import numpy as np
 
     from torchreid_ext.adapter import torchreid
 
-    save = str(tmp_path / "run")
-    trained = run_main(tiny(save_dir=save, **{"train.max_epoch": 1}))["synthreid_small"]
-    state = load_checkpoint(osp.join(save, "model", "model.pth.tar-1"))["state_dict"]
+    trained = finished[1]["synthreid_small"]
+    state = load_checkpoint(osp.join(finished[0], "model", "model.pth.tar-2"))["state_dict"]
     upstream = tmp_path / "upstream"
     torchreid().utils.save_checkpoint({"state_dict": state, "epoch": 1, "rank1": np.float64(0.25)}, str(upstream))
     res = run_main(tiny(save_dir=str(tmp_path / "eval"), **{
         "test.evaluate": True, "model.load_weights": str(upstream / "model.pth.tar-1")}))["synthreid_small"]
     assert res["mAP"] == pytest.approx(trained["mAP"], abs=1e-9)
+
+
+
+# ------------------------------------------------------------------ save dir, resume, pre-training checks
+
+
+def cli_exit(argv, capsys):
+    """Run ``cli.main``; return its exit status (0 when it returns) and stderr."""
+    capsys.readouterr()
+    try:
+        cli.main(argv)
+    except SystemExit as exc:
+        return exc.code, capsys.readouterr().err
+    return 0, capsys.readouterr().err
+
+
+def the_log(save, kind="train"):
+    logs = glob.glob(osp.join(save, f"{kind}.log-*"))
+    assert len(logs) == 1, logs
+    return open(logs[0]).read()
+
+
+def test_resuming_a_finished_run_with_a_smaller_max_epoch_is_refused(tiny, finished, tmp_path, capsys):
+    save = copy_run(finished, tmp_path / "copy")
+    before = digest(save)
+    code, err = cli_exit(tiny(save_dir=save, **{"train.max_epoch": 1, "model.resume": "auto"}), capsys)
+    assert code == 2
+    assert "the run already finished at epoch 2" in err and "train.max_epoch = 1" in err
+    assert "`test.evaluate True`" in err
+    assert digest(save) == before
+
+
+def test_resuming_a_finished_run_with_its_max_epoch_re_evaluates(tiny, finished, tmp_path, capsys):
+    """As the quick start says: running a finished config again evaluates it, trains nothing."""
+    save = copy_run(finished, tmp_path / "copy")
+    weights = final_weights(save, 2)
+    res = run_main(tiny(save_dir=save, **{"train.max_epoch": 2, "model.resume": "auto"}))["synthreid_small"]
+    out = capsys.readouterr().out
+    assert res["mAP"] == pytest.approx(finished[1]["synthreid_small"]["mAP"], abs=1e-9)
+    assert "Epoch: [" not in out and "=> Final test" in out
+    assert not osp.exists(osp.join(save, "model", "model.pth.tar-3"))
+    after = final_weights(save, 2)
+    assert all(torch.equal(weights[k], after[k]) for k in weights)
+
+
+HOLD_LOCK = """
+import sys
+from torchreid_ext.savedir import SaveDirLock
+SaveDirLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_second_run_in_a_locked_save_dir_refuses_and_a_dead_runs_lock_is_taken_over(tiny, finished, tmp_path,
+                                                                                      capsys):
+    """Two processes: one holds the save dir's lock, a run there exits 2 naming its pid. Once
+    the holder is killed (-9), a run takes the lock over and removes the temporary files of
+    dead processes (only those)."""
+    save = copy_run(finished, tmp_path / "copy")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, save], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = digest(save)
+        argv = tiny(save_dir=save, **{"test.evaluate": True})
+        refused = subprocess.run(main_cmd(argv), capture_output=True, text=True)
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        assert f"is in use by another run (pid {holder.pid} on host" in refused.stderr
+        assert digest(save) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    dead_tmp = osp.join(save, "model", f"model.pth.tar-3.tmp-{holder.pid}")
+    live_tmp = osp.join(save, "model", f"model.pth.tar-4.tmp-{os.getpid()}")
+    for path in (dead_tmp, live_tmp):
+        open(path, "w").write("partial")
+    assert json.load(open(osp.join(save, "run.lock")))["pid"] == holder.pid  # left behind by the kill
+    assert cli_exit(argv, capsys)[0] == 0
+    log = the_log(save, "test")
+    assert f"Took over the lock in '{save}' left by pid {holder.pid}" in log
+    assert f"model.pth.tar-3.tmp-{holder.pid}" in log
+    assert not osp.exists(dead_tmp) and osp.exists(live_tmp)
+    assert not osp.exists(osp.join(save, "run.lock"))  # released
+
+
+def test_silencing_the_package_logger_quiets_the_console_not_the_log_file(tiny, tmp_path, capsys):
+    save = str(tmp_path / "run")
+    logger = logging.getLogger("torchreid_ext")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        run_main(tiny(save_dir=save, **{"test.evaluate": True}))
+    finally:
+        logger.setLevel(level)
+    out, log = capsys.readouterr().out, the_log(save, "test")
+    ours = ("Show configuration", "torchreid layout 'pypi'", "Checked ", "Building model", "** Results **",
+            "mAP:", "Rank-1  :")
+    for line in ours:  # our lines, the results block among them: off the console, in the log file
+        assert line not in out and line in log, line
+    assert "=> Loading train" in out and "=> Loading train" in log  # Torchreid's own prints: both
+
+
+def test_a_failed_runs_log_records_the_error(tiny, tmp_path, capsys, monkeypatch):
+    bad = tmp_path / "weights.pth"
+    bad.write_bytes(b"not a checkpoint")
+    save = str(tmp_path / "run")
+    code, err = cli_exit(tiny(save_dir=save, **{"model.load_weights": str(bad)}), capsys)
+    line = err.strip().replace(" (set TORCHREID_EXT_TRACEBACK=1 for the traceback)", "")
+    assert code == 2 and line.startswith("error: ") and f"'{bad}'" in line
+    log = the_log(save)
+    assert line + "\n" in log and "Traceback" not in log  # the same one line, in the log file too
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom in build_optimizer")
+
+    monkeypatch.setattr(cli, "build_optimizer", boom)
+    save = str(tmp_path / "run2")
+    with pytest.raises(RuntimeError, match="boom"):
+        cli.main(tiny(save_dir=save))
+    log = the_log(save)
+    assert "Traceback (most recent call last)" in log and "RuntimeError: boom in build_optimizer" in log
+
+
+def test_config_that_is_a_folder(tmp_path, capsys):
+    code, err = cli_exit(["--config", str(tmp_path)], capsys)
+    assert code == 2 and f"Config file '{tmp_path}' is a folder, not a YAML file" in err
+
+
+def test_unknown_msgr_stage_fails_before_data_loading(tiny, tmp_path, capsys):
+    root, save = tmp_path / "root", tmp_path / "run"
+    root.mkdir()
+    argv = tiny(save_dir=str(save), **{"data.root": str(root), "msgr.enabled": True, "msgr.stages": "[layer9]"})
+    code, err = cli_exit(argv, capsys)
+    assert code == 2
+    assert "msgr.stages = ['layer9']: MSGR stage 'layer9' is not a submodule of OSNet" in err and "'conv5'" in err
+    assert os.listdir(root) == [] and not save.exists()  # synthreid_small was not even generated
+
+
+@pytest.mark.parametrize("make", ["file", "read_only", "read_only_model"])
+def test_unwritable_save_dir_fails_before_anything(tiny, tmp_path, capsys, make):
+    save = tmp_path / "run"
+    if make == "file":
+        save.write_text("not a folder")
+        code, err = cli_exit(tiny(save_dir=str(save)), capsys)
+        assert code == 2 and "is a file, not a folder" in err
+        assert save.read_text() == "not a folder"
+        return
+    target = save if make == "read_only" else save / "model"
+    target.mkdir(parents=True)
+    with read_only(target):
+        code, err = cli_exit(tiny(save_dir=str(save)), capsys)
+    assert code == 2 and f"'{target}' is not writable" in err
+    assert os.listdir(save) == ([] if make == "read_only" else ["model"])
+    assert make == "read_only" or os.listdir(save / "model") == []
+
+
+@pytest.fixture(scope="module")
+def market_src(tmp_path_factory):
+    """A Market-1501 tree under ``<root>/market1501/Market-1501-v15.09.15`` to copy and break."""
+    root = tmp_path_factory.mktemp("market-cli")
+    generate(str(root / "market1501" / "Market-1501-v15.09.15"),
+             SynthSpec(num_train_ids=8, num_test_ids=8, num_distractors=4, num_junk=2, seed=3))
+    return root
+
+
+def files(data_dir, split):
+    return sorted(glob.glob(osp.join(data_dir, split, "*.jpg")))
+
+
+def pid_of(path):
+    return int(osp.basename(path).split("_")[0])
+
+
+def break_empty(d):
+    for path in files(d, "query"):
+        os.remove(path)
+    return f"the split folder '{d}/query' holds no .jpg images"
+
+
+def break_name(d):
+    os.rename(files(d, "bounding_box_test")[5], osp.join(d, "bounding_box_test", "IMG_0042.jpg"))
+    return f"the image name '{d}/bounding_box_test/IMG_0042.jpg' does not fit the pattern <pid>_c<camera>"
+
+
+def break_one_identity(d):
+    keep = pid_of(files(d, "bounding_box_train")[0])
+    for path in files(d, "bounding_box_train"):
+        if pid_of(path) != keep:
+            os.remove(path)
+    return ("the training set ('market1501' has 1) has 1 identity; training needs at least 2 "
+            "for RandomIdentitySampler: train.batch_size / sampler.num_instances = 8 / 4 = 2 identities per batch")
+
+
+def break_queries(d):
+    query_pids = {pid_of(p) for p in files(d, "query")}
+    for path in files(d, "bounding_box_test"):
+        if pid_of(path) in query_pids:
+            os.remove(path)
+    return "target dataset 'market1501': none of its 16 queries has a gallery image of the same identity"
+
+
+def break_gallery_jpeg(d):
+    path = files(d, "bounding_box_test")[3]
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    return f"cannot read image file '{path}': image file is truncated"
+
+
+@pytest.mark.parametrize("breaker", [break_empty, break_name, break_one_identity, break_queries,
+                                     break_gallery_jpeg])
+def test_dataset_defects_are_one_line_errors_before_training(tiny, market_src, tmp_path, capsys, breaker):
+    root, save = tmp_path / "root", tmp_path / "run"
+    shutil.copytree(market_src, root)
+    message = breaker(str(root / "market1501" / "Market-1501-v15.09.15"))
+    argv = tiny(save_dir=str(save), **{"data.root": str(root), "data.sources": "[market1501]",
+                                       "data.targets": "[market1501]", "train.batch_size": 8})
+    code, err = cli_exit(argv, capsys)
+    assert code == 2 and message in err, err
+    assert not save.exists()
+
+
+def test_header_only_image_check_lets_a_truncated_gallery_jpeg_through(tiny, market_src, tmp_path):
+    """``data.image_check header`` is today's check: the truncated file passes it (and would
+    fail at the final test); the default decodes query and gallery (test above)."""
+    root = tmp_path / "root"
+    shutil.copytree(market_src, root)
+    break_gallery_jpeg(str(root / "market1501" / "Market-1501-v15.09.15"))
+    opts = {"data.root": str(root), "data.sources": "[market1501]", "data.targets": "[market1501]",
+            "train.batch_size": 8}
+    cfg, _ = cli.load_run_config(tiny(**opts, **{"data.image_check": "header"}))
+    assert builders.build_datamanager(cfg).num_train_pids == 8
+    cfg, _ = cli.load_run_config(tiny(**opts))
+    with pytest.raises(UnreadableImageError, match="image file is truncated"):
+        builders.build_datamanager(cfg)

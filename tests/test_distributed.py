@@ -213,3 +213,35 @@ def test_torchrun_resume_is_exact_and_only_rank_0_writes(tiny, tmp_path):
     assert len(glob.glob(osp.join(straight, "events.out.tfevents.*"))) == 1
     assert len(glob.glob(osp.join(resumed, "events.out.tfevents.*"))) == 2
     assert "processes 2 (batch size 8 per process)" in open(logs[0]).read()
+
+
+# ------------------------------------------------------------------ model preparation, torchrun rules
+
+
+def test_prepare_model_converts_and_wrap_ddp_is_a_no_op_alone():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    out = distributed.prepare_model(model, torch.device("cpu"), sync_bn=True, channels_last=True)
+    assert isinstance(out[1], nn.SyncBatchNorm)
+    assert out[0].weight.is_contiguous(memory_format=torch.channels_last)
+    plain = distributed.prepare_model(nn.Sequential(nn.BatchNorm2d(4)), torch.device("cpu"))
+    assert type(plain[0]) is nn.BatchNorm2d
+    alone = distributed.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    assert distributed.wrap_ddp(out, alone, find_unused_parameters=True) is out
+
+
+def test_preflight_distributed_rules_apply_under_torchrun_only(monkeypatch):
+    from torchreid_ext.config import ConfigError, get_default_config
+
+    cfg = get_default_config()
+    cfg.sampler.train_sampler = "RandomDomainSampler"
+    cfg.train.sync_bn = True
+    distributed.preflight_distributed(cfg)  # one process: anything goes
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"'RandomDomainSampler' has no distributed form"):
+        distributed.preflight_distributed(cfg)
+    cfg.sampler.train_sampler = "RandomSampler"
+    cfg.use_gpu = False
+    with pytest.raises(ConfigError, match=r"train.sync_bn = True under torchrun needs GPUs"):
+        distributed.preflight_distributed(cfg)
+    cfg.train.sync_bn = False
+    distributed.preflight_distributed(cfg)

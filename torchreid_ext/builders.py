@@ -9,13 +9,13 @@ from __future__ import annotations
 import logging
 import os
 import os.path as osp
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
 from .adapter import torchreid
 from .config import imagedata_kwargs, lr_scheduler_kwargs, optimizer_kwargs
-from .data.checks import check_images
+from .data.checks import check_images, check_queries
 from .engines import build_engine
 from .models import build_model_from_config
 
@@ -27,6 +27,7 @@ __all__ = [
     "build_scheduler",
     "build_engine",
     "model_complexity",
+    "run_record",
 ]
 
 logger = logging.getLogger(__name__)
@@ -36,15 +37,23 @@ class PretrainedWeightsUnavailable(RuntimeError):
     """ImageNet weights were asked for (``model.pretrained``) but cannot be obtained."""
 
 
-def build_datamanager(cfg):
-    """Torchreid's ``ImageDataManager`` for ``cfg``; every image is checked to be readable."""
+def build_datamanager(cfg, image_check: Optional[str] = None):
+    """Torchreid's ``ImageDataManager`` for ``cfg``, checked: each target has a valid query,
+    and every image opens. ``image_check`` (default ``data.image_check``): ``decode_test``
+    also decodes the query and gallery images fully, ``decode_all`` the training images too,
+    ``header`` neither; an evaluation-only run (``test.evaluate``) reads headers only by
+    default, since a failure there loses no training."""
     dm = torchreid().data.ImageDataManager(**imagedata_kwargs(cfg))
-    ds = dm.train_loader.dataset
-    paths = [item[0] for item in ds.train]
-    for name, loaders in dm.test_dataset.items():
-        paths += [item[0] for item in loaders["query"]] + [item[0] for item in loaders["gallery"]]
-    n = check_images(paths)
-    logger.info("Checked %d image files: all readable", n)
+    mode = image_check or ("header" if cfg.test.evaluate else cfg.data.image_check)
+    train = [item[0] for item in dm.train_loader.dataset.train]
+    test = []
+    for name, sets in dm.test_dataset.items():
+        check_queries(name, sets["query"], sets["gallery"])
+        test += [item[0] for item in sets["query"]] + [item[0] for item in sets["gallery"]]
+    n = check_images(train, decode=mode == "decode_all") + check_images(test, decode=mode != "header")
+    what = {"header": "opened", "decode_test": "opened (query and gallery decoded)",
+            "decode_all": "decoded"}[mode]
+    logger.info("Checked %d image files: all %s", n, what)
     return dm
 
 
@@ -93,3 +102,30 @@ def model_complexity(model: torch.nn.Module, height: int, width: int) -> Dict[st
     from .models.complexity import count_macs, count_params
 
     return {"params": count_params(model), "macs": count_macs(model, height, width)}
+
+
+def _display_path(path: str) -> str:
+    """``path`` relative to the working directory when inside it (``configs/market/x.yaml``
+    tells runs of different dataset folders apart), else absolute."""
+    full = osp.abspath(path)
+    rel = osp.relpath(full)
+    return full if rel.startswith(os.pardir) else rel
+
+
+def run_record(cfg, config_path: str = "", world_size: int = 1,
+               stats: Optional[Dict[str, Optional[float]]] = None) -> Dict[str, Any]:
+    """What ``metrics.json`` records about a run besides its results (the engine's ``run_info``)."""
+    return {
+        "config": _display_path(config_path) if config_path else "",
+        "max_epoch": cfg.train.max_epoch,
+        "model": cfg.model.name,
+        "loss": cfg.loss.name,
+        "msgr": {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in cfg.msgr.items()},
+        "sources": list(cfg.data.sources),
+        "targets": list(cfg.data.targets),
+        "seed": cfg.train.seed,
+        "input_size": [cfg.data.height, cfg.data.width],
+        "world_size": world_size,
+        "amp": cfg.train.amp,
+        **(stats or {}),
+    }

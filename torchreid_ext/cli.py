@@ -3,44 +3,44 @@
     python scripts/main.py --config configs/quickstart.yaml [KEY VALUE ...]
 
 Same arguments as upstream (``--config-file`` too, ``--root``, ``-s``, ``-t``,
-``--transforms``, trailing overrides). Everything that can be wrong with the input is
-checked before the log file, the data loaders or the model are created.
+``--transforms``, trailing overrides). This module parses them and runs the sequence:
+
+1. the config is read and validated (:mod:`torchreid_ext.config`), then every check that needs
+   no data (:func:`torchreid_ext.preflight.preflight`);
+2. the save dir is locked for this run, stale temporary files of killed runs are removed and
+   the checkpoint to resume from is chosen (:mod:`torchreid_ext.savedir`);
+3. the data manager is built and its lists checked (:func:`torchreid_ext.builders.build_datamanager`);
+4. only then is the log file (``train.log-*`` / ``test.log-*``) opened, with everything printed
+   so far; the model, optimizer, scheduler and engine are built, and the engine trains and
+   evaluates. An error from here on is written to the log file too.
+
+Bad input is one line on stderr and exit status 2, with nothing written to the save dir.
 
 Under ``torchrun --nproc_per_node N scripts/main.py ...`` every process joins the job
 (``dist.backend``), wraps the model in DistributedDataParallel (SyncBatchNorm first with
-``train.sync_bn``; channels-last with ``train.channels_last``) and trains on its own share of
-the data: ``train.batch_size`` is PER RANK (global batch = N x batch_size; scale the learning
-rate yourself if you want linear scaling), and the train sampler is replaced by its
-distributed form (:class:`~torchreid_ext.data.sampler.DistributedIdentitySampler` for
-``RandomIdentitySampler``, torch's ``DistributedSampler`` for ``RandomSampler`` /
-``SequentialSampler``). Only rank 0 prints, writes the log, TensorBoard, checkpoints and
-metrics, and evaluates.
+``train.sync_bn``; channels-last with ``train.channels_last``; :mod:`torchreid_ext.distributed`)
+and trains on its own share of the data (:mod:`torchreid_ext.data.loaders`):
+``train.batch_size`` is PER RANK (global batch = N x batch_size; scale the learning rate
+yourself if you want linear scaling). Only rank 0 locks the save dir, prints, writes the log,
+TensorBoard, checkpoints and metrics, and evaluates.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
+import logging
 import os
 import os.path as osp
 import platform
 import sys
 import time
+import traceback
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 from . import distributed
 from .adapter import torchreid
-from .checkpoint import latest_checkpoint, load_pretrained_weights
-from .config import (
-    ConfigError,
-    engine_run_kwargs,
-    get_default_config,
-    merge_from_file,
-    merge_from_list,
-    validate_config,
-)
-from .builders import (
+from .builders import (  # noqa: F401  (build_datamanager / build_model: also cli's public names)
     PretrainedWeightsUnavailable,
     build_datamanager,
     build_engine,
@@ -48,11 +48,18 @@ from .builders import (
     build_optimizer,
     build_scheduler,
     model_complexity,
+    run_record,
 )
-from .data.checks import check_dataset_present
-from .models import available_models
+from .checkpoint import load_pretrained_weights
+from .config import ConfigError, engine_run_kwargs, get_default_config, merge_from_file, merge_from_list, validate_config
+from .data.loaders import distribute_train_loader
+from .log import RunLog
+from .preflight import preflight
+from .savedir import SaveDirLock, remove_stale_temp_files, resolve_resume
 
-__all__ = ["build_parser", "load_run_config", "preflight", "build_datamanager", "build_model", "main"]
+__all__ = ["build_parser", "load_run_config", "set_determinism", "run", "main"]
+
+logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_run_config(argv: Optional[Sequence[str]] = None):
+    """``(cfg, args)``: defaults, then ``--config``, the upstream options, the overrides; validated."""
     args = build_parser().parse_args(argv)
     cfg = get_default_config()
     if args.config:
@@ -87,149 +95,8 @@ def load_run_config(argv: Optional[Sequence[str]] = None):
     return cfg, args
 
 
-def resolve_resume(cfg) -> str:
-    """The checkpoint to resume from ('' for none); 'auto' = newest in the save dir."""
-    resume = cfg.model.resume
-    model_dir = osp.join(cfg.data.save_dir, "model")
-    if resume == "auto":
-        return latest_checkpoint(model_dir) or ""
-    if resume and not osp.isfile(resume):
-        raise FileNotFoundError(f"model.resume = '{resume}' does not exist")
-    return resume
-
-
-def preflight(cfg) -> str:
-    """All checks that need no data loading; returns the checkpoint to resume from."""
-    tr = torchreid()
-    names = available_models()
-    if cfg.model.name not in names:
-        raise ConfigError(f"model.name = '{cfg.model.name}' is unknown. Available models: {', '.join(names)}")
-    samplers = list(tr.sampler.AVAI_SAMPLERS)
-    for key in ("train_sampler", "train_sampler_t"):
-        if cfg.sampler[key] not in samplers:
-            raise ConfigError(f"sampler.{key} = '{cfg.sampler[key]}' is unknown; choose one of {samplers}")
-    optims = list(tr.submodule("optim.optimizer").AVAI_OPTIMS)
-    if cfg.train.optim not in optims:
-        raise ConfigError(f"train.optim = '{cfg.train.optim}' is unknown; choose one of {optims}")
-    scheds = list(tr.submodule("optim.lr_scheduler").AVAI_SCH)
-    if cfg.train.lr_scheduler not in scheds:
-        raise ConfigError(f"train.lr_scheduler = '{cfg.train.lr_scheduler}' is unknown; choose one of {scheds}")
-    for name in dict.fromkeys(list(cfg.data.sources) + list(cfg.data.targets)):
-        check_dataset_present(name, cfg.data.root)
-    if cfg.model.load_weights and not osp.isfile(cfg.model.load_weights):
-        raise FileNotFoundError(f"model.load_weights = '{cfg.model.load_weights}' does not exist")
-    preflight_distributed(cfg)
-    resume = resolve_resume(cfg)
-    existing = latest_checkpoint(osp.join(cfg.data.save_dir, "model"))
-    if existing and not resume and not cfg.test.evaluate:
-        raise ConfigError(
-            f"data.save_dir = '{cfg.data.save_dir}' already holds checkpoints (e.g. '{existing}'); "
-            "a new run would overwrite them. Continue it with `model.resume auto`, or choose "
-            "another data.save_dir."
-        )
-    return resume
-
-
-DDP_SAMPLERS = ("RandomIdentitySampler", "RandomSampler", "SequentialSampler")
-
-
-def preflight_distributed(cfg) -> None:
-    """What cannot work under torchrun with more than one process."""
-    if distributed.env_world_size() == 1:
-        return
-    if cfg.sampler.train_sampler not in DDP_SAMPLERS:
-        raise ConfigError(f"sampler.train_sampler = '{cfg.sampler.train_sampler}' has no distributed form; "
-                          f"under torchrun choose one of {list(DDP_SAMPLERS)}")
-    if cfg.train.sync_bn and not (cfg.use_gpu and torch.cuda.is_available()):
-        raise ConfigError("train.sync_bn = True under torchrun needs GPUs (torch's SyncBatchNorm synchronises "
-                          "CUDA tensors only); set train.sync_bn False on the CPU")
-
-
-def distribute_train_loader(dm, cfg) -> None:
-    """Replace ``dm.train_loader`` by one whose sampler gives this rank its share (DDP)."""
-    from torch.utils.data import DataLoader, DistributedSampler
-
-    from .data.sampler import DistributedIdentitySampler
-
-    loader = dm.train_loader
-    name = cfg.sampler.train_sampler
-    if name == "RandomIdentitySampler":
-        sampler = DistributedIdentitySampler(loader.dataset.train, cfg.train.batch_size,
-                                             cfg.sampler.num_instances, seed=cfg.train.seed)
-    elif name in DDP_SAMPLERS:
-        sampler = DistributedSampler(loader.dataset, shuffle=name == "RandomSampler", seed=cfg.train.seed,
-                                     drop_last=True)
-    else:
-        raise ConfigError(f"sampler.train_sampler = '{name}' has no distributed form; choose one of "
-                          f"{list(DDP_SAMPLERS)}")
-    dm.train_loader = DataLoader(loader.dataset, sampler=sampler, batch_size=loader.batch_size, shuffle=False,
-                                 num_workers=loader.num_workers, pin_memory=loader.pin_memory, drop_last=True)
-
-
-def prepare_model(model: torch.nn.Module, cfg, device: torch.device) -> torch.nn.Module:
-    """SyncBatchNorm (``train.sync_bn``), device, channels-last; the same model, converted."""
-    if cfg.train.sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
-def wrap_ddp(model: torch.nn.Module, cfg, info: "distributed.DistInfo") -> torch.nn.Module:
-    """DistributedDataParallel with default settings (MSGR: never ``static_graph``, G6);
-    ``find_unused_parameters`` while fixbase epochs freeze the base."""
-    if info.world_size == 1:
-        return model
-    return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
-        find_unused_parameters=cfg.train.fixbase_epoch > 0,
-    )
-
-
-class _Tee:
-    def __init__(self, stream, path: str):
-        self.stream = stream
-        self.file = open(path, "a", buffering=1)
-
-    def write(self, msg: str) -> int:
-        self.stream.write(msg)
-        self.file.write(msg)
-        return len(msg)
-
-    def flush(self) -> None:
-        self.stream.flush()
-        self.file.flush()
-
-    def isatty(self) -> bool:
-        return False
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
-
-
-def _display_path(path: str) -> str:
-    """``path`` relative to the working directory when inside it (``configs/market/x.yaml``
-    tells runs of different dataset folders apart), else absolute."""
-    full = osp.abspath(path)
-    rel = osp.relpath(full)
-    return full if rel.startswith(os.pardir) else rel
-
-
-@contextlib.contextmanager
-def tee_output(path: str):
-    """Copy stdout and stderr to ``path`` (appending) for the duration of the block."""
-    os.makedirs(osp.dirname(path) or ".", exist_ok=True)
-    out, err = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = _Tee(out, path), _Tee(err, path)
-    try:
-        yield path
-    finally:
-        sys.stdout.file.close()
-        sys.stdout, sys.stderr = out, err
-
-
 def set_determinism(cfg) -> None:
+    """Seed Torchreid's RNGs (``train.seed``); deterministic kernels with ``train.deterministic``."""
     torchreid().utils.set_random_seed(cfg.train.seed)
     deterministic = bool(cfg.train.deterministic)
     if deterministic:
@@ -240,13 +107,13 @@ def set_determinism(cfg) -> None:
 
 
 def run(cfg, config_path: str = "") -> Dict[str, Any]:
-    """Build everything ``cfg`` describes, resume if asked, train and evaluate (on every rank
-    of a torchrun job; see the module docstring)."""
-    resume = preflight(cfg)
+    """Check, build everything ``cfg`` describes, resume if asked, train and evaluate (on every
+    rank of a torchrun job); returns the last evaluation's results per target."""
+    preflight(cfg)
     cfg.use_gpu = bool(cfg.use_gpu and torch.cuda.is_available())
     info = distributed.init_distributed(cfg.dist.backend, cfg.use_gpu)
     try:
-        results = _run(cfg, config_path, resume, info)
+        results = _run(cfg, config_path, info)
     except BaseException:
         distributed.cleanup_distributed(wait=False)
         raise
@@ -254,72 +121,83 @@ def run(cfg, config_path: str = "") -> Dict[str, Any]:
     return results
 
 
-def _rank_output(save_dir: str, log_name: str, rank: int):
-    """Rank 0: stdout and stderr teed to the log; other ranks: stdout discarded."""
-    if rank == 0:
-        return tee_output(osp.join(save_dir, log_name))
-    stack = contextlib.ExitStack()
-    stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
-    return stack
-
-
-def _run(cfg, config_path: str, resume: str, info: "distributed.DistInfo") -> Dict[str, Any]:
-    save_dir = cfg.data.save_dir
+def _run(cfg, config_path: str, info: "distributed.DistInfo") -> Dict[str, Any]:
+    save_dir, main_rank = cfg.data.save_dir, info.rank == 0
     log_name = ("test.log" if cfg.test.evaluate else "train.log") + time.strftime("-%Y-%m-%d-%H-%M-%S")
-    with _rank_output(save_dir, log_name, info.rank):
-        set_determinism(cfg)
-        tr = torchreid()
-        print(f"Show configuration\n{cfg}\n")
-        print(f"torch {torch.__version__}, torchreid layout '{tr.prefix}', python {platform.python_version()}, "
-              f"device {'cuda' if cfg.use_gpu else 'cpu'}, threads {torch.get_num_threads()}, "
-              f"processes {info.world_size} (batch size {cfg.train.batch_size} per process)")
-        with distributed.main_first():  # rank 0 generates a synthetic dataset first
-            datamanager = build_datamanager(cfg)
-        if info.world_size > 1:
-            distribute_train_loader(datamanager, cfg)
-        print(f"Building model: {cfg.model.name}")
-        model = build_model(cfg, datamanager.num_train_pids)
-        stats = model_complexity(model, cfg.data.height, cfg.data.width)
-        if stats["params"] is not None:
-            print(f"Model complexity: params={stats['params']:,} (classifier excluded), "
-                  f"MACs={stats['macs']:,} at {cfg.data.height}x{cfg.data.width}")
-        if cfg.model.load_weights:
-            load_pretrained_weights(model, cfg.model.load_weights)
-        model = prepare_model(model, cfg, info.device)
-        optimizer = build_optimizer(cfg, model)
-        scheduler = build_scheduler(cfg, optimizer)
-        model = wrap_ddp(model, cfg, info)
-        run_info = {
-            "config": _display_path(config_path) if config_path else "",
-            "max_epoch": cfg.train.max_epoch,
-            "model": cfg.model.name,
-            "loss": cfg.loss.name,
-            "msgr": {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in cfg.msgr.items()},
-            "sources": list(cfg.data.sources),
-            "targets": list(cfg.data.targets),
-            "seed": cfg.train.seed,
-            "input_size": [cfg.data.height, cfg.data.width],
-            "world_size": info.world_size,
-            "amp": cfg.train.amp,
-            **stats,
-        }
-        engine = build_engine(cfg, datamanager, model, optimizer, scheduler, run_info=run_info)
-        start_epoch = cfg.train.start_epoch
-        if resume:
-            start_epoch = engine.resume(resume)
-        print(f"Building {cfg.loss.name}-engine{' with MSGR' if cfg.msgr.enabled else ''} for image-reid")
-        return engine.run(**engine_run_kwargs(cfg, start_epoch=start_epoch))
+    lock = SaveDirLock(save_dir)
+    with RunLog(enabled=main_rank) as log:
+        if main_rank:
+            lock.acquire()
+        try:
+            resume = resolve_resume(save_dir, cfg.model.resume, cfg.test.evaluate, cfg.train.max_epoch)
+            if main_rank:
+                remove_stale_temp_files(save_dir)
+            set_determinism(cfg)
+            logger.info("Show configuration\n%s\n", cfg)
+            logger.info("torch %s, torchreid layout '%s', python %s, device %s, threads %d, processes %d "
+                        "(batch size %d per process)", torch.__version__, torchreid().layout,
+                        platform.python_version(), "cuda" if cfg.use_gpu else "cpu", torch.get_num_threads(),
+                        info.world_size, cfg.train.batch_size)
+            with distributed.main_first():  # rank 0 generates a synthetic dataset first
+                datamanager = build_datamanager(cfg)
+            log.open(osp.join(save_dir, log_name))
+            try:
+                return _train(cfg, config_path, info, datamanager, resume)
+            except BaseException as exc:
+                log.record(_error_report(exc))
+                raise
+        finally:
+            lock.release(remove_created=log.path is None)
+
+
+def _train(cfg, config_path: str, info: "distributed.DistInfo", datamanager, resume: str) -> Dict[str, Any]:
+    if info.world_size > 1:
+        distribute_train_loader(datamanager, cfg)
+    logger.info("Building model: %s", cfg.model.name)
+    model = build_model(cfg, datamanager.num_train_pids)
+    stats = model_complexity(model, cfg.data.height, cfg.data.width)
+    if stats["params"] is not None:
+        logger.info("Model complexity: params=%s (classifier excluded), MACs=%s at %dx%d",
+                    f"{stats['params']:,}", f"{stats['macs']:,}", cfg.data.height, cfg.data.width)
+    if cfg.model.load_weights:
+        load_pretrained_weights(model, cfg.model.load_weights)
+    model = distributed.prepare_model(model, info.device, sync_bn=cfg.train.sync_bn,
+                                      channels_last=cfg.train.channels_last)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer)
+    model = distributed.wrap_ddp(model, info, find_unused_parameters=cfg.train.fixbase_epoch > 0)
+    run_info = run_record(cfg, config_path, info.world_size, stats)
+    engine = build_engine(cfg, datamanager, model, optimizer, scheduler, run_info=run_info)
+    start_epoch = engine.resume(resume) if resume else cfg.train.start_epoch
+    logger.info("Building %s-engine%s for image-reid", cfg.loss.name, " with MSGR" if cfg.msgr.enabled else "")
+    return engine.run(**engine_run_kwargs(cfg, start_epoch=start_epoch))
 
 
 def _user_errors() -> tuple:
     """Exceptions that mean bad input: printed as one line, exit status 2."""
     from .checkpoint import CheckpointError
-    from .data.checks import DatasetNotFound, UnreadableImageError
+    from .data.checks import DatasetError, DatasetNotFound, UnreadableImageError
     from .engines import NotAvailableYet
     from .models.msfl import BackboneWeightsError
 
     return (ConfigError, KeyError, FileNotFoundError, PretrainedWeightsUnavailable, CheckpointError,
-            DatasetNotFound, UnreadableImageError, NotAvailableYet, BackboneWeightsError)
+            DatasetNotFound, DatasetError, UnreadableImageError, NotAvailableYet, BackboneWeightsError)
+
+
+def _error_line(exc: BaseException) -> str:
+    msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+    return f"error: {msg}"
+
+
+def _error_report(exc: BaseException) -> str:
+    """What a failed run's log file records: the one-line error for bad input, else the traceback."""
+    if isinstance(exc, _user_errors()):
+        return _error_line(exc) + "\n"
+    if isinstance(exc, KeyboardInterrupt):
+        return "error: interrupted (KeyboardInterrupt)\n"
+    if isinstance(exc, SystemExit):
+        return f"error: exited with status {exc.code}\n"
+    return "error: the run failed\n" + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
@@ -329,6 +207,5 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     except _user_errors() as exc:
         if os.environ.get("TORCHREID_EXT_TRACEBACK"):
             raise
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"error: {msg} (set TORCHREID_EXT_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        print(f"{_error_line(exc)} (set TORCHREID_EXT_TRACEBACK=1 for the traceback)", file=sys.stderr)
         raise SystemExit(2)

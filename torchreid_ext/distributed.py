@@ -1,4 +1,5 @@
-"""Process groups for torchrun (DistributedDataParallel), and the feature all-gather.
+"""Process groups for torchrun (DistributedDataParallel), the model's preparation and DDP
+wrapping, the torchrun-only config rules, and the feature all-gather.
 
 ``torchrun --nproc_per_node N scripts/main.py ...`` sets ``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; :func:`init_distributed` reads them
@@ -29,6 +30,9 @@ __all__ = [
     "is_main_process",
     "init_distributed",
     "cleanup_distributed",
+    "preflight_distributed",
+    "prepare_model",
+    "wrap_ddp",
     "barrier",
     "main_first",
     "all_gather_tensor",
@@ -98,6 +102,42 @@ def cleanup_distributed(wait: bool = True) -> None:
         if wait:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def preflight_distributed(cfg) -> None:
+    """What cannot work under torchrun with more than one process (a ConfigError)."""
+    from .config import ConfigError
+    from .data.loaders import check_distributed_sampler
+
+    if env_world_size() == 1:
+        return
+    check_distributed_sampler(cfg.sampler.train_sampler)
+    if cfg.train.sync_bn and not (cfg.use_gpu and torch.cuda.is_available()):
+        raise ConfigError("train.sync_bn = True under torchrun needs GPUs (torch's SyncBatchNorm synchronises "
+                          "CUDA tensors only); set train.sync_bn False on the CPU")
+
+
+def prepare_model(model: torch.nn.Module, device: torch.device, sync_bn: bool = False,
+                  channels_last: bool = False) -> torch.nn.Module:
+    """SyncBatchNorm (``sync_bn``), ``device``, channels-last: the same model, converted."""
+    if sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def wrap_ddp(model: torch.nn.Module, info: DistInfo, find_unused_parameters: bool = False) -> torch.nn.Module:
+    """DistributedDataParallel with default settings (MSGR: never ``static_graph``,
+    docs/methods.md G6) when the job has more than one process; else ``model`` itself.
+    ``find_unused_parameters``: while fixbase epochs freeze the base."""
+    if info.world_size == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+        find_unused_parameters=find_unused_parameters,
+    )
 
 
 def barrier() -> None:

@@ -1,8 +1,10 @@
 """Rank lists of a trained model: a query and its top-k gallery images, green border = same
 identity, red = different (Torchreid's ``visualize_ranked_results``), for a few queries.
 
-Junk gallery items (same identity and camera as the query, METHOD.md E1) are skipped, as
-the evaluator and Torchreid's visualiser do.
+Junk gallery items (same identity and camera as the query, docs/methods.md E1) are skipped, as
+the evaluator and Torchreid's visualiser do. Features come from
+:func:`torchreid_ext.features.extract_loader` (with ``test.flip`` when the config has it), as in
+the engine's evaluation.
 """
 from __future__ import annotations
 
@@ -14,15 +16,9 @@ import torch
 
 from ..adapter import torchreid
 from ..checkpoint import latest_checkpoint, load_pretrained_weights
+from ..features import extract_loader
 
 __all__ = ["ranked_lists", "visualize_ranks"]
-
-
-@torch.no_grad()
-def _features(model: torch.nn.Module, loader, desc: str) -> torch.Tensor:
-    from tqdm import tqdm
-
-    return torch.cat([model(batch["img"]).float() for batch in tqdm(loader, desc=desc, unit="batch", leave=False)])
 
 
 def ranked_lists(distmat: np.ndarray, query: List[tuple], gallery: List[tuple], rows: List[int],
@@ -57,12 +53,14 @@ def visualize_ranks(cfg, out_dir: str, weights: str = "", num_queries: int = 8,
     if dataset not in cfg.data.targets:
         raise ValueError(f"dataset = '{dataset}' is not a target; choose one of {list(cfg.data.targets)}")
     cfg.use_gpu = False
-    dm = build_datamanager(cfg)
+    dm = build_datamanager(cfg, image_check="header")  # the images are read below anyway
     model = build_model(cfg, dm.num_train_pids)
     load_pretrained_weights(model, weights, strict=True)
     model.eval()
     loaders = dm.test_loader[dataset]
-    qf, gf = _features(model, loaders["query"], "query features"), _features(model, loaders["gallery"], "gallery features")
+    flip = bool(cfg.test.get("flip", False))
+    qf = extract_loader(model, loaders["query"], torch.device("cpu"), flip=flip, desc="query features")[0]
+    gf = extract_loader(model, loaders["gallery"], torch.device("cpu"), flip=flip, desc="gallery features")[0]
     if cfg.test.normalize_feature:
         qf, gf = torch.nn.functional.normalize(qf, dim=1), torch.nn.functional.normalize(gf, dim=1)
     distmat = compute_distance_matrix(qf, gf, cfg.test.dist_metric).cpu().numpy()

@@ -1,0 +1,104 @@
+"""Checks a run passes before it loads data, builds its model or writes anything.
+
+Each check raises one clear error (a ConfigError, KeyError, FileNotFoundError or
+DatasetError/DatasetNotFound) that names the bad value and what is allowed:
+
+* names Torchreid must know: model, samplers, optimizer, LR scheduler;
+* ``model.load_weights`` exists; torchrun-only rules (:func:`distributed.preflight_distributed`);
+* ``msgr.stages`` name modules of the model, resolved on a model built on the ``meta``
+  device (no memory, no weights);
+* the save dir and its ``model/`` folder are writable folders (:func:`savedir.check_writable`);
+* every dataset is present, and Market-1501-style split folders are non-empty, with parseable
+  file names and enough training identities for the sampler (:mod:`torchreid_ext.data.checks`).
+
+Checks on the loaded lists (valid queries per target, image decoding) follow in
+:func:`torchreid_ext.builders.build_datamanager`; the save-dir lock and the resume rules in
+the run sequence (:mod:`torchreid_ext.savedir`).
+"""
+from __future__ import annotations
+
+import logging
+import os.path as osp
+
+import torch
+
+from . import distributed
+from .adapter import torchreid
+from .config import ConfigError
+from .data.checks import check_dataset_present, check_train_identities, scan_image_folders
+from .models import available_models, build_model_from_config
+from .savedir import check_writable
+
+__all__ = ["preflight", "check_names", "check_msgr_stages", "check_datasets"]
+
+logger = logging.getLogger(__name__)
+
+
+def check_names(cfg) -> None:
+    """model.name, sampler.train_sampler(_t), train.optim and train.lr_scheduler are known."""
+    tr = torchreid()
+    names = available_models()
+    if cfg.model.name not in names:
+        raise ConfigError(f"model.name = '{cfg.model.name}' is unknown. Available models: {', '.join(names)}")
+    samplers = list(tr.sampler.AVAI_SAMPLERS)
+    for key in ("train_sampler", "train_sampler_t"):
+        if cfg.sampler[key] not in samplers:
+            raise ConfigError(f"sampler.{key} = '{cfg.sampler[key]}' is unknown; choose one of {samplers}")
+    optims = list(tr.submodule("optim.optimizer").AVAI_OPTIMS)
+    if cfg.train.optim not in optims:
+        raise ConfigError(f"train.optim = '{cfg.train.optim}' is unknown; choose one of {optims}")
+    scheds = list(tr.submodule("optim.lr_scheduler").AVAI_SCH)
+    if cfg.train.lr_scheduler not in scheds:
+        raise ConfigError(f"train.lr_scheduler = '{cfg.train.lr_scheduler}' is unknown; choose one of {scheds}")
+
+
+def check_msgr_stages(cfg) -> None:
+    """With ``msgr.enabled``: every name in ``msgr.stages`` is a submodule of the model."""
+    if not cfg.msgr.enabled:
+        return
+    from .msgr import stage_modules
+
+    meta_cfg = cfg.clone()
+    meta_cfg.defrost()
+    meta_cfg.model.pretrained = False  # no download, no weights file read
+    meta_cfg.model.backbone_weights = ""
+    try:
+        with torch.device("meta"):
+            model = build_model_from_config(meta_cfg, 2)
+    except Exception as exc:  # noqa: BLE001 - the engine resolves the stages again later
+        logger.debug("msgr.stages not checked up front: %s cannot be built on the meta device (%s)",
+                     cfg.model.name, exc)
+        return
+    try:
+        stage_modules(model, list(cfg.msgr.stages))
+    except ValueError as exc:
+        raise ConfigError(f"msgr.stages = {list(cfg.msgr.stages)}: {exc}") from None
+
+
+def check_datasets(cfg) -> None:
+    """Every source and target is present; split folders parse; enough training identities."""
+    names = list(dict.fromkeys(list(cfg.data.sources) + list(cfg.data.targets)))
+    for name in names:
+        check_dataset_present(name, cfg.data.root)
+    scans = {name: scan_image_folders(name, cfg.data.root) for name in names}
+    sources = [scans[name] for name in cfg.data.sources]
+    if sources and all(scan is not None for scan in sources):
+        need, why = 2, " (re-ID learns to tell identities apart)"
+        if cfg.sampler.train_sampler == "RandomIdentitySampler":
+            p = cfg.train.batch_size // max(cfg.sampler.num_instances, 1)
+            if p >= need:
+                need = p
+                why = (f" for RandomIdentitySampler: train.batch_size / sampler.num_instances = "
+                       f"{cfg.train.batch_size} / {cfg.sampler.num_instances} = {p} identities per batch")
+        check_train_identities(sources, need, why, combineall=cfg.data.combineall)
+
+
+def preflight(cfg) -> None:
+    """All checks that need no data loading and write nothing (see the module docstring)."""
+    check_names(cfg)
+    if cfg.model.load_weights and not osp.isfile(cfg.model.load_weights):
+        raise FileNotFoundError(f"model.load_weights = '{cfg.model.load_weights}' does not exist")
+    distributed.preflight_distributed(cfg)
+    check_msgr_stages(cfg)
+    check_writable(cfg.data.save_dir)
+    check_datasets(cfg)
