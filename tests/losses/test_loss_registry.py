@@ -197,6 +197,22 @@ def test_loss_registered_after_the_config_was_built_is_named():
         unregister_loss("late")
 
 
+def test_registered_needs_and_min_batch_size_reach_validate_config():
+    register_loss("no_pairs", build_toy, {"scale": 1.0, "group": 8}, needs_positives=False,
+                  min_batch_size=lambda s: (2 * s.group, f"no_pairs needs 2 x loss.no_pairs.group = {s.group}"))
+    try:
+        # no positives needed: RandomSampler is fine
+        load_config(None, ["loss.name", "no_pairs", "sampler.train_sampler", "RandomSampler"])
+        with pytest.raises(ConfigError, match=r"train\.batch_size = 32 is too small: no_pairs needs 2 x "
+                                              r"loss\.no_pairs\.group = 20, i\.e\. a batch of at least 40 images"):
+            load_config(None, ["loss.name", "no_pairs", "loss.no_pairs.group", "20"])
+        # its weight_t adds Torchreid's triplet term, which does need positives
+        with pytest.raises(ConfigError, match=r"ranking term\(s\) \['triplet'\]"):
+            load_config(None, ["loss.name", "no_pairs", "loss.no_pairs.weight_t", "1"])
+    finally:
+        unregister_loss("no_pairs")
+
+
 def test_every_section_is_checked_by_its_constructor_whichever_loss_is_selected(toy):
     with pytest.raises(ConfigError, match=r"loss\.toy: toy: scale must be > 0, got -1\.0"):
         load_config(None, ["loss.toy.scale", "-1"])  # loss.name softmax

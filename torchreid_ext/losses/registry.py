@@ -149,6 +149,10 @@ def register_loss(
     ``needs_positives=False`` for a loss that needs no same-identity pairs in the batch (then any
     sampler is allowed); ``min_batch_size(section) -> (n, why)`` for a loss that needs batches of
     at least ``n`` images (checked against ``train.batch_size`` before training).
+
+    ``validate_config`` calls every builder once on its section, so that the values the loss's
+    constructor refuses are refused before anything is written: keep builders cheap and free of
+    side effects.
     """
     if not isinstance(name, str) or not name.isidentifier() or name == "name":
         raise ValueError(f"loss name {name!r} must be a Python identifier other than 'name'")
