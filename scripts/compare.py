@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Compare configs in one harness (logic: :mod:`torchreid_ext.experiments.compare`).
 
-    python scripts/compare.py CONFIG_OR_SAVE_DIR ... --out DIR [--seeds 1 2 3] [--baseline CONFIG] \
+    python scripts/compare.py CONFIG_OR_SAVE_DIR ... --out DIR [--seeds 1 2 3] [--baseline CONFIG] [--report STEM] \
         --opts KEY VALUE ...
 """
 import os.path as osp

@@ -414,3 +414,28 @@ def test_bad_seed_input_fails_before_any_run(seeds, overrides, baseline, pattern
     with pytest.raises(HarnessError, match=pattern):
         compare([a], str(out), overrides + ["data.root", str(tmp_path / "root")], seeds=seeds, baseline=baseline)
     assert not out.exists()
+
+
+def test_report_stem_puts_the_report_elsewhere(compared, tmp_path):
+    configs, out, paths = compared
+    save_dirs = [r["save_dir"] for r in read_csv(paths["csv"])]
+    stem = tmp_path / "docs" / "bench"
+    new = compare(save_dirs, str(tmp_path / "out"), report=str(stem))
+    assert new == {ext: f"{stem}.{ext}" for ext in ("csv", "md", "png")}
+    assert all(osp.isfile(p) for p in new.values()) and not (tmp_path / "out" / "results.csv").exists()
+    assert read_csv(new["csv"]) == read_csv(paths["csv"])
+    with pytest.raises(HarnessError, match=r"--report '.*docs' is a folder"):
+        compare(save_dirs, str(tmp_path / "out2"), report=str(tmp_path / "docs"))
+    assert not (tmp_path / "out2").exists()
+
+
+def test_a_run_trained_with_another_seed_is_refused(tmp_path):
+    from torchreid_ext.experiments.report import collect_rows
+    from torchreid_ext.experiments.runs import Run
+
+    metrics = {"seed": 1, "max_epoch": 1, "model": "osnet_x0_25", "loss": "softmax",
+               "evaluations": [{"epoch": 1, "results": {"synthreid": {"rank1": 0.5, "mAP": 0.4}}}]}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    assert collect_rows([Run(name="r", save_dir=str(tmp_path), seed=1)])[0]["seed"] == 1
+    with pytest.raises(HarnessError, match=r"trained with seed 1, not the seed 2"):
+        collect_rows([Run(name="r", save_dir=str(tmp_path), seed=2)])

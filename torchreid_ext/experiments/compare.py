@@ -1,7 +1,8 @@
 """``scripts/compare.py``: run what is not finished, then write the comparison report.
 
     python scripts/compare.py configs/a.yaml configs/b.yaml [SAVE_DIR ...] --out log/compare \
-        [--seeds 1 2 3] [--baseline configs/a.yaml] --opts train.max_epoch 2 data.sources "['synthreid']"
+        [--seeds 1 2 3] [--baseline configs/a.yaml] [--report docs/a_vs_b] \
+        --opts train.max_epoch 2 data.sources "['synthreid']"
 
 Every input is checked (configs load with the overrides, datasets present, one evaluation
 protocol) before the first run starts. With ``--seeds`` every config runs once per seed
@@ -34,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default=None, metavar="CONFIG",
                    help="config (or save dir) the others are paired with, seed by seed (95%% t-interval); "
                         "added to the inputs if missing")
+    p.add_argument("--report", default=None, metavar="STEM",
+                   help="write the report as STEM.csv, STEM.md, STEM.png (default: OUT/results), "
+                        "e.g. docs/proxy_benchmark; the runs stay under --out")
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
                    help="KEY VALUE overrides applied to every run (must come last)")
     return p
@@ -64,10 +68,22 @@ def _launch_order(runs: Sequence[Run]) -> List[Run]:
     return sorted(runs, key=lambda r: seeds.index(r.seed))
 
 
+def _report_stem(out_dir: str, report: Optional[str]) -> str:
+    if report is None:
+        return osp.join(out_dir, "results")
+    if report.endswith((os.sep, "/")) or osp.isdir(report):
+        raise HarnessError(f"--report '{report}' is a folder; give a path stem such as docs/proxy_benchmark "
+                           "(the report is STEM.csv, STEM.md, STEM.png)")
+    return osp.splitext(report)[0] if report.endswith((".csv", ".md", ".png")) else report
+
+
 def compare(inputs: Sequence[str], out_dir: str, overrides: Sequence[str] = (),
-            seeds: Optional[Sequence[int]] = None, baseline: Optional[str] = None) -> Dict[str, str]:
-    """Run every unfinished input (once per seed with ``seeds``), then write results.{csv,md,png}
-    in ``out_dir``, pairing each config with ``baseline`` when given."""
+            seeds: Optional[Sequence[int]] = None, baseline: Optional[str] = None,
+            report: Optional[str] = None) -> Dict[str, str]:
+    """Run every unfinished input (once per seed with ``seeds``), then write the report
+    (``report``.{csv,md,png}, default ``out_dir``/results.*), pairing each config with
+    ``baseline`` when given."""
+    stem = _report_stem(out_dir, report)
     inputs = _with_baseline(inputs, baseline)
     runs = plan_runs(inputs, out_dir, overrides, seeds)
     base_group = _baseline_group(runs, baseline) if baseline is not None else None
@@ -81,7 +97,9 @@ def compare(inputs: Sequence[str], out_dir: str, overrides: Sequence[str] = (),
         t0 = time.time()
         launch(run)
         print(f"[compare] {i}/{n} {run.name}: done in {time.time() - t0:.0f} s", flush=True)
-    paths = write_report(collect_rows(runs), out_dir, base_group)
+    if osp.dirname(stem):
+        os.makedirs(osp.dirname(stem), exist_ok=True)
+    paths = write_report(collect_rows(runs), stem, base_group)
     print(f"[compare] wrote {', '.join(paths.values())}", flush=True)
     return paths
 
@@ -89,7 +107,7 @@ def compare(inputs: Sequence[str], out_dir: str, overrides: Sequence[str] = (),
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        compare(args.inputs, args.out, args.opts or [], args.seeds, args.baseline)
+        compare(args.inputs, args.out, args.opts or [], args.seeds, args.baseline, args.report)
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -47,6 +47,19 @@ def _is_variant(run: Run) -> bool:
     return run.cfg.model.msfl != get_default_config().model.msfl
 
 
+def _run_seed(run: Run, metrics: Dict[str, Any]) -> Optional[int]:
+    """The seed the run trained with (metrics.json), else its config's; None if unknown."""
+    recorded = metrics.get("seed")
+    if run.seed is not None and recorded is not None and int(recorded) != run.seed:
+        raise HarnessError(f"run '{run.name}' ({run.save_dir}) trained with seed {recorded}, "
+                           f"not the seed {run.seed} its save dir is for")
+    if recorded is not None:
+        return int(recorded)
+    if run.seed is not None:
+        return run.seed
+    return int(run.cfg.train.seed) if run.cfg is not None else None
+
+
 def collect_rows(runs: Sequence[Run]) -> List[Dict[str, Any]]:
     """Rows (kind 'run') of the final evaluation of every run, in input order."""
     rows = []
@@ -58,10 +71,9 @@ def collect_rows(runs: Sequence[Run]) -> List[Dict[str, Any]]:
         msgr = bool((metrics.get("msgr") or {}).get("enabled", False))
         label = method_label(metrics.get("model", "?"), metrics.get("loss", "?"), msgr, _is_variant(run))
         detected_new = run.cfg is not None and not run.cfg.cuhk03.labeled_images and not run.cfg.cuhk03.classic_split
+        seed = _run_seed(run, metrics)
         for dataset, res in final["results"].items():
             paper = published_for(label, dataset, detected_new)
-            seed = metrics.get("seed", run.seed if run.seed is not None else
-                               (int(run.cfg.train.seed) if run.cfg is not None else None))
             rows.append({
                 "kind": "run", "group": run.group, "seed": seed, "n": 1, "baseline": "",
                 "name": run.name, "config": run.config or metrics.get("config", ""), "method": label,
@@ -214,14 +226,14 @@ def write_markdown(groups: Sequence[GroupSummary], path: str, pairs: Sequence[Pa
         f.write("\n".join(markdown_lines(groups, pairs)) + "\n")
 
 
-def write_report(rows: Sequence[Dict[str, Any]], out_dir: str, baseline: Optional[str] = None) -> Dict[str, str]:
-    """Write results.csv, results.md and results.png into ``out_dir``; return their paths.
+def write_report(rows: Sequence[Dict[str, Any]], stem: str, baseline: Optional[str] = None) -> Dict[str, str]:
+    """Write ``stem``.csv, .md and .png (e.g. ``<out>/results``); return their paths.
 
     ``rows``: :func:`collect_rows`; ``baseline``: the group the others are paired with.
     """
     groups = summarize_groups(rows)
     pairs = paired_comparisons(groups, baseline, LEVEL) if baseline else []
-    paths = {ext: osp.join(out_dir, f"results.{ext}") for ext in ("csv", "md", "png")}
+    paths = {ext: f"{stem}.{ext}" for ext in ("csv", "md", "png")}
     write_csv(list(rows) + summary_rows(groups, pairs), paths["csv"])
     write_markdown(groups, paths["md"], pairs)
     write_plot(groups, paths["png"], pairs)
