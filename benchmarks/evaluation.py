@@ -143,7 +143,8 @@ def run_child(args) -> Dict:
     reps = args.slow_repeats if args.child == "torchreid-python" else args.repeats
 
     if args.child == "ours-features":
-        q, g = torch.from_numpy(qf), torch.from_numpy(gf)  # the engine passes torch tensors
+        # the engine passes torch tensors, on its device (--device)
+        q, g = torch.from_numpy(qf).to(args.device), torch.from_numpy(gf).to(args.device)
         out["rss_before"] = current_rss()
         reset_ok = reset_peak()
         for _ in range(reps):
@@ -157,7 +158,8 @@ def run_child(args) -> Dict:
         dist_np = compute_distance_matrix(torch.from_numpy(qf), torch.from_numpy(gf)).numpy()
         out["distance_s"] = time.perf_counter() - t
         if args.child == "ours-matrix":
-            fn = lambda: evaluate_rank(dist_np, *labels, max_rank=args.max_rank)  # noqa: E731
+            dist_in = dist_np if args.device == "cpu" else torch.from_numpy(dist_np).to(args.device)
+            fn = lambda: evaluate_rank(dist_in, *labels, max_rank=args.max_rank)  # noqa: E731
         elif args.child == "torchreid-cython":
             evaluate_cy = _load_evaluate_cy(args.cython_so)
             fn = lambda: evaluate_cy(dist_np, *labels, args.max_rank, False)  # noqa: E731
@@ -216,7 +218,7 @@ def launch(method: str, shape: str, data: str, args, num_queries: Optional[int],
            cython_so: Optional[str]) -> Optional[Dict]:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", method, "--shapes", shape, "--data", data,
            "--repeats", str(args.repeats), "--slow-repeats", str(args.slow_repeats),
-           "--max-rank", str(args.max_rank)]
+           "--max-rank", str(args.max_rank), "--device", args.device]
     if num_queries is not None:
         cmd += ["--num-queries", str(num_queries)]
     if cython_so:
@@ -305,6 +307,8 @@ def main(argv=None) -> int:
     p.add_argument("--baseline-queries", type=int, default=None,
                    help="run Torchreid's evaluators on the first N queries only (time scaled to all)")
     p.add_argument("--json", default=None, help="also write the raw results here")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where our evaluator runs (inputs moved there before timing; Torchreid's stay on the CPU)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--data", default=None, help=argparse.SUPPRESS)
     p.add_argument("--num-queries", type=int, default=None, help=argparse.SUPPRESS)
@@ -322,7 +326,8 @@ def main(argv=None) -> int:
 
     print(f"# {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"numpy {np.__version__}, load average {os.getloadavg()[0]:.2f}, "
-          f"{_mem_available() / 1e9:.1f} GB available, dim {args.dim}, seed {args.seed}", flush=True)
+          f"{_mem_available() / 1e9:.1f} GB available, dim {args.dim}, seed {args.seed}, ours on {args.device}"
+          + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""), flush=True)
     tmp = tempfile.mkdtemp(prefix="torchreid_ext_bench_")
     rows: List[Dict] = []
     notes: List[str] = []
