@@ -132,8 +132,8 @@ def test_exact_msgr_step_matches_cpu_float64():
     grads = []
     for m, inp, lab in ((ref_net, x, y), (net, xd, y.to(DEVICE))):
         m.zero_grad()
-        st = msgr_backward(m, lambda: m(inp), lambda out: F.cross_entropy(out, lab), STAGES,
-                           [EPS[s] for s in STAGES], mode="exact")
+        st = msgr_backward(m, lambda m=m, inp=inp: m(inp), lambda out, lab=lab: F.cross_entropy(out, lab),
+                           STAGES, [EPS[s] for s in STAGES], mode="exact")
         grads.append((flat(p.grad for p in m.parameters()), st.penalty.penalty.item()))
     (g_ref, r_ref), (g, r) = grads
     assert r == pytest.approx(r_ref, rel=1e-4)
