@@ -41,14 +41,18 @@ def scalars(save_dir):
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+FINISHED = {"train.max_epoch": 3, "data.workers": 1, "train.deterministic": True, "model.resume": "auto",
+            "test.eval_freq": 2}
+
+
 @pytest.fixture(scope="module")
 def finished(data_root, tmp_path_factory):
-    """A finished 2-epoch run, evaluated after each epoch: (save_dir, results, console output).
-    Tests that change it work on a copy (:func:`copy_run`)."""
+    """A finished deterministic 3-epoch run, evaluated after epochs 2 and 3: (save_dir, results,
+    console output). Tests that change it work on a copy (:func:`copy_run`)."""
     save = str(tmp_path_factory.mktemp("finished") / "run")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        results = run_main(tiny_opts(data_root, save, **{"test.eval_freq": 1, "train.max_epoch": 2}))
+        results = run_main(tiny_opts(data_root, save, **FINISHED))
     return save, results, out.getvalue()
 
 
@@ -63,17 +67,19 @@ def test_train_and_evaluate_writes_all_outputs(finished):
     assert 0.0 <= res["rank1"] <= 1.0 and 0.0 <= res["mAP"] <= 1.0
     for line in ("Rank-1  :", "Rank-5  :", "Rank-10 :", "mAP:"):
         assert line in out
-    # one evaluation after epoch 1, the final one after epoch 2
+    # one evaluation after epoch 2 (test.eval_freq), the final one after epoch 3
     metrics = json.load(open(osp.join(save, "metrics.json")))
-    assert [e["epoch"] for e in metrics["evaluations"]] == [1, 2]
+    assert [e["epoch"] for e in metrics["evaluations"]] == [2, 3]
     assert metrics["evaluations"][-1]["results"]["synthreid_small"]["mAP"] == pytest.approx(res["mAP"])
     assert metrics["model"] == "osnet_x0_25" and metrics["train_seconds"] > 0
-    assert metrics["max_epoch"] == 2
+    assert metrics["max_epoch"] == 3
     tags = scalars(save)
     assert len(tags["Test/synthreid_small/mAP"]) == 2 and "Train/loss" in tags
     assert len(tags["Test/synthreid_small/mINP"]) == 2 and "mINP:" in out
-    ckpt = load_checkpoint(osp.join(save, "model", "model.pth.tar-2"))
-    assert ckpt["epoch"] == 2 and isinstance(ckpt["rank1"], float)
+    ckpt = load_checkpoint(osp.join(save, "model", "model.pth.tar-3"))
+    assert ckpt["epoch"] == 3 and isinstance(ckpt["rank1"], float)
+    # epoch 1's rolling checkpoint was replaced; evaluation epochs keep theirs
+    assert sorted(os.listdir(osp.join(save, "model"))) == ["model.pth.tar-2", "model.pth.tar-3"]
     assert glob.glob(osp.join(save, "train.log-*"))
     log = open(glob.glob(osp.join(save, "train.log-*"))[0]).read()
     # our logger's lines, Torchreid's prints and the results: on the console and in the log
@@ -92,17 +98,16 @@ def main_cmd(opts):
     return [sys.executable, osp.join(REPO, "scripts", "main.py")] + opts
 
 
-def test_killed_and_resumed_run_equals_uninterrupted_run(tiny, tmp_path):
-    """SIGKILL a 3-epoch run after its epoch-2 checkpoint, resume: same final weights."""
-    common = {"train.max_epoch": 3, "data.workers": 1, "train.deterministic": True,
-              "model.resume": "auto", "test.eval_freq": 2}
-    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-    subprocess.run(main_cmd(tiny(save_dir=straight, **common)), check=True, capture_output=True)
+def test_killed_and_resumed_run_equals_uninterrupted_run(tiny, finished, tmp_path):
+    """SIGKILL a 3-epoch run after its epoch-2 checkpoint, resume: same final weights as the
+    uninterrupted run (``finished``, same settings)."""
+    common = FINISHED
+    straight, killed = finished[0], str(tmp_path / "killed")
 
     proc = subprocess.Popen(main_cmd(tiny(save_dir=killed, **common)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt2 = osp.join(killed, "model", "model.pth.tar-2")
-    deadline = time.time() + 300
+    deadline = time.time() + 1800  # a generous bound: the machine may be busy
     while not osp.exists(ckpt2) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
@@ -128,12 +133,11 @@ def digest(directory):
     return h.hexdigest()
 
 
-def test_existing_checkpoints_are_never_overwritten(tiny, tmp_path):
-    save = str(tmp_path / "run")
-    run_main(tiny(save_dir=save, **{"train.max_epoch": 1}))
+def test_existing_checkpoints_are_never_overwritten(tiny, finished, tmp_path):
+    save = copy_run(finished, tmp_path / "run")
     before = digest(save)
     with pytest.raises(ConfigError, match=r"already holds checkpoints.*model\.resume auto"):
-        run_main(tiny(save_dir=save, **{"train.max_epoch": 1}))
+        run_main(tiny(save_dir=save, **{"train.max_epoch": 3}))
     assert digest(save) == before
 
 
@@ -209,8 +213,9 @@ def test_scripts_main_accepts_upstream_arguments(data_root, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model:\n  name: osnet_x0_25\n  pretrained: False\n")
     save = str(tmp_path / "run")
+    # evaluation only: what is tested is that upstream's arguments reach the run
     opts = ["data.height", "64", "data.width", "32", "data.workers", "0", "data.save_dir", save,
-            "train.max_epoch", "1", "train.batch_size", "16", "test.batch_size", "64"]
+            "train.max_epoch", "1", "train.batch_size", "16", "test.batch_size", "64", "test.evaluate", "True"]
     ok = subprocess.run(main_cmd(["--config-file", str(cfg), "-s", "synthreid_small", "-t", "synthreid_small",
                                   "--transforms", "random_flip", "random_crop", "--root", data_root] + opts),
                         capture_output=True, text=True, cwd=tmp_path)
@@ -244,7 +249,7 @@ def test_build_engine_from_python(tiny, tmp_path):
 
 def test_fast_and_torchreid_evaluators_agree_inside_the_engine(tiny, finished, tmp_path):
     save = copy_run(finished, tmp_path / "run")
-    weights = osp.join(save, "model", "model.pth.tar-2")
+    weights = osp.join(save, "model", "model.pth.tar-3")
     out = {}
     for evaluator in ("fast", "torchreid"):
         for metric in ("euclidean", "cosine"):
@@ -257,7 +262,7 @@ def test_fast_and_torchreid_evaluators_agree_inside_the_engine(tiny, finished, t
         assert fast["cmc"] == pytest.approx(ref["cmc"], abs=1e-6)
         assert fast["mINP"] is not None and ref["mINP"] is None
     # evaluation-only runs write their own record and leave the training record alone
-    assert json.load(open(osp.join(save, "metrics.json")))["evaluations"][0]["epoch"] == 1
+    assert json.load(open(osp.join(save, "metrics.json")))["evaluations"][0]["epoch"] == 2
     assert osp.exists(osp.join(save, "metrics-test.json"))
 
 
@@ -269,7 +274,7 @@ def test_evaluate_with_an_upstream_torchreid_checkpoint(tiny, finished, tmp_path
     from torchreid_ext.adapter import torchreid
 
     trained = finished[1]["synthreid_small"]
-    state = load_checkpoint(osp.join(finished[0], "model", "model.pth.tar-2"))["state_dict"]
+    state = load_checkpoint(osp.join(finished[0], "model", "model.pth.tar-3"))["state_dict"]
     upstream = tmp_path / "upstream"
     torchreid().utils.save_checkpoint({"state_dict": state, "epoch": 1, "rank1": np.float64(0.25)}, str(upstream))
     res = run_main(tiny(save_dir=str(tmp_path / "eval"), **{
@@ -302,7 +307,7 @@ def test_resuming_a_finished_run_with_a_smaller_max_epoch_is_refused(tiny, finis
     before = digest(save)
     code, err = cli_exit(tiny(save_dir=save, **{"train.max_epoch": 1, "model.resume": "auto"}), capsys)
     assert code == 2
-    assert "the run already finished at epoch 2" in err and "train.max_epoch = 1" in err
+    assert "the run already finished at epoch 3" in err and "train.max_epoch = 1" in err
     assert "`test.evaluate True`" in err
     assert digest(save) == before
 
@@ -310,13 +315,13 @@ def test_resuming_a_finished_run_with_a_smaller_max_epoch_is_refused(tiny, finis
 def test_resuming_a_finished_run_with_its_max_epoch_re_evaluates(tiny, finished, tmp_path, capsys):
     """As the quick start says: running a finished config again evaluates it, trains nothing."""
     save = copy_run(finished, tmp_path / "copy")
-    weights = final_weights(save, 2)
-    res = run_main(tiny(save_dir=save, **{"train.max_epoch": 2, "model.resume": "auto"}))["synthreid_small"]
+    weights = final_weights(save, 3)
+    res = run_main(tiny(save_dir=save, **{"train.max_epoch": 3, "model.resume": "auto"}))["synthreid_small"]
     out = capsys.readouterr().out
     assert res["mAP"] == pytest.approx(finished[1]["synthreid_small"]["mAP"], abs=1e-9)
     assert "Epoch: [" not in out and "=> Final test" in out
-    assert not osp.exists(osp.join(save, "model", "model.pth.tar-3"))
-    after = final_weights(save, 2)
+    assert not osp.exists(osp.join(save, "model", "model.pth.tar-4"))
+    after = final_weights(save, 3)
     assert all(torch.equal(weights[k], after[k]) for k in weights)
 
 
