@@ -324,29 +324,29 @@ GOALS = [
 
 
 def goal_lines(steps: Dict[str, Step], gpu: bool) -> List[str]:
+    """The issue's goals against this run's numbers (verdicts only for a GPU run)."""
+    def verdict(ok: bool) -> str:
+        return ("met" if ok else "NOT met") if gpu else "n/a: CPU-sized run"
+
     lines = []
     t = steps.get("throughput")
     m = t and re.search(r"ours bf16\+channels_last: [\d.]+ img/s \(([\d.]+)x\)", t.summary)
     lines.append(f"throughput: bf16 + channels-last = {m.group(1)}x stock fp32 (goal >= 2x: "
-                 f"{'met' if float(m.group(1)) >= 2 else 'NOT met'})" if m else "throughput: not measured")
+                 f"{verdict(float(m.group(1)) >= 2)})" if m else "throughput: not measured")
     data = _read_json(steps["msgr"].outputs[0]) if "msgr" in steps else None
     for name, r in (data or {}).get("results", {}).items():
-        x = r["median_s"]["exact"] / r["median_s"]["plain"] if "exact" in r["median_s"] else None
-        if x is not None:
-            lines.append(f"MSGR exact on {name}: {x:.2f}x a plain step, median (goal <= 2.5x: "
-                         f"{'met' if x <= 2.5 else 'NOT met'})")
+        if "exact" in r["median_s"]:
+            x = r["median_s"]["exact"] / r["median_s"]["plain"]
+            lines.append(f"MSGR exact on {name}: {x:.2f}x a plain step, median (goal <= 2.5x: {verdict(x <= 2.5)})")
     rows = _read_json(steps["evaluation"].outputs[0]) if "evaluation" in steps else None
     for r in rows or []:
         if r["shape"] in ("market", "tiny"):
             lines.append(f"{r['shape']}-shape evaluation, {r['method']}: {r['eval_s']:.4f} s (goal < 0.05 s: "
-                         f"{'met' if r['eval_s'] < 0.05 else 'NOT met'})")
+                         f"{verdict(r['eval_s'] < 0.05)})")
     p = steps.get("pytest_cuda")
     if p:
-        passed = p.status == "ok" and " passed" in p.summary
-        lines.append(f"cuda tests: {p.summary.split(';')[0]} (goal all pass: "
-                     f"{'met' if passed and 'failed' not in p.summary else 'NOT met' if gpu else 'n/a without CUDA'})")
-    if not gpu:
-        lines = [ln + " [CPU-sized run: not the goal's setting]" for ln in lines]
+        passed = p.status == "ok" and " passed" in p.summary and "failed" not in p.summary
+        lines.append(f"cuda tests: {p.summary.split(';')[0]} (goal all pass: {verdict(passed)})")
     return lines
 
 
