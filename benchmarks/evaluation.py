@@ -1,6 +1,6 @@
 """Benchmark: torchreid_ext.metrics vs Torchreid's Python and compiled (Cython) rank evaluators (E5).
 
-Shapes (METHOD.md E5): Market-1501 (3368 queries x 15913 gallery, 750 identities, 6 cameras, 2798 pid-0
+Shapes (docs/methods.md E5): Market-1501 (3368 queries x 15913 gallery, 750 identities, 6 cameras, 2798 pid-0
 distractors) and MSMT17 (11659 x 82161, 3060 identities, 15 cameras). Synthetic unit-norm 512-d features:
 identity centre + camera offset + noise with a log-normal per-image scale (most images easy, a few hard),
 so positives are closer on average and the scores look like a trained model's (Market rank-1 ~0.98,

@@ -6,7 +6,7 @@
 
 Rows: every registered torchreid_ext model (default options), then the names given (ours
 or Torchreid's), then one row per ``--config`` (its model with the file's options).
-METHOD.md M5 compares these with the paper's Table II.
+docs/methods.md M5 compares these with the paper's Table II.
 """
 import argparse
 import os.path as osp

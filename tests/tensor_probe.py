@@ -2,7 +2,7 @@
 
 A dispatch mode sees the output of every ATen op, including the backward ops the autograd
 engine runs, so the bound it gives on intermediates is exact and deterministic, unlike RSS or
-allocator statistics on a machine shared with other processes (METHOD.md D6: no B^3 tensor).
+allocator statistics on a machine shared with other processes (docs/methods.md D6: no B^3 tensor).
 """
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode

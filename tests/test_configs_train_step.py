@@ -32,7 +32,7 @@ def tiny_step_opts(root):
         "data.height", "64", "data.width", "32", "data.workers", "0",
         "train.batch_size", "8", "sampler.train_sampler", "RandomIdentitySampler",
         "sampler.num_instances", "4", "test.batch_size", "32",
-        "loss.sn.k", "5",  # SN needs batch - 1 >= k + 1 (METHOD.md S4)
+        "loss.sn.k", "5",  # SN needs batch - 1 >= k + 1 (docs/methods.md S4)
     ]
 
 

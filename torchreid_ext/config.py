@@ -9,6 +9,10 @@ README. Loading differs from plain yacs in three ways:
 * ``_BASE_: other.yaml`` (a path or a list, relative to the file) inherits from other files;
 * values are coerced where the intent is unambiguous: int -> float, a numeric string
   (``inf``) -> float, a scalar -> a one-element list, list <-> tuple.
+
+Why one module of ~590 lines: half of it is the default tree (upstream's keys, one line each, kept
+together so a diff against upstream's ``default_config.py`` stays readable); the rest is loading
+and ``validate_config``, the single home of every cross-key rule.
 """
 from __future__ import annotations
 
@@ -55,9 +59,9 @@ def get_default_config() -> CN:
     cfg.model.pretrained = True
     cfg.model.load_weights = ""
     cfg.model.resume = ""  # path, or "auto": <save_dir>/model/model-last.pth.tar if present
-    # ours: local torchvision-format ImageNet ResNet50 state dict (METHOD.md M7)
+    # ours: local torchvision-format ImageNet ResNet50 state dict (docs/methods.md M7)
     cfg.model.backbone_weights = ""
-    # ours: MSFL-ResNet50 switches (METHOD.md M2-M6); ignored by other models
+    # ours: MSFL-ResNet50 switches (docs/methods.md M2-M6); ignored by other models
     cfg.model.msfl = CN()
     cfg.model.msfl.lateral = True  # Table I "no lateral" row: False
     cfg.model.msfl.topdown = True  # Table I "no top-down" row: False
@@ -154,7 +158,7 @@ def get_default_config() -> CN:
     for spec in loss_registry.specs():
         cfg.loss[spec.name] = CN(copy.deepcopy(dict(spec.defaults)))
 
-    # ---------------- ours: MSGR (METHOD.md G) ----------------
+    # ---------------- ours: MSGR (docs/methods.md G) ----------------
     cfg.msgr = CN()
     cfg.msgr.enabled = False
     cfg.msgr.mode = "exact"  # exact (G4) | fast (G5)
@@ -512,7 +516,7 @@ def _validate_losses(cfg: CN) -> None:
 
 
 def _validate_scale_out(cfg: CN) -> None:
-    """train.amp / train.sync_bn / dist.* combinations that cannot work (METHOD.md G6)."""
+    """train.amp / train.sync_bn / dist.* combinations that cannot work (docs/methods.md G6)."""
     import torch
 
     if cfg.train.amp == "fp16" and not (cfg.use_gpu and torch.cuda.is_available()):
@@ -520,7 +524,7 @@ def _validate_scale_out(cfg: CN) -> None:
                           "is on the CPU: use train.amp bf16 or none")
     if cfg.train.sync_bn and cfg.msgr.enabled and cfg.msgr.mode == "exact":
         raise ConfigError("train.sync_bn = True with msgr.mode = 'exact': exact MSGR needs a double "
-                          "backward, which SyncBatchNorm does not have (METHOD.md G6); set msgr.mode fast "
+                          "backward, which SyncBatchNorm does not have (docs/methods.md G6); set msgr.mode fast "
                           "or train.sync_bn False")
     if cfg.dist.gather_features and cfg.loss.name == "softmax":
         raise ConfigError("dist.gather_features = True has no effect with loss.name = 'softmax' (no batch "

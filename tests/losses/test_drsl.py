@@ -1,4 +1,4 @@
-"""DRSL (METHOD.md D1-D7) against a plain float64 loop implementation, gradcheck, the exact-AP limit,
+"""DRSL (docs/methods.md D1-D7) against a plain float64 loop implementation, gradcheck, the exact-AP limit,
 invariances, edge cases, mixed precision and the no-B^3 memory rule; and ``build_metric_loss``."""
 import pytest
 import torch

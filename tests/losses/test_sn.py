@@ -1,4 +1,4 @@
-"""Support Neighbor loss (METHOD.md S1-S4) against a plain float64 loop implementation, gradcheck,
+"""Support Neighbor loss (docs/methods.md S1-S4) against a plain float64 loop implementation, gradcheck,
 invariances, edge cases, mixed precision, bad input and the memory rule."""
 import math
 

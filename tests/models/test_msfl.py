@@ -1,4 +1,4 @@
-"""MSFL-ResNet50 and its ablation variants (METHOD.md M1-M8), complexity counters, configs."""
+"""MSFL-ResNet50 and its ablation variants (docs/methods.md M1-M8), complexity counters, configs."""
 import glob
 import os
 import os.path as osp
@@ -291,7 +291,7 @@ def test_param_counts_derived_from_the_architecture():
     base = count_params(make("baseline"))
     assert base == backbone + head == 24_561_216 and round(base / 1e6, 2) == 24.56
     lateral = sum(c * 512 + 2 * 512 for c in (256, 512, 1024, 2048))
-    for kernel, total_m in ((1, 29.0), (3, 35.3)):  # METHOD.md M5
+    for kernel, total_m in ((1, 29.0), (3, 35.3)):  # docs/methods.md M5
         topdown = 3 * (512 * 512 * kernel * kernel + 2 * 512)
         msff = 6 * _bottleneck_params(512, 128, False)
         n = count_params(make("msfl", topdown_kernel=kernel))

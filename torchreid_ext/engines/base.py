@@ -56,16 +56,6 @@ AMP_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 logger = logging.getLogger(__name__)
 
 
-class _TorchreidOnUse:
-    """``_tr.<name>`` is ``torchreid().<name>``, fetched when used, not at import."""
-
-    def __getattr__(self, name: str):
-        return getattr(torchreid(), name)
-
-
-_tr = _TorchreidOnUse()
-
-
 def write_json_atomic(obj: Any, path: str) -> None:
     data = json.dumps(obj, indent=2, sort_keys=False).encode()
     atomic_write_bytes(path, lambda f: f.write(data))
@@ -470,7 +460,7 @@ class ReIDEngine(torchreid().engine.Engine):
             logger.info(f"Rank-{r:<3}: {res['cmc'][r - 1]:.1%}")
         if opts.visrank:
             distmat = metrics.evaluation_distance_matrix(qf, gf, ev)
-            _tr.utils.visualize_ranked_results(
+            torchreid().utils.visualize_ranked_results(
                 distmat, self.datamanager.fetch_test_loaders(dataset_name), self.datamanager.data_type,
                 width=self.datamanager.width, height=self.datamanager.height,
                 save_dir=osp.join(opts.save_dir, "visrank_" + dataset_name), topk=opts.visrank_topk,

@@ -13,6 +13,7 @@ other config with the baseline on the same seeds (:mod:`.report`).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import os.path as osp
 import sys
@@ -21,6 +22,8 @@ from typing import Dict, List, Optional, Sequence
 
 from .report import collect_rows, write_report
 from .runs import HarnessError, Run, is_finished, launch, plan_runs
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["build_parser", "compare", "main"]
 
@@ -91,16 +94,16 @@ def compare(inputs: Sequence[str], out_dir: str, overrides: Sequence[str] = (),
     n = len(runs)
     for i, run in enumerate(_launch_order(runs), 1):
         if is_finished(run):
-            print(f"[compare] {i}/{n} {run.name}: finished, not rerun ({run.save_dir})", flush=True)
+            logger.info(f"[compare] {i}/{n} {run.name}: finished, not rerun ({run.save_dir})")
             continue
-        print(f"[compare] {i}/{n} {run.name}: running {run.config} -> {run.save_dir}", flush=True)
+        logger.info(f"[compare] {i}/{n} {run.name}: running {run.config} -> {run.save_dir}")
         t0 = time.time()
         launch(run)
-        print(f"[compare] {i}/{n} {run.name}: done in {time.time() - t0:.0f} s", flush=True)
+        logger.info(f"[compare] {i}/{n} {run.name}: done in {time.time() - t0:.0f} s")
     if osp.dirname(stem):
         os.makedirs(osp.dirname(stem), exist_ok=True)
     paths = write_report(collect_rows(runs), stem, base_group)
-    print(f"[compare] wrote {', '.join(paths.values())}", flush=True)
+    logger.info(f"[compare] wrote {', '.join(paths.values())}")
     return paths
 
 

@@ -1,8 +1,8 @@
-"""DRSL: Differentiable Retrieval-Sort Loss (METHOD.md D1-D7).
+"""DRSL: Differentiable Retrieval-Sort Loss (docs/methods.md D1-D7).
 
 Only the abstract of the paper ("Rank-in-Rank Loss", ACM TOMM 2022) is available. The formulation
 here is OURS, built from that abstract on the Rank & Sort loss pattern (Oksuz et al., ICCV 2021) as
-written down in METHOD.md D; it is not the paper's equations.
+written down in docs/methods.md D; it is not the paper's equations.
 
 The helpers ``check_inputs``, ``compute_dtype``, ``pairwise_distance``, ``no_positive_result`` are
 shared with the Support Neighbor loss (``sn.py``).
@@ -151,9 +151,9 @@ def drsl_loss(
 
 
 class DRSLoss(nn.Module):
-    """Differentiable Retrieval-Sort Loss, ``loss(features, targets)`` -> scalar (METHOD.md D1-D7).
+    """Differentiable Retrieval-Sort Loss, ``loss(features, targets)`` -> scalar (docs/methods.md D1-D7).
 
-    OUR formulation, built from the paper's abstract on the Rank & Sort loss pattern (METHOD.md D);
+    OUR formulation, built from the paper's abstract on the Rank & Sort loss pattern (docs/methods.md D);
     not the paper's equations. L = L_R + lambda_sort * L_S: L_R ranks each positive ahead of the
     negatives by smoothed distance rank (D2-D3), L_S sorts the positives by angle (D4). Raw features,
     tau = tau_rel * mean positive distance (D1). Anchors without a positive are skipped and counted;

@@ -1,6 +1,6 @@
-"""Support Neighbor loss (Li et al., ACM MM 2018, arXiv 1808.06030; METHOD.md S1-S4).
+"""Support Neighbor loss (Li et al., ACM MM 2018, arXiv 1808.06030; docs/methods.md S1-S4).
 
-Written from the formulas in METHOD.md S (which follow the authors' released code), not from that code.
+Written from the formulas in docs/methods.md S (which follow the authors' released code), not from that code.
 """
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def support_neighbor_loss(
 
 
 class SupportNeighborLoss(nn.Module):
-    """Support Neighbor loss, ``loss(features, targets)`` -> scalar (METHOD.md S1-S4).
+    """Support Neighbor loss, ``loss(features, targets)`` -> scalar (docs/methods.md S1-S4).
 
     On L2-normalised features, each anchor's support set is its k nearest neighbours (S1); a
     softmax-like term separates the support positives from the support negatives (S2) and a squeeze

@@ -1,4 +1,4 @@
-"""Model size and compute for the run record and ``scripts/model_stats.py`` (METHOD.md M5).
+"""Model size and compute for the run record and ``scripts/model_stats.py`` (docs/methods.md M5).
 
 Params exclude the ``classifier`` (its size depends on the dataset; the paper's Table II
 convention). MACs are counted for convolutions and linear layers only (multiply-accumulates

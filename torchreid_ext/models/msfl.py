@@ -1,6 +1,6 @@
 """MSFL-ResNet50 (Wang, arXiv 2012.14061) and its ablation variants, as Torchreid models.
 
-METHOD.md M1-M8. One module, :class:`MSFLResNet50`, covers every Table I / Table IV row;
+docs/methods.md M1-M8. One module, :class:`MSFLResNet50`, covers every Table I / Table IV row;
 three registered names pick the defaults:
 
 * ``resnet50_bnfc512``: the paper's baseline, M1 + GAP(C5) + M4 head. Its ``direct_fuse``
@@ -28,6 +28,7 @@ and forward hooks on them see, and may replace, the stage outputs: M8); new laye
 """
 from __future__ import annotations
 
+import logging
 import os
 import urllib.error
 from typing import Dict, List, Mapping, Sequence, Tuple, Union
@@ -42,6 +43,8 @@ from torchvision.ops.misc import Conv2dNormActivation
 
 from ..losses import get_loss, loss_names
 from . import register_model
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "MSFLResNet50",
@@ -315,7 +318,7 @@ def load_backbone_weights(model: MSFLResNet50, state: Mapping[str, torch.Tensor]
     model.load_state_dict({k: state[k] for k in target if k in state}, strict=False)
     loaded = [k for k in target if k in state]
     values = sum(state[k].numel() for k in loaded)
-    print(
+    logger.info(
         f"Loaded ImageNet backbone: {len(loaded)} tensors ({values / 1e6:.2f} M values) from {source}"
         f"{'; ignored ' + ', '.join(ignored) if ignored else ''}"
     )
@@ -325,7 +328,7 @@ def load_backbone_weights(model: MSFLResNet50, state: Mapping[str, torch.Tensor]
 def _init_backbone(model: MSFLResNet50, pretrained: bool, backbone_weights: str) -> MSFLResNet50:
     if not pretrained:
         if backbone_weights:
-            print(f"model.pretrained is False: backbone_weights '{backbone_weights}' not loaded")
+            logger.warning(f"model.pretrained is False: backbone_weights '{backbone_weights}' not loaded")
         return model
     if backbone_weights:
         state, source = _read_state_dict(backbone_weights), backbone_weights
