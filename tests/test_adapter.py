@@ -33,6 +33,7 @@ FAKE_MODULES = {
     "metrics/__init__.py": "",
     "optim/__init__.py": "",
     "utils/__init__.py": "",
+    "utils/torchtools.py": "def load_checkpoint(fpath):\n    raise AssertionError('not patched')\n",
 }
 
 
@@ -95,6 +96,7 @@ def test_register_into_either_layout_twice(fake_path, monkeypatch, top, prefix):
     assert set(torchreid_ext.models.MODELS) <= set(api.model_factory())
     assert api.image_datasets()["synthreid"] is torchreid_ext.data.SyntheticReID
     assert api.dataset_base.read_image is torchreid_ext.data.checks.read_image
+    assert api.torchtools.load_checkpoint is torchreid_ext.checkpoint.load_checkpoint
 
 
 def test_dataset_name_taken_by_another_class_is_an_error(fake_path, monkeypatch):

@@ -43,6 +43,7 @@ class TorchreidAPI:
     datasets: ModuleType  # data.datasets: the image/video dataset registry
     dataset_base: ModuleType  # data.datasets.dataset: where ImageDataset reads images
     sampler: ModuleType  # data.sampler
+    torchtools: ModuleType  # utils.torchtools: where Torchreid reads checkpoints
 
     @property
     def layout(self) -> str:
@@ -68,6 +69,7 @@ def _load(prefix: str) -> TorchreidAPI:
         datasets=importlib.import_module(f"{prefix}.data.datasets"),
         dataset_base=importlib.import_module(f"{prefix}.data.datasets.dataset"),
         sampler=importlib.import_module(f"{prefix}.data.sampler"),
+        torchtools=importlib.import_module(f"{prefix}.utils.torchtools"),
         **mods,
     )
 

@@ -102,3 +102,30 @@ def test_an_unreadable_cached_file_is_named(offline_hub):
         f.write(b"\x00" * 64)
     with pytest.raises(BackboneWeightsError, match="cached ImageNet weights: cannot read '.*resnet50-19c8e357.pth'"):
         build_model("msfl_resnet50", 5, pretrained=True, use_gpu=False)
+
+
+def test_torchreid_loaders_go_through_the_safe_loader(tmp_path, monkeypatch):
+    """After ``import torchreid_ext``, Torchreid's own load_pretrained_weights (used by its
+    FeatureExtractor and scripts) reads files with weights_only: a code-running pickle is refused
+    even with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1, and Torchreid's numpy-scalar checkpoints load."""
+    from torchreid_ext.checkpoint import CheckpointError
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'code-ran'}",))
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"state_dict": {}, "payload": RunsCode()}, str(evil))
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    utils = torchreid().utils
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(CheckpointError, match="Refusing to load"):
+        utils.load_pretrained_weights(model, str(evil))
+    with pytest.raises(CheckpointError, match="Refusing to load"):
+        utils.FeatureExtractor(model_name="osnet_x0_25", model_path=str(evil), device="cpu", verbose=False)
+    assert not (tmp_path / "code-ran").exists()
+
+    src = torch.nn.Linear(3, 2)
+    utils.save_checkpoint({"state_dict": src.state_dict(), "epoch": 1, "rank1": np.float64(0.5)}, str(tmp_path))
+    utils.load_pretrained_weights(model, str(tmp_path / "model.pth.tar-1"))
+    assert torch.equal(model.weight, src.weight)
