@@ -6,21 +6,12 @@ import torch
 from torchreid_ext.adapter import torchreid
 from torchreid_ext.config import get_default_config
 from torchreid_ext.losses import DRSLoss, build_metric_loss, drsl_loss, loss_names
-
-
-def pk_labels(p, k):
-    return torch.arange(p).repeat_interleave(k)
-
-
-def unequal_labels(seed):
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.tensor([0] * 5 + [1] * 2 + [2] * 3 + [3] + [4] * 4 + [5] + [6] * 2)
-    return labels[torch.randperm(len(labels), generator=g)]
+from loss_batches import pk_labels, unequal_labels
+from loss_batches import features as _features
 
 
 def features(n, d, seed, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, d, generator=g, dtype=torch.float64) * 3.0).to(dtype)
+    return _features(n, d, seed, dtype, scale=3.0)
 
 
 def ref_drsl(f, y, tau_rel=0.05, lambda_sort=1.0, tau=None):

@@ -10,6 +10,7 @@ import torch
 
 from tensor_probe import LargestTensor
 from torchreid_ext.losses import DRSLoss, SupportNeighborLoss
+from loss_batches import pk_labels, features
 
 # name -> (factory, largest tensor allowed for B items with K per identity)
 LOSSES = {
@@ -22,15 +23,6 @@ LOSSES = {
 def loss_case(request):
     make, bound = LOSSES[request.param]
     return request.param, make, bound
-
-
-def pk_labels(p, k):
-    return torch.arange(p).repeat_interleave(k)
-
-
-def features(n, d, seed, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, d, generator=g, dtype=torch.float64) * 2.0).to(dtype)
 
 
 def test_permutation_invariance(loss_case):

@@ -5,21 +5,7 @@ import pytest
 import torch
 
 from torchreid_ext.losses import SupportNeighborLoss
-
-
-def pk_labels(p, k):
-    return torch.arange(p).repeat_interleave(k)
-
-
-def unequal_labels(seed):
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.tensor([0] * 5 + [1] * 2 + [2] * 3 + [3] + [4] * 4 + [5] + [6] * 2)
-    return labels[torch.randperm(len(labels), generator=g)]
-
-
-def features(n, d, seed, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, d, generator=g, dtype=torch.float64) * 2.0).to(dtype)
+from loss_batches import pk_labels, unequal_labels, features
 
 
 def ref_sn(f, y, alpha=50.0, k=10, w=0.1, squeeze="spread"):

@@ -17,15 +17,15 @@ import logging
 import os.path as osp
 from typing import Any, Dict, Optional, Sequence
 
-import numpy as np
 import yaml
 
 from ..config import CN, ConfigError, get_default_config, merge_dict, merge_from_list
+from ..metrics.evaluation import format_results  # noqa: F401  (re-exported: deploy.format_results)
 from .errors import DeployInputError, FeatureFileError
 from .model import model_device
 from .saved_features import FeatureSet, load_features
 
-__all__ = ["METRICS_FILE", "config_of", "evaluate_saved", "evaluate_files", "format_results", "results_dict"]
+__all__ = ["METRICS_FILE", "config_of", "evaluate_saved", "evaluate_files", "format_results"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,25 +70,6 @@ def _check_pair(query: FeatureSet, gallery: FeatureSet) -> None:
                            gallery.meta.get(key))
 
 
-def results_dict(result, ranks: Sequence[int]) -> Dict[str, Any]:
-    """A :class:`~torchreid_ext.metrics.RankResult` as the engine records it (metrics.json)."""
-    cmc = np.asarray(result.cmc)
-    return {"rank1": float(cmc[0]), **{f"rank{r}": float(cmc[r - 1]) for r in ranks},
-            "mAP": float(result.mAP), "mINP": None if result.mINP is None else float(result.mINP),
-            "num_valid_queries": None if result.num_valid_queries is None else int(result.num_valid_queries),
-            "cmc": [float(c) for c in cmc[: max(ranks)]]}
-
-
-def format_results(res: Dict[str, Any], ranks: Sequence[int]) -> str:
-    """The results block the engine prints after an evaluation."""
-    lines = ["** Results **", f"mAP: {res['mAP']:.1%}"]
-    if res.get("mINP") is not None:
-        lines.append(f"mINP: {res['mINP']:.1%}")
-    lines.append("CMC curve")
-    lines += [f"Rank-{r:<3}: {res['cmc'][r - 1]:.1%}" for r in ranks]
-    return "\n".join(lines)
-
-
 def _ranks(cfg) -> list:
     ranks = [int(r) for r in cfg.test.ranks]
     if not ranks or any(r < 1 for r in ranks):
@@ -100,7 +81,7 @@ def evaluate_saved(query: FeatureSet, gallery: FeatureSet, cfg: Optional[CN] = N
                    progress: bool = False) -> Dict[str, Any]:
     """Metrics of saved features with ``cfg``'s test options (default: the query's saved config),
     as the engine's evaluation returns them (``rank1``, ``rank<r>``, ``mAP``, ``mINP``, ``cmc`` ...)."""
-    from ..metrics import EvaluationOptions, evaluate_test_features
+    from ..metrics import EvaluationOptions, evaluate_test_features, results_dict
 
     _check_pair(query, gallery)
     cfg = config_of(query) if cfg is None else cfg

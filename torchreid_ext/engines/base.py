@@ -33,7 +33,6 @@ import os.path as osp
 import time
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
-import numpy as np
 import torch
 
 from .. import distributed
@@ -447,17 +446,10 @@ class ReIDEngine(torchreid().engine.Engine):
                         f"lambda = {ev.rerank_lambda}) ...")
         qf_d, gf_d = (qf, gf) if ev.evaluator == "torchreid" else (qf.to(self.device), gf.to(self.device))
         out = metrics.evaluate_test_features(qf_d, gf_d, q_pids, g_pids, q_camids, g_camids, ev)
-        res = {"cmc": np.asarray(out.cmc), "mAP": float(out.mAP),
-               "mINP": None if out.mINP is None else float(out.mINP),
-               "num_valid_queries": None if out.num_valid_queries is None else int(out.num_valid_queries)}
+        res = metrics.results_dict(out, ranks)
         logger.info(f"Evaluated with the {ev.evaluator} evaluator in {time.time() - t0:.2f} s")
-        logger.info("** Results **")
-        logger.info(f"mAP: {res['mAP']:.1%}")
-        if res["mINP"] is not None:
-            logger.info(f"mINP: {res['mINP']:.1%}")
-        logger.info("CMC curve")
-        for r in ranks:
-            logger.info(f"Rank-{r:<3}: {res['cmc'][r - 1]:.1%}")
+        for line in metrics.format_results(res, ranks).splitlines():
+            logger.info(line)
         if opts.visrank:
             distmat = metrics.evaluation_distance_matrix(qf, gf, ev)
             torchreid().utils.visualize_ranked_results(
@@ -465,6 +457,4 @@ class ReIDEngine(torchreid().engine.Engine):
                 width=self.datamanager.width, height=self.datamanager.height,
                 save_dir=osp.join(opts.save_dir, "visrank_" + dataset_name), topk=opts.visrank_topk,
             )
-        cmc = res.pop("cmc")
-        return {"rank1": float(cmc[0]), **{f"rank{r}": float(cmc[r - 1]) for r in ranks}, **res,
-                "cmc": [float(c) for c in cmc[: max(ranks)]]}
+        return res

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 from types import SimpleNamespace
-from typing import Optional
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +28,8 @@ from .distance import METRICS, ArrayLike, _as_features
 from .rank import LabelLike, RankResult, _check_max_rank, evaluate_features
 from .rerank import check_rerank_args, reranked_distance_matrix
 
-__all__ = ["EVALUATORS", "EvaluationOptions", "evaluate_test_features", "evaluation_distance_matrix"]
+__all__ = ["EVALUATORS", "EvaluationOptions", "evaluate_test_features", "evaluation_distance_matrix",
+           "format_results", "results_dict"]
 
 EVALUATORS = ("fast", "torchreid")
 
@@ -176,3 +177,23 @@ def evaluation_distance_matrix(qf: ArrayLike, gf: ArrayLike, options: Optional[E
     from .distance import compute_distance_matrix
 
     return compute_distance_matrix(q, g, opts.dist_metric).cpu().numpy()
+
+
+def results_dict(result: RankResult, ranks: Sequence[int]) -> Dict[str, Any]:
+    """A :class:`RankResult` as the engine returns and records it (``rank1``, ``rank<r>``, ``mAP``,
+    ``mINP``, ``num_valid_queries``, ``cmc`` up to the largest rank); plain floats for metrics.json."""
+    cmc = np.asarray(result.cmc)
+    return {"rank1": float(cmc[0]), **{f"rank{r}": float(cmc[r - 1]) for r in ranks},
+            "mAP": float(result.mAP), "mINP": None if result.mINP is None else float(result.mINP),
+            "num_valid_queries": None if result.num_valid_queries is None else int(result.num_valid_queries),
+            "cmc": [float(c) for c in cmc[: max(ranks)]]}
+
+
+def format_results(res: Dict[str, Any], ranks: Sequence[int]) -> str:
+    """The results block printed after an evaluation (Torchreid's layout, plus mINP when known)."""
+    lines = ["** Results **", f"mAP: {res['mAP']:.1%}"]
+    if res.get("mINP") is not None:
+        lines.append(f"mINP: {res['mINP']:.1%}")
+    lines.append("CMC curve")
+    lines += [f"Rank-{r:<3}: {res['cmc'][r - 1]:.1%}" for r in ranks]
+    return "\n".join(lines)
