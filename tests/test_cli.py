@@ -104,7 +104,9 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tiny, finished, tmp_pat
     common = FINISHED
     straight, killed = finished[0], str(tmp_path / "killed")
 
-    proc = subprocess.Popen(main_cmd(tiny(save_dir=killed, **common)),
+    # bit-exact equality needs the same thread count as the in-process run (``finished``)
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen(main_cmd(tiny(save_dir=killed, **common)), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt2 = osp.join(killed, "model", "model.pth.tar-2")
     deadline = time.time() + 1800  # a generous bound: the machine may be busy
@@ -115,7 +117,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tiny, finished, tmp_pat
     assert osp.exists(ckpt2)
     assert not osp.exists(osp.join(killed, "model", "model.pth.tar-3")), "killed too late"
 
-    subprocess.run(main_cmd(tiny(save_dir=killed, **common)), check=True, capture_output=True)
+    subprocess.run(main_cmd(tiny(save_dir=killed, **common)), env=env, check=True, capture_output=True)
     a, b = final_weights(straight, 3), final_weights(killed, 3)
     assert a.keys() == b.keys()
     for k in a:

@@ -37,12 +37,20 @@ def write(path, text):
     return str(path)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_children():
+    """Runs the harness starts use one thread each (no oversubscription on 2 cores); the
+    variable is restored after this module, so later tests' subprocesses are unaffected."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        yield
+
+
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory, data_root):
     d = tmp_path_factory.mktemp("compare")
     configs = [write(d / "a.yaml", A), write(d / "b.yaml", B)]
     out = str(d / "out")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # children: no thread oversubscription on 2 cores
     paths = compare(configs, out, harness_opts(data_root))
     return configs, out, paths
 
