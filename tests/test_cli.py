@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import os.path as osp
+import re
 import shutil
 import signal
 import subprocess
@@ -404,6 +405,27 @@ def test_a_failed_runs_log_records_the_error(tiny, tmp_path, capsys, monkeypatch
         cli.main(tiny(save_dir=save))
     log = the_log(save)
     assert "Traceback (most recent call last)" in log and "RuntimeError: boom in build_optimizer" in log
+
+
+def test_a_full_disk_during_training_is_one_line_and_keeps_earlier_checkpoints(tiny, tmp_path, capsys, monkeypatch):
+    """The epoch-2 checkpoint meets a full disk: exit 2, "no space left on device" with the path,
+    in the log file too; epoch 1's checkpoint survives and no temp file is left."""
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("epoch") == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    run = str(tmp_path / "run")
+    code, err = cli_exit(tiny(save_dir=run, **{"train.max_epoch": 3}), capsys)
+    line = err.strip().replace(" (set TORCHREID_EXT_TRACEBACK=1 for the traceback)", "")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert re.search(r"no space left on device: could not write '.*model\.pth\.tar-2", line), line
+    assert line + "\n" in the_log(run) and "Traceback" not in the_log(run)
+    assert os.listdir(osp.join(run, "model")) == ["model.pth.tar-1"]
+    assert load_checkpoint(osp.join(run, "model", "model.pth.tar-1"))["epoch"] == 1
 
 
 def test_config_that_is_a_folder(tmp_path, capsys):

@@ -174,13 +174,13 @@ def _train(cfg, config_path: str, info: "distributed.DistInfo", datamanager, res
 
 
 def _user_errors() -> tuple:
-    """Exceptions that mean bad input: printed as one line, exit status 2."""
-    from .checkpoint import CheckpointError
+    """Exceptions that mean bad input (or a full disk): printed as one line, exit status 2."""
+    from .checkpoint import CheckpointError, DiskFullError
     from .data.checks import DatasetError, DatasetNotFound, UnreadableImageError
     from .engines import NotAvailableYet
     from .models.msfl import BackboneWeightsError
 
-    return (ConfigError, KeyError, FileNotFoundError, PretrainedWeightsUnavailable, CheckpointError,
+    return (ConfigError, KeyError, FileNotFoundError, PretrainedWeightsUnavailable, CheckpointError, DiskFullError,
             DatasetNotFound, DatasetError, UnreadableImageError, NotAvailableYet, BackboneWeightsError)
 
 
