@@ -1,5 +1,6 @@
 """Shared fixtures: a generated data root and tiny run configurations."""
 import os
+import socket
 
 import pytest
 
@@ -63,3 +64,10 @@ def tiny(data_root, tmp_path):
         return tiny_opts(data_root, save_dir or str(tmp_path / "log"), **overrides)
 
     return make
+
+
+def free_port() -> int:
+    """A TCP port free on localhost now (for a test's process group)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

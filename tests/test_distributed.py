@@ -5,7 +5,6 @@ import glob
 import json
 import os
 import os.path as osp
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from torchreid_ext.data.sampler import DistributedIdentitySampler
 from torchreid_ext.engines import ImageMetricEngine
 from torchreid_ext.engines.msgr import MSGREngine
 
-from conftest import REPO
+from conftest import REPO, free_port
 
 WORLD, P, K, CLASSES = 2, 2, 4, 4
 
@@ -94,12 +93,6 @@ def _worker(rank, port, out):
             torch.save(results, out)
     finally:
         dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ SyncBatchNorm (fast mode needs no double backward). Float64, as tests/test_distr
 on the CPU (a development check of the harness; SyncBatchNorm needs CUDA).
 """
 import os
-import socket
 from types import SimpleNamespace
 
 import pytest
@@ -21,6 +20,7 @@ from torchreid_ext.adapter import torchreid
 from torchreid_ext.engines import ImageMetricEngine
 from torchreid_ext.engines.msgr import MSGREngine
 
+from conftest import free_port
 from cuda_env import FORCED_CPU, MARKS
 
 WORLD, P, K, CLASSES = 2, 2, 4, 4
@@ -116,12 +116,6 @@ def _worker(rank, port, out, cases):
             torch.save(results, out)
     finally:
         dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
