@@ -95,7 +95,7 @@ def test_equal_relevance_counts_as_deserving():
     f[2], f[3] = 2 * f[1], 0.5 * f[1]
     f[6] = 4 * f[5]
     f.requires_grad_()
-    loss_fn = DRSLoss(tau_rel=0.3)
+    loss_fn = DRSLoss(tau_rel=0.3, lambda_sort=1.0)
     ref, _, ref_s = ref_drsl(f, y, tau_rel=0.3)
     assert loss_fn(f, y).item() == pytest.approx(ref.item(), rel=1e-9)
     assert loss_fn.last_stats["loss_S"] == pytest.approx(ref_s.item(), rel=1e-9)
@@ -170,10 +170,10 @@ def test_small_tau_gives_one_minus_map(seed):
 def test_anchors_without_positive_are_skipped_and_counted():
     y = torch.tensor([0, 0, 1, 2, 2, 3, 4])  # 1, 3, 4 are singletons
     f = features(7, 5, 7)
-    loss = DRSLoss()
+    loss = DRSLoss(lambda_sort=1.0)  # both terms
     value = loss(f, y)
     assert loss.last_stats["skipped"] == 3.0 and loss.last_stats["no_positives"] == 0.0
-    assert value.item() == pytest.approx(ref_drsl(f, y)[0].item(), rel=1e-6)
+    assert value.item() == pytest.approx(ref_drsl(f, y, lambda_sort=1.0)[0].item(), rel=1e-6)
 
 
 def test_bad_inputs():

@@ -14,7 +14,7 @@ from loss_batches import pk_labels, features
 
 # name -> (factory, largest tensor allowed for B items with K per identity)
 LOSSES = {
-    "drsl": (lambda: DRSLoss(), lambda b, k: b * (k - 1) * b),  # D6: anchors' positives x batch
+    "drsl": (lambda: DRSLoss(lambda_sort=1.0), lambda b, k: b * (k - 1) * b),  # D6: anchors' positives x batch
     "sn": (lambda: SupportNeighborLoss(k=5), lambda b, k: b * b),  # S1-S4: pairwise only
 }
 

@@ -71,7 +71,7 @@ def drsl_loss(
     features: torch.Tensor,
     targets: torch.Tensor,
     tau_rel: float = 0.05,
-    lambda_sort: float = 1.0,
+    lambda_sort: float = 0.0,
     tau: Optional[float] = None,
 ) -> Tuple[torch.Tensor, Dict[str, float]]:
     """DRSL of a batch (D1-D6) and its diagnostics (D7).
@@ -160,13 +160,17 @@ class DRSLoss(nn.Module):
     if none has one the loss is a graph-connected zero and ``skipped`` equals the batch size.
     fp16/bf16 inputs and autocast are computed in float32 (D6).
 
+    ``lambda_sort`` defaults to 0 (the retrieval term alone): in the DRSL study on the proxy
+    benchmark (README, docs/methods.md D5) CE + L_R beat CE and CE + L_R + L_S did not.
+    ``loss_S`` is still computed and logged.
+
     ``last_stats`` (D7): loss_R, loss_S, ap (smoothed batch AP = mean of rank+/rank = 1 - loss_R),
     d_pos, d_neg (mean positive / negative pair distance over the batch), skipped (anchors without a
     positive), tau (the D1 temperature used), no_positives (1.0 when no anchor had a positive and the
     loss is the graph-connected zero, else 0.0).
     """
 
-    def __init__(self, tau_rel: float = 0.05, lambda_sort: float = 1.0):
+    def __init__(self, tau_rel: float = 0.05, lambda_sort: float = 0.0):
         super().__init__()
         if not tau_rel > 0:
             raise ValueError(f"DRSL: tau_rel must be > 0, got {tau_rel}")
