@@ -25,26 +25,15 @@ from torchreid_ext.engines import ImageMetricEngine
 from torchreid_ext.engines.msgr import MSGREngine
 
 from conftest import REPO, free_port
+from ddp_net import StageNet
 
 WORLD, P, K, CLASSES = 2, 2, 4, 4
 
 
-class TinyNet(nn.Module):
+def TinyNet():
     """No BatchNorm: without SyncBatchNorm (CUDA only) each rank would normalise with its own
-    batch statistics, and the DDP step could not equal the one-process step. Tanh keeps the
-    MSGR penalty smooth. Training mode returns (logits, embedding)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
-        self.layer1 = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.Tanh())
-        self.layer2 = nn.Sequential(nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.Tanh())
-        self.fc = nn.Linear(8, 8)
-        self.classifier = nn.Linear(8, CLASSES)
-
-    def forward(self, x):
-        f = self.fc(self.layer2(self.layer1(torch.tanh(self.conv1(x)))).mean((2, 3)))
-        return (self.classifier(f), f) if self.training else f
+    batch statistics, and the DDP step could not equal the one-process step."""
+    return StageNet(CLASSES)
 
 
 def batch():

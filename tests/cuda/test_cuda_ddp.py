@@ -21,6 +21,7 @@ from torchreid_ext.engines import ImageMetricEngine
 from torchreid_ext.engines.msgr import MSGREngine
 
 from conftest import free_port
+from ddp_net import StageNet
 from cuda_env import FORCED_CPU, MARKS
 
 WORLD, P, K, CLASSES = 2, 2, 4, 4
@@ -40,21 +41,8 @@ CASES = {
 RUN = [c for c, (_, bn) in CASES.items() if not (bn and FORCED_CPU)]
 
 
-class Net(nn.Module):
-    """Tanh keeps the MSGR penalty smooth; training mode returns (logits, embedding)."""
-
-    def __init__(self, bn):
-        super().__init__()
-        norm = (lambda c: nn.BatchNorm2d(c)) if bn else (lambda c: nn.Identity())
-        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
-        self.layer1 = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), norm(6), nn.Tanh())
-        self.layer2 = nn.Sequential(nn.Conv2d(6, 8, 3, stride=2, padding=1), norm(8), nn.Tanh())
-        self.fc = nn.Linear(8, 8)
-        self.classifier = nn.Linear(8, CLASSES)
-
-    def forward(self, x):
-        f = self.fc(self.layer2(self.layer1(torch.tanh(self.conv1(x)))).mean((2, 3)))
-        return (self.classifier(f), f) if self.training else f
+def Net(bn):
+    return StageNet(CLASSES, bn)
 
 
 def batch():
