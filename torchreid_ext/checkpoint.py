@@ -46,6 +46,7 @@ __all__ = [
     "seed_epoch",
     "latest_checkpoint",
     "resume_from_checkpoint",
+    "load_model_weights",
     "load_pretrained_weights",
 ]
 
@@ -284,7 +285,7 @@ def _strip_module(state_dict: Dict[str, Any]) -> "OrderedDict[str, Any]":
     return OrderedDict((k[7:] if k.startswith("module.") else k, v) for k, v in state_dict.items())
 
 
-def load_pretrained_weights(model: torch.nn.Module, path: str, strict: bool = False,
+def load_model_weights(model: torch.nn.Module, path: str, strict: bool = False,
                             ignore: Sequence[str] = ("classifier.",)) -> Dict[str, list]:
     """Torchreid's ``utils.load_pretrained_weights`` through the safe loader.
 
@@ -332,3 +333,8 @@ def load_pretrained_weights(model: torch.nn.Module, path: str, strict: bool = Fa
     logger.info("Loaded %d tensors from '%s'%s", len(matched), path,
                 f"; skipped {len(skipped)} that do not fit: {skipped[:5]}" if skipped else "")
     return {"loaded": list(matched), "skipped": skipped}
+
+
+# Torchreid's name for the same operation (``torchreid.utils.load_pretrained_weights``), for users
+# who know that one; both read through the safe loader.
+load_pretrained_weights = load_model_weights

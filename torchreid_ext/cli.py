@@ -50,7 +50,7 @@ from .builders import (  # noqa: F401  (build_datamanager / build_model: also cl
     model_complexity,
     run_record,
 )
-from .checkpoint import load_pretrained_weights
+from .checkpoint import load_model_weights
 from .config import ConfigError, engine_run_kwargs, get_default_config, merge_from_file, merge_from_list, validate_config
 from .data.loaders import distribute_train_loader
 from .log import RunLog
@@ -160,7 +160,7 @@ def _train(cfg, config_path: str, info: "distributed.DistInfo", datamanager, res
         logger.info("Model complexity: params=%s (classifier excluded), MACs=%s at %dx%d",
                     f"{stats['params']:,}", f"{stats['macs']:,}", cfg.data.height, cfg.data.width)
     if cfg.model.load_weights:
-        load_pretrained_weights(model, cfg.model.load_weights)
+        load_model_weights(model, cfg.model.load_weights)
     model = distributed.prepare_model(model, info.device, sync_bn=cfg.train.sync_bn,
                                       channels_last=cfg.train.channels_last)
     optimizer = build_optimizer(cfg, model)

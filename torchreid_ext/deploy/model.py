@@ -3,7 +3,7 @@
 Weights are found in this order: the ``weights`` argument, ``model.load_weights``, the newest
 ``<data.save_dir>/model/model.pth.tar-N``; with none of them the model is used as the config
 builds it (ImageNet init with ``model.pretrained``, else random), with a warning. Files are read
-by :func:`torchreid_ext.checkpoint.load_pretrained_weights` (``weights_only``, numpy allowlist for
+by :func:`torchreid_ext.checkpoint.load_model_weights` (``weights_only``, numpy allowlist for
 Torchreid's own checkpoints) with ``strict=True``: every tensor but the classifier must fit.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Tuple
 
 import torch
 
-from ..checkpoint import CheckpointError, latest_checkpoint, load_pretrained_weights
+from ..checkpoint import CheckpointError, latest_checkpoint, load_model_weights
 
 __all__ = ["resolve_weights", "build_eval_model", "file_sha256", "model_device"]
 
@@ -50,7 +50,7 @@ def build_eval_model(cfg, weights: str = "", device: torch.device = torch.device
     model = build_model(cfg, num_classes=1)  # the classifier is not used in eval mode
     if path:
         try:
-            report = load_pretrained_weights(model, path, strict=True)
+            report = load_model_weights(model, path, strict=True)
         except CheckpointError as exc:
             raise CheckpointError(f"model.name = '{cfg.model.name}': {exc}") from exc
         # strict covers the model's tensors; a file with more (another model's layers) is refused too

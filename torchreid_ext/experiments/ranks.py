@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..adapter import torchreid
-from ..checkpoint import latest_checkpoint, load_pretrained_weights
+from ..checkpoint import latest_checkpoint, load_model_weights
 from ..features import extract_loader
 
 __all__ = ["ranked_lists", "visualize_ranks"]
@@ -55,7 +55,7 @@ def visualize_ranks(cfg, out_dir: str, weights: str = "", num_queries: int = 8,
     cfg.use_gpu = False
     dm = build_datamanager(cfg, image_check="header")  # the images are read below anyway
     model = build_model(cfg, dm.num_train_pids)
-    load_pretrained_weights(model, weights, strict=True)
+    load_model_weights(model, weights, strict=True)
     model.eval()
     loaders = dm.test_loader[dataset]
     flip = bool(cfg.test.get("flip", False))
