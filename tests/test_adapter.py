@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 import torchreid_ext
-from torchreid_ext import adapter, registry
+from torchreid_ext import adapter, plugin
 from torchreid_ext.adapter import TorchreidNotFound, resolve, torchreid
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -91,8 +91,8 @@ def test_register_into_either_layout_twice(fake_path, monkeypatch, top, prefix):
     make_fake(fake_path, top, prefix)
     api = resolve(top)
     monkeypatch.setattr(adapter, "_API", api)
-    registry.register()
-    registry.register()  # harmless: the fake registry raises on duplicates like Torchreid's
+    plugin.register()
+    plugin.register()  # harmless: the fake registry raises on duplicates like Torchreid's
     assert set(torchreid_ext.models.MODELS) <= set(api.model_factory())
     assert api.image_datasets()["synthreid"] is torchreid_ext.data.SyntheticReID
     assert api.dataset_base.read_image is torchreid_ext.data.checks.read_image
@@ -105,7 +105,7 @@ def test_dataset_name_taken_by_another_class_is_an_error(fake_path, monkeypatch)
     api.image_datasets()["synthreid"] = dict  # somebody else's dataset
     monkeypatch.setattr(adapter, "_API", api)
     with pytest.raises(ValueError, match="already has a dataset named 'synthreid'"):
-        registry.register()
+        plugin.register()
 
 
 def test_reimport_registers_again_harmlessly():

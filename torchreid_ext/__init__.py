@@ -10,7 +10,7 @@ from .adapter import torchreid as _torchreid  # noqa: E402,F401
 from .config import engine_run_kwargs, get_default_config, load_config  # noqa: E402,F401
 from .engines import build_engine  # noqa: E402,F401
 from .models import available_models, build_model, register_model  # noqa: E402,F401
-from .registry import register  # noqa: E402
+from .plugin import register  # noqa: E402
 
 register()
 

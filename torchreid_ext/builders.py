@@ -16,6 +16,7 @@ import torch
 from .adapter import torchreid
 from .config import imagedata_kwargs, lr_scheduler_kwargs, optimizer_kwargs
 from .data.checks import check_images, check_queries
+from .data.image_list import register_config_datasets
 from .engines import build_engine
 from .models import build_model_from_config
 
@@ -43,6 +44,7 @@ def build_datamanager(cfg, image_check: Optional[str] = None):
     also decodes the query and gallery images fully, ``decode_all`` the training images too,
     ``header`` neither; an evaluation-only run (``test.evaluate``) reads headers only by
     default, since a failure there loses no training."""
+    register_config_datasets(cfg)
     dm = torchreid().data.ImageDataManager(**imagedata_kwargs(cfg))
     mode = image_check or ("header" if cfg.test.evaluate else cfg.data.image_check)
     train = [item[0] for item in dm.train_loader.dataset.train]

@@ -92,6 +92,9 @@ def get_default_config() -> CN:
     # ours: images checked before training (data/checks.py): decode_test = query and gallery fully
     # decoded (a truncated one would fail the final test), train headers; decode_all; header
     cfg.data.image_check = "decode_test"
+    # ours: dataset files (YAML: a folder + file-name rule, or a CSV / YAML image list) to register
+    # before the run, each under its own name (torchreid_ext.data.image_list)
+    cfg.data.custom_datasets = []
 
     cfg.market1501 = CN()
     cfg.market1501.use_500k_distractors = False

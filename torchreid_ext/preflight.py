@@ -25,7 +25,8 @@ import torch
 from . import distributed
 from .adapter import torchreid
 from .config import ConfigError
-from .data.checks import check_dataset_present, check_train_identities, scan_image_folders
+from .data.checks import DatasetError, check_dataset_present, check_train_identities, scan_image_folders
+from .data.image_list import ImageListSpec, register_config_datasets, scan_image_list
 from .models import available_models, build_model_from_config
 from .savedir import check_writable
 
@@ -75,12 +76,27 @@ def check_msgr_stages(cfg) -> None:
         raise ConfigError(f"msgr.stages = {list(cfg.msgr.stages)}: {exc}") from None
 
 
+def _scan(name: str, root: str):
+    """The identities per split of dataset ``name``, for the datasets whose lists can be read
+    without Torchreid (folder and list datasets, Market-1501-style folders); else None."""
+    spec = getattr(torchreid().image_datasets()[name], "spec", None)
+    if isinstance(spec, ImageListSpec):
+        return scan_image_list(spec, root)
+    return scan_image_folders(name, root)
+
+
 def check_datasets(cfg) -> None:
-    """Every source and target is present; split folders parse; enough training identities."""
+    """Every source and target is present; split folders and lists parse; sources have a training
+    split; enough training identities."""
+    register_config_datasets(cfg)
     names = list(dict.fromkeys(list(cfg.data.sources) + list(cfg.data.targets)))
     for name in names:
         check_dataset_present(name, cfg.data.root)
-    scans = {name: scan_image_folders(name, cfg.data.root) for name in names}
+    scans = {name: _scan(name, cfg.data.root) for name in names}
+    for name in cfg.data.sources:
+        if scans[name] is not None and not scans[name].train_pids and not cfg.data.combineall:
+            raise DatasetError(f"data.sources names '{name}', which has no training split (a test-only "
+                               "protocol); use it in data.targets, or train on all of it with data.combineall True")
     sources = [scans[name] for name in cfg.data.sources]
     if sources and all(scan is not None for scan in sources):
         need, why = 2, " (re-ID learns to tell identities apart)"

@@ -1,52 +1,88 @@
-"""Put torchreid_ext's models and datasets into Torchreid's own registries.
+"""One registry type for every named kind of component (models, losses, engines, datasets).
 
-Called once by ``import torchreid_ext``; calling it again is harmless. It also swaps
-the image reader of Torchreid's ``ImageDataset`` for one that raises on an unreadable
-file instead of retrying it forever, and Torchreid's ``load_checkpoint`` (behind its
-``load_pretrained_weights``, ``resume_from_checkpoint`` and ``FeatureExtractor``) for
-:func:`torchreid_ext.checkpoint.load_checkpoint`, so that no weights file is unpickled with
-code-running globals, whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says, and Torchreid's own
-numpy-scalar checkpoints load under weights-only loading. Torchreid's
-``register_image_dataset`` raises on a duplicate name, so a name already bound to our
-class (or to a re-imported copy of it) is left alone or rebound, and a name bound to
-somebody else's class is an error.
+A :class:`Registry` maps names to objects. The rule for a duplicate name is the same for every
+kind: registering the same object again (or a re-imported copy of it: same module and qualified
+name) is harmless, anything else under a taken name is a ``ValueError`` naming both. An unknown
+name is a :class:`UnknownNameError` (a ``KeyError`` that prints cleanly) listing what is there.
 """
 from __future__ import annotations
 
-from .adapter import torchreid
-from .checkpoint import load_checkpoint
-from .data import datasets
-from .data.checks import read_image
-from .models import MODELS
+from typing import Any, Dict, Generic, Iterator, List, Optional, TypeVar
 
-__all__ = ["register"]
+__all__ = ["Registry", "UnknownNameError", "same_object"]
+
+T = TypeVar("T")
 
 
-def _same_class(a: type, b: type) -> bool:
-    return a is b or (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
+class UnknownNameError(KeyError):
+    """A name no registry entry has; the message lists the registered names."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0])
 
 
-def register() -> None:
-    tr = torchreid()
-    # Torchreid's ImageDataset retries an unreadable image forever; ours names the file.
-    tr.dataset_base.read_image = read_image
-    # Torchreid's loaders look load_checkpoint up in torchtools at call time: one swap covers them
-    tr.torchtools.load_checkpoint = load_checkpoint
-    tr.utils.load_checkpoint = load_checkpoint
+def same_object(a: Any, b: Any) -> bool:
+    """``a`` is ``b``, or both are the same definition imported twice (module + qualified name),
+    or equal values (frozen specs)."""
+    if a is b:
+        return True
+    key = lambda f: (getattr(f, "__module__", None), getattr(f, "__qualname__", None))  # noqa: E731
+    if key(a)[1] is not None and key(a) == key(b):
+        return True
+    try:
+        return bool(a == b) and type(a) is type(b)
+    except Exception:  # noqa: BLE001 - incomparable objects are different
+        return False
 
-    factory = tr.model_factory()
-    for name, fn in MODELS.items():
-        factory[name] = fn
 
-    registry = tr.image_datasets()
-    for name, cls in datasets().items():
-        current = registry.get(name)
-        if current is None:
-            tr.data.register_image_dataset(name, cls)
-        elif not _same_class(current, cls):
-            raise ValueError(
-                f"Torchreid already has a dataset named '{name}' ({current.__module__}."
-                f"{current.__qualname__}); torchreid_ext cannot register its own under that name"
-            )
-        elif current is not cls:  # a re-imported torchreid_ext: point at the live class
-            registry[name] = cls
+class Registry(Generic[T]):
+    """Names -> objects of one kind (``kind`` is used in messages: 'model', 'loss', ...)."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items: Dict[str, T] = {}
+
+    def register(self, name: str, obj: Optional[T] = None) -> Any:
+        """``register(name, obj)``, or ``@register(name)`` as a decorator; returns ``obj``."""
+        if obj is None:
+            def decorator(o: T) -> T:
+                self.register(name, o)
+                return o
+
+            return decorator
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a {self.kind} name must be a non-empty string, got {name!r}")
+        current = self._items.get(name)
+        if current is not None and not same_object(current, obj):
+            raise ValueError(f"{self.kind} name '{name}' is already registered to {current!r}; "
+                             f"cannot register {obj!r} under it")
+        self._items[name] = obj
+        return obj
+
+    def unregister(self, name: str) -> None:
+        self._items.pop(name, None)
+
+    def get(self, name: str) -> T:
+        try:
+            return self._items[name]
+        except KeyError:
+            raise UnknownNameError(f"{self.kind} '{name}' is unknown; choose one of {self.names()}") from None
+
+    def names(self) -> List[str]:
+        return sorted(self._items)
+
+    def items(self):
+        return self._items.items()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}, {self.names()})"
+

@@ -71,6 +71,11 @@ EXPECTED_LAYOUTS = {
     "cuhk03": ("cuhk03/cuhk03_release/cuhk-03.mat plus the new-protocol split files "
                "cuhk03_new_protocol_config_{detected,labeled}.mat in cuhk03/",
                [("cuhk03_release/cuhk-03.mat",)]),
+    "cuhk03_pair1": ("cuhk03_pair1/labeled/{train,val}/PPPP_II.jpg (CUHK03 camera pair 1, labelled boxes)",
+                     [("labeled/train",), ("labeled/val",)]),
+    **{name: ("viper/VIPeR/{cam_a,cam_b}/NNN_AAA.bmp", [("VIPeR/cam_a",), ("VIPeR/cam_b",)])
+       for name in ("viper", "viper_full", "viper_10split")},
+    **{name: ("cuhk01/campus/PPPPIII.png", [("campus",)]) for name in ("cuhk01", "cuhk01_full", "cuhk01_10split")},
 }
 
 

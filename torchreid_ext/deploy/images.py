@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..adapter import torchreid
 from ..data.checks import UnreadableImageError, check_dataset_present, check_images, read_image
+from ..data.image_list import register_config_datasets
 from .errors import DeployInputError
 
 __all__ = ["IMAGE_EXTENSIONS", "SPLITS", "ImageSet", "folder_images", "dataset_images", "eval_transform",
@@ -61,6 +62,7 @@ def dataset_images(cfg, name: str, split: str) -> ImageSet:
     ``data.root``, in the order of Torchreid's loaders; headers checked."""
     if split not in SPLITS:
         raise DeployInputError(f"split = '{split}' is not valid; choose one of {list(SPLITS)}")
+    register_config_datasets(cfg)
     check_dataset_present(name, cfg.data.root)  # unknown name: KeyError listing the datasets
     with contextlib.redirect_stdout(io.StringIO()):  # Torchreid prints dataset statistics
         dataset = torchreid().datasets.init_image_dataset(
