@@ -7,6 +7,31 @@ import pytest
 import torchreid_ext  # noqa: F401  (registers synthreid / synthreid_small)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Real re-ID data (CUHK03 pair 1, VIPeR, CUHK01, Torchreid model-zoo weights): CI has it next to the
+# checkout; elsewhere the tests that need it skip. TORCHREID_EXT_REAL_DATA points elsewhere.
+REAL_DATA = os.environ.get("TORCHREID_EXT_REAL_DATA", os.path.join(os.path.dirname(REPO), "shared", "data"))
+MSMT17_WEIGHTS = os.path.join(REAL_DATA, "weights", "osnet_x0_25_msmt17.pth")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def split_cache(tmp_path_factory):
+    """Split files of the real-data protocols go to a per-session cache, not the user's."""
+    path = str(tmp_path_factory.mktemp("cache"))
+    old = os.environ.get("TORCHREID_EXT_CACHE")
+    os.environ["TORCHREID_EXT_CACHE"] = path
+    yield path
+    if old is None:
+        os.environ.pop("TORCHREID_EXT_CACHE", None)
+    else:
+        os.environ["TORCHREID_EXT_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def real_data():
+    """The real-data root, or skip the test with the reason."""
+    if not os.path.isdir(os.path.join(REAL_DATA, "cuhk03_pair1")):
+        pytest.skip(f"real re-ID data not found at '{REAL_DATA}' (set TORCHREID_EXT_REAL_DATA)")
+    return REAL_DATA
 
 
 @pytest.fixture(scope="session")

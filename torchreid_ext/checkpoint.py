@@ -292,7 +292,8 @@ def load_model_weights(model: torch.nn.Module, path: str, strict: bool = False,
     Copies every tensor whose name (``module.`` prefix stripped) and shape match the model's
     and leaves the rest (e.g. a classifier trained for another number of identities), as
     Torchreid does; but the file is read by :func:`load_checkpoint` (``weights_only``, numpy
-    allowlist), never by a plain unpickler. Returns ``{"loaded": [...], "skipped": [...]}``;
+    allowlist), never by a plain unpickler. Returns ``{"loaded": [...], "skipped": [...],
+    "reinitialised": [...]}`` (skipped tensors the model has with another shape; the log names them);
     a file of which nothing fits the model is a :class:`CheckpointError` naming the model and
     the first mismatching key. ``strict=True`` (extraction, export, rank lists of a trained
     model) also refuses a file that leaves any model tensor unloaded, except those whose name
@@ -330,9 +331,20 @@ def load_model_weights(model: torch.nn.Module, path: str, strict: bool = False,
                 f"tensors are not loaded, the first '{key}' ({why})")
     target.update(matched)
     _unwrap(model).load_state_dict(target)
-    logger.info("Loaded %d tensors from '%s'%s", len(matched), path,
-                f"; skipped {len(skipped)} that do not fit: {skipped[:5]}" if skipped else "")
-    return {"loaded": list(matched), "skipped": skipped}
+    reshaped = [k for k in skipped if k in target and torch.is_tensor(state_dict[k])]
+    absent = [k for k in skipped if k not in reshaped]
+    notes = []
+    if reshaped:
+        shapes = ", ".join(f"{k} {tuple(state_dict[k].shape)} in the file vs {tuple(target[k].shape)}"
+                           for k in reshaped[:4])
+        notes.append(f"re-initialised {len(reshaped)} whose shape differs, kept as the model built them "
+                     f"(a classifier sized for this training set's identities): {shapes}"
+                     + (" ..." if len(reshaped) > 4 else ""))
+    if absent:
+        notes.append(f"ignored {len(absent)} the model does not have: {absent[:5]}" + (" ..." if len(absent) > 5 else ""))
+    logger.info("Loaded %d of %d tensors from '%s'%s", len(matched), len(state_dict), path,
+                "; " + "; ".join(notes) if notes else "")
+    return {"loaded": list(matched), "skipped": skipped, "reinitialised": reshaped}
 
 
 # Torchreid's name for the same operation (``torchreid.utils.load_pretrained_weights``), for users

@@ -447,3 +447,40 @@ def test_a_run_trained_with_another_seed_is_refused(tmp_path):
     assert collect_rows([Run(name="r", save_dir=str(tmp_path), seed=1)])[0]["seed"] == 1
     with pytest.raises(HarnessError, match=r"trained with seed 1, not the seed 2"):
         collect_rows([Run(name="r", save_dir=str(tmp_path), seed=2)])
+
+
+def test_test_time_rows_evaluate_the_baselines_final_checkpoint(compared, data_root, tmp_path, monkeypatch):
+    configs, out, paths = compared
+    noop = write(tmp_path / "noop.yaml", "test:\n  flip: False\n")
+    rerank = write(tmp_path / "rerank.yaml", "test:\n  rerank: True\n  rerank_k1: 6\n  rerank_k2: 2\n")
+    launched = []
+    real_launch = compare_mod.launch
+    monkeypatch.setattr(compare_mod, "launch", lambda run: (launched.append(run.name), real_launch(run)))
+    report = compare(configs, out, harness_opts(data_root), baseline=configs[0], test_time=[noop, rerank],
+                     report=str(tmp_path / "tt"))
+    assert [name.split("+")[1] for name in launched] == ["noop", "rerank"]  # trained runs reused
+    rows = {r["name"]: r for r in read_csv(report["csv"])}
+    base = rows[read_csv(paths["csv"])[0]["name"]]
+    same, reranked = (rows[n] for n in launched)
+    assert same["method"] == base["method"] + " + noop (test time)"
+    for key in ("rank1", "mAP", "mINP"):  # same checkpoint, same options: the baseline's numbers
+        assert same[key] == base[key], key
+    assert reranked["mAP"] != base["mAP"]
+    saved = json.load(open(osp.join(reranked["save_dir"], "run.json")))["overrides"]
+    assert saved[saved.index("model.load_weights") + 1] == osp.join(base["save_dir"], "model", "model.pth.tar-1")
+    assert "test.rerank" in saved and not osp.exists(osp.join(reranked["save_dir"], "model"))
+    paired = [r for r in read_csv(report["csv"], "diff") if r["group"] == reranked["name"]]
+    assert len(paired) == 1 and float(paired[0]["mAP"]) == pytest.approx(float(reranked["mAP"]) - float(base["mAP"]))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("test:\n  rerank: True\ntrain:\n  lr: 0.1\n", "must hold only a test: section"),
+    ("[1, 2]\n", "must hold only a test: section"),
+])
+def test_a_test_time_config_changes_evaluation_only(compared, data_root, tmp_path, text, message):
+    configs, out, _ = compared
+    bad = write(tmp_path / "bad.yaml", text)
+    with pytest.raises(HarnessError, match=message):
+        plan_runs(configs, out, harness_opts(data_root), test_time=[bad], test_time_of=configs[0])
+    with pytest.raises(HarnessError, match="give --baseline too"):
+        plan_runs(configs, out, harness_opts(data_root), test_time=[write(tmp_path / "ok.yaml", "test:\n  flip: True\n")])

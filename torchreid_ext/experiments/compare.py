@@ -1,7 +1,7 @@
 """``scripts/compare.py``: run what is not finished, then write the comparison report.
 
     python scripts/compare.py configs/a.yaml configs/b.yaml [SAVE_DIR ...] --out log/compare \
-        [--seeds 1 2 3] [--baseline configs/a.yaml] [--report docs/a_vs_b] \
+        [--seeds 1 2 3] [--baseline configs/a.yaml] [--report docs/a_vs_b] [--test-time t.yaml ...] \
         --opts train.max_epoch 2 data.sources "['synthreid']"
 
 Every input is checked (configs load with the overrides, datasets present, one evaluation
@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default=None, metavar="STEM",
                    help="write the report as STEM.csv, STEM.md, STEM.png (default: OUT/results), "
                         "e.g. docs/proxy_benchmark; the runs stay under --out")
+    p.add_argument("--test-time", nargs="+", default=[], metavar="CONFIG",
+                   help="test-time configs (a test: section only, e.g. test: {rerank: True}): each evaluates "
+                        "the baseline's final checkpoints again, seed by seed, as a row paired with it")
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
                    help="KEY VALUE overrides applied to every run (must come last)")
     return p
@@ -82,13 +85,14 @@ def _report_stem(out_dir: str, report: Optional[str]) -> str:
 
 def compare(inputs: Sequence[str], out_dir: str, overrides: Sequence[str] = (),
             seeds: Optional[Sequence[int]] = None, baseline: Optional[str] = None,
-            report: Optional[str] = None) -> Dict[str, str]:
+            report: Optional[str] = None, test_time: Sequence[str] = ()) -> Dict[str, str]:
     """Run every unfinished input (once per seed with ``seeds``), then write the report
     (``report``.{csv,md,png}, default ``out_dir``/results.*), pairing each config with
-    ``baseline`` when given."""
+    ``baseline`` when given. ``test_time`` configs re-evaluate the baseline's final checkpoints
+    (one row each, paired with the baseline)."""
     stem = _report_stem(out_dir, report)
     inputs = _with_baseline(inputs, baseline)
-    runs = plan_runs(inputs, out_dir, overrides, seeds)
+    runs = plan_runs(inputs, out_dir, overrides, seeds, test_time, baseline)
     base_group = _baseline_group(runs, baseline) if baseline is not None else None
     os.makedirs(out_dir, exist_ok=True)
     n = len(runs)
@@ -110,7 +114,7 @@ def compare(inputs: Sequence[str], out_dir: str, overrides: Sequence[str] = (),
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        compare(args.inputs, args.out, args.opts or [], args.seeds, args.baseline, args.report)
+        compare(args.inputs, args.out, args.opts or [], args.seeds, args.baseline, args.report, args.test_time)
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

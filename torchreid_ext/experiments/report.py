@@ -70,6 +70,8 @@ def collect_rows(runs: Sequence[Run]) -> List[Dict[str, Any]]:
         final = _final_evaluation(run, metrics)
         msgr = bool((metrics.get("msgr") or {}).get("enabled", False))
         label = method_label(metrics.get("model", "?"), metrics.get("loss", "?"), msgr, _is_variant(run))
+        if run.test_time:
+            label += f" + {osp.splitext(osp.basename(run.test_time))[0]} (test time)"
         detected_new = run.cfg is not None and not run.cfg.cuhk03.labeled_images and not run.cfg.cuhk03.classic_split
         seed = _run_seed(run, metrics)
         for dataset, res in final["results"].items():

@@ -4,6 +4,9 @@ Each config runs with the same overrides, in its own save dir ``<out>/runs/<name
 ``model.resume auto`` (a killed comparison continues). With seeds, each config runs once per
 seed (``train.seed``) in ``<out>/runs/<name>-seed<S>``; the runs of one config form a group.
 A run is finished when its ``metrics.json`` holds an evaluation at ``train.max_epoch``.
+A test-time run (:func:`test_time_runs`) evaluates another run's final checkpoint with other
+``test.*`` options (re-ranking, flip, AQE ...) and trains nothing; it is finished when its
+``metrics-test.json`` holds an evaluation.
 ``run.json`` in the save dir records the config and overrides, so a save dir can later be
 passed alone, and a save dir made with other overrides is refused instead of being mixed
 into the table.
@@ -19,13 +22,16 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
+import yaml
+
 from ..config import CN, ConfigError, load_config
 
 __all__ = ["HarnessError", "Run", "plan_runs", "read_spec", "final_epoch", "is_finished", "launch",
-           "load_metrics", "check_seeds", "PROTOCOL_KEYS"]
+           "load_metrics", "check_seeds", "test_time_options", "test_time_runs", "PROTOCOL_KEYS"]
 
 SPEC_FILE = "run.json"
 METRICS_FILE = "metrics.json"
+TEST_METRICS_FILE = "metrics-test.json"  # an evaluation-only run's record (the engine's name)
 # Settings that must be equal across the runs of one comparison (same evaluation harness).
 PROTOCOL_KEYS = ("data.root", "train.seed", "test.evaluator", "test.dist_metric",
                  "test.normalize_feature", "test.rerank", "data.height", "data.width")
@@ -47,13 +53,18 @@ class Run:
     cfg: Optional[CN] = None  # config with overrides, save dir and resume applied
     group: str = ""  # the runs of one config over seeds share it ('' -> name)
     seed: Optional[int] = None  # train.seed the harness set for this run (None: the config's)
+    test_time: str = ""  # test-time config: this run only evaluates another run's final checkpoint
 
     def __post_init__(self) -> None:
         self.group = self.group or self.name
 
     @property
     def max_epoch(self) -> Optional[int]:
-        return int(self.cfg.train.max_epoch) if self.cfg is not None else None
+        return int(self.cfg.train.max_epoch) if self.cfg is not None and not self.test_time else None
+
+    @property
+    def metrics_file(self) -> str:
+        return TEST_METRICS_FILE if self.test_time else METRICS_FILE
 
 
 def _get(cfg: CN, key: str) -> Any:
@@ -158,11 +169,14 @@ def _check_spec(run: Run) -> None:
 
 
 def _check_protocol(runs: Sequence[Run]) -> None:
-    """One protocol for all runs; the seed only within runs of the same harness seed."""
+    """One protocol for all runs; the seed only within runs of the same harness seed; test-time
+    runs differ in ``test.*`` by design."""
     configured = [r for r in runs if r.cfg is not None]
     for key in PROTOCOL_KEYS:
         slots = {}
         for r in configured:
+            if r.test_time and key.startswith("test."):
+                continue
             slots.setdefault(r.seed if key == SEED_KEY else None, []).append(r)
         for slot in slots.values():
             values = {r.name: _get(r.cfg, key) for r in slot}
@@ -208,10 +222,13 @@ def _input_runs(path: str, out_dir: str, overrides: List[str], seeds: Optional[L
 
 
 def plan_runs(inputs: Sequence[str], out_dir: str, overrides: Sequence[str] = (),
-              seeds: Optional[Sequence[int]] = None) -> List[Run]:
+              seeds: Optional[Sequence[int]] = None, test_time: Sequence[str] = (),
+              test_time_of: Optional[str] = None) -> List[Run]:
     """Check every input (config file or save dir) and return the runs, before any training.
 
     ``seeds``: run every config once per seed (``train.seed``); None: once, with its own seed.
+    ``test_time``: test-time configs evaluated on the final checkpoints of input
+    ``test_time_of``'s runs (:func:`test_time_runs`), after them.
     """
     if not inputs:
         raise HarnessError("no input: give config files (.yaml) or save dirs holding metrics.json")
@@ -223,6 +240,11 @@ def plan_runs(inputs: Sequence[str], out_dir: str, overrides: Sequence[str] = ()
             if any(r.save_dir == run.save_dir for r in runs):
                 raise HarnessError(f"input '{path}' is given twice (save dir '{run.save_dir}')")
             runs.append(run)
+    if test_time:
+        if test_time_of is None:
+            raise HarnessError("--test-time evaluates the baseline's trained models: give --baseline too")
+        of = [r for r in runs if osp.abspath(r.config or r.save_dir) == osp.abspath(test_time_of)]
+        runs += test_time_runs(of, test_time, out_dir)
     _check_protocol(runs)
     for run in runs:
         if run.cfg is not None and not is_finished(run):
@@ -230,13 +252,54 @@ def plan_runs(inputs: Sequence[str], out_dir: str, overrides: Sequence[str] = ()
     return runs
 
 
+def test_time_options(path: str) -> List[str]:
+    """``KEY VALUE`` overrides of test-time config ``path``: a YAML mapping with a ``test`` section
+    only (the options of evaluation: test.rerank, test.flip, test.aqe ...)."""
+    if not osp.isfile(path):
+        raise HarnessError(f"--test-time '{path}' does not exist (expected a YAML file with a test: section)")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            raise HarnessError(f"--test-time '{path}' is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict) or set(data) != {"test"} or not isinstance(data["test"], dict) or not data["test"]:
+        raise HarnessError(f"--test-time '{path}' must hold only a test: section of evaluation options "
+                           f"(e.g. test: {{rerank: True}}); got keys {sorted(data) if isinstance(data, dict) else data}")
+    return [x for key, value in data["test"].items()
+            for x in (f"test.{key}", yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n..."))]
+
+
+def test_time_runs(trained: Sequence[Run], paths: Sequence[str], out_dir: str) -> List[Run]:
+    """For every run in ``trained`` and test-time config in ``paths``: a run that evaluates the
+    trained run's final checkpoint with the config's ``test.*`` options (same seed, same group
+    name plus ``+<config stem>``), so that it pairs with the trained run seed by seed."""
+    runs = []
+    for path in paths:
+        opts, stem = test_time_options(path), osp.splitext(osp.basename(path))[0]
+        for base in trained:
+            if base.cfg is None:
+                raise HarnessError(f"--test-time needs the trained runs' configs; '{base.save_dir}' has none")
+            group = f"{base.group}+{stem}"
+            name = group if base.seed is None else _seeded_run_name(group, base.seed)
+            checkpoint = osp.join(base.save_dir, "model", f"model.pth.tar-{base.cfg.train.max_epoch}")
+            overrides = base.overrides + opts + ["test.evaluate", "True", "model.load_weights", checkpoint]
+            run = _config_run(base.config, osp.join(out_dir, "runs", name), overrides, name, group, base.seed)
+            run.test_time = path
+            _check_spec(run)
+            runs.append(run)
+    return runs
+
+
 def load_metrics(run: Run) -> Optional[Dict[str, Any]]:
-    return _read_json_in(run.save_dir, METRICS_FILE)
+    return _read_json_in(run.save_dir, run.metrics_file)
 
 
 def final_epoch(run: Run, metrics: Dict[str, Any]) -> Optional[int]:
     """The epoch a finished run evaluates last: the config's ``train.max_epoch``, else the one
-    metrics.json records (a save dir given without its config), else None (unknown)."""
+    metrics.json records (a save dir given without its config), else None (unknown; also for a
+    test-time run, which evaluates once)."""
+    if run.test_time:
+        return None
     if run.max_epoch is not None:
         return run.max_epoch
     recorded = metrics.get("max_epoch")
@@ -274,4 +337,5 @@ def launch(run: Run, python: str = sys.executable) -> None:
     if proc.returncode != 0:
         raise HarnessError(f"run '{run.name}' failed (exit status {proc.returncode}); its log is in '{run.save_dir}'")
     if not is_finished(run):
-        raise HarnessError(f"run '{run.name}' exited without an evaluation at epoch {run.max_epoch}")
+        what = "an evaluation" if run.test_time else f"an evaluation at epoch {run.max_epoch}"
+        raise HarnessError(f"run '{run.name}' exited without {what}")
