@@ -40,5 +40,13 @@ setup(
         *TORCHREID_RUNTIME,
     ],
     extras_require={"deploy": DEPLOY, "test": ["pytest>=7", "pytest-timeout", *DEPLOY]},
-    entry_points={"console_scripts": ["torchreid-ext=torchreid_ext.cli:main"]},
+    # one console command per script (scripts/*.py are thin wrappers of the same functions)
+    entry_points={"console_scripts": [
+        "torchreid-ext=torchreid_ext.cli:main",  # train / evaluate (scripts/main.py)
+        "torchreid-ext-compare=torchreid_ext.experiments.compare:main",
+        "torchreid-ext-extract=torchreid_ext.deploy.commands:extract_main",
+        "torchreid-ext-evaluate=torchreid_ext.deploy.commands:evaluate_main",
+        "torchreid-ext-export=torchreid_ext.deploy.commands:export_main",
+        "torchreid-ext-visualize=torchreid_ext.experiments.ranks:main",
+    ]},
 )

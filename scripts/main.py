@@ -2,6 +2,8 @@
 """Train and evaluate with Torchreid + torchreid_ext (upstream Torchreid's main.py interface).
 
     python scripts/main.py --config configs/quickstart.yaml [KEY VALUE ...]
+
+The same command is installed as ``torchreid-ext``.
 """
 import os.path as osp
 import sys
@@ -14,4 +16,4 @@ except ImportError:  # running from a source checkout that is not installed
 from torchreid_ext.cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

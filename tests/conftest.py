@@ -5,6 +5,9 @@ import socket
 import pytest
 
 import torchreid_ext  # noqa: F401  (registers synthreid / synthreid_small)
+from torchreid_ext.log import install_console_handler
+
+install_console_handler()  # the tests read the library's log lines as a command line's user does
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Real re-ID data (CUHK03 pair 1, VIPeR, CUHK01, Torchreid model-zoo weights): CI has it next to the

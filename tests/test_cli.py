@@ -292,11 +292,8 @@ def test_evaluate_with_an_upstream_torchreid_checkpoint(tiny, finished, tmp_path
 def cli_exit(argv, capsys):
     """Run ``cli.main``; return its exit status (0 when it returns) and stderr."""
     capsys.readouterr()
-    try:
-        cli.main(argv)
-    except SystemExit as exc:
-        return exc.code, capsys.readouterr().err
-    return 0, capsys.readouterr().err
+    code = cli.main(argv)
+    return code, capsys.readouterr().err
 
 
 def the_log(save, kind="train"):
@@ -402,7 +399,7 @@ def test_a_failed_runs_log_records_the_error(tiny, tmp_path, capsys, monkeypatch
     monkeypatch.setattr(cli, "build_optimizer", boom)
     save = str(tmp_path / "run2")
     with pytest.raises(RuntimeError, match="boom"):
-        cli.main(tiny(save_dir=save))
+        cli.train(tiny(save_dir=save))
     log = the_log(save)
     assert "Traceback (most recent call last)" in log and "RuntimeError: boom in build_optimizer" in log
 

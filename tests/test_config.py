@@ -161,10 +161,8 @@ def test_misspelt_section_suggests_the_section(tmp_path):
 def run_cli(argv, capsys):
     from torchreid_ext import cli
 
-    with pytest.raises(SystemExit) as exc:
-        cli.main(argv)
-    err = capsys.readouterr().err
-    return exc.value.code, err
+    code = cli.main(argv)
+    return code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -63,7 +63,7 @@ def _torchreid_zero_shot(name, root, height, width):
 ])
 def test_zero_shot_equals_torchreids_pipeline(real_data, tmp_path, targets, height, width):
     save_dir = str(tmp_path / "zero_shot")
-    cli.main(["--config", "configs/real/zero_shot.yaml", "--root", real_data, "model.load_weights", MSMT17_WEIGHTS,
+    cli.train(["--config", "configs/real/zero_shot.yaml", "--root", real_data, "model.load_weights", MSMT17_WEIGHTS,
               "data.targets", str(targets), "data.height", str(height), "data.width", str(width),
               "data.save_dir", save_dir, "data.workers", "0"])
     ours = json.load(open(osp.join(save_dir, "metrics-test.json")))["evaluations"][-1]["results"]

@@ -1,16 +1,14 @@
 """torchreid-ext: plug-ins for Torchreid (MSFL-ResNet50, MSGR, DRSL, SN, fast evaluator).
 
-``import torchreid_ext`` registers our models and datasets into Torchreid's registries.
+``import torchreid_ext`` registers our models and datasets into Torchreid's registries, and does
+nothing else: no logging handler (the command lines install one; :mod:`torchreid_ext.log`), no
+loss plug-ins from the environment (:mod:`torchreid_ext.console`).
 """
-from .log import install_console_handler
-
-install_console_handler()
-
-from .adapter import torchreid as _torchreid  # noqa: E402,F401
-from .config import engine_run_kwargs, get_default_config, load_config  # noqa: E402,F401
-from .engines import build_engine  # noqa: E402,F401
-from .models import available_models, build_model, register_model  # noqa: E402,F401
-from .plugin import register  # noqa: E402
+from .adapter import torchreid as _torchreid  # noqa: F401
+from .config import engine_run_kwargs, get_default_config, load_config  # noqa: F401
+from .engines import build_engine  # noqa: F401
+from .models import available_models, build_model, register_model  # noqa: F401
+from .plugin import register
 
 register()
 

@@ -18,14 +18,12 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Callable, Dict, Optional
 
+from .errors import TorchreidNotFound
+
 __all__ = ["TorchreidAPI", "TorchreidNotFound", "resolve", "torchreid"]
 
 # Sub-packages every supported layout provides.
 _PARTS = ("models", "data", "engine", "losses", "metrics", "optim", "utils")
-
-
-class TorchreidNotFound(ImportError):
-    """Neither supported Torchreid layout could be imported."""
 
 
 @dataclass(frozen=True)

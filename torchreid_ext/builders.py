@@ -18,6 +18,7 @@ from .config import imagedata_kwargs, lr_scheduler_kwargs, optimizer_kwargs
 from .data.checks import check_images, check_queries
 from .data.image_list import register_config_datasets
 from .engines import build_engine
+from .errors import PretrainedWeightsUnavailable
 from .models import build_model_from_config
 
 __all__ = [
@@ -32,10 +33,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class PretrainedWeightsUnavailable(RuntimeError):
-    """ImageNet weights were asked for (``model.pretrained``) but cannot be obtained."""
 
 
 def build_datamanager(cfg, image_check: Optional[str] = None):

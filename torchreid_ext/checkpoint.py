@@ -33,6 +33,8 @@ from typing import Any, Callable, Dict, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .errors import CheckpointError, DiskFullError, InputNotFound
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -49,15 +51,6 @@ __all__ = [
     "load_model_weights",
     "load_pretrained_weights",
 ]
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be loaded safely or does not fit the model."""
-
-
-class DiskFullError(OSError):
-    """A file could not be written for lack of space (``errno`` ENOSPC or EDQUOT); the file
-    it was to replace, if any, is unchanged and no temporary file is left."""
 
 
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -175,7 +168,7 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
     """Load a checkpoint with ``weights_only=True`` and the numpy allowlist."""
     path = osp.abspath(osp.expanduser(path))
     if not osp.isfile(path):
-        raise FileNotFoundError(f"Checkpoint '{path}' does not exist")
+        raise InputNotFound(f"Checkpoint '{path}' does not exist")
     try:
         with torch.serialization.safe_globals(_numpy_allowlist()):
             return torch.load(path, map_location=map_location, weights_only=True)

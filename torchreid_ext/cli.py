@@ -14,7 +14,8 @@ Same arguments as upstream (``--config-file`` too, ``--root``, ``-s``, ``-t``,
    so far; the model, optimizer, scheduler and engine are built, and the engine trains and
    evaluates. An error from here on is written to the log file too.
 
-Bad input is one line on stderr and exit status 2, with nothing written to the save dir.
+Bad input is one line on stderr and exit status 2, with nothing written to the save dir
+(:mod:`torchreid_ext.console`); success is exit status 0.
 
 Under ``torchrun --nproc_per_node N scripts/main.py ...`` every process joins the job
 (``dist.backend``), wraps the model in DistributedDataParallel (SyncBatchNorm first with
@@ -31,7 +32,6 @@ import logging
 import os
 import os.path as osp
 import platform
-import sys
 import time
 import traceback
 from typing import Any, Dict, List, Optional, Sequence
@@ -41,7 +41,6 @@ import torch
 from . import distributed
 from .adapter import torchreid
 from .builders import (  # noqa: F401  (build_datamanager / build_model: also cli's public names)
-    PretrainedWeightsUnavailable,
     build_datamanager,
     build_engine,
     build_model,
@@ -51,13 +50,15 @@ from .builders import (  # noqa: F401  (build_datamanager / build_model: also cl
     run_record,
 )
 from .checkpoint import load_model_weights
-from .config import ConfigError, engine_run_kwargs, get_default_config, merge_from_file, merge_from_list, validate_config
+from .config import engine_run_kwargs, get_default_config, merge_from_file, merge_from_list, validate_config
+from .console import error_line, run_command
 from .data.loaders import distribute_train_loader
+from .errors import UserError
 from .log import RunLog
 from .preflight import preflight
 from .savedir import SaveDirLock, remove_stale_temp_files, resolve_resume
 
-__all__ = ["build_parser", "load_run_config", "set_determinism", "run", "main"]
+__all__ = ["build_parser", "load_run_config", "set_determinism", "run", "train", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -173,26 +174,10 @@ def _train(cfg, config_path: str, info: "distributed.DistInfo", datamanager, res
     return engine.run(**engine_run_kwargs(cfg, start_epoch=start_epoch))
 
 
-def _user_errors() -> tuple:
-    """Exceptions that mean bad input (or a full disk): printed as one line, exit status 2."""
-    from .checkpoint import CheckpointError, DiskFullError
-    from .data.checks import DatasetError, DatasetNotFound, UnreadableImageError
-    from .engines import NotAvailableYet
-    from .models.msfl import BackboneWeightsError
-
-    return (ConfigError, KeyError, FileNotFoundError, PretrainedWeightsUnavailable, CheckpointError, DiskFullError,
-            DatasetNotFound, DatasetError, UnreadableImageError, NotAvailableYet, BackboneWeightsError)
-
-
-def _error_line(exc: BaseException) -> str:
-    msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-    return f"error: {msg}"
-
-
 def _error_report(exc: BaseException) -> str:
     """What a failed run's log file records: the one-line error for bad input, else the traceback."""
-    if isinstance(exc, _user_errors()):
-        return _error_line(exc) + "\n"
+    if isinstance(exc, UserError):
+        return error_line(exc) + "\n"
     if isinstance(exc, KeyboardInterrupt):
         return "error: interrupted (KeyboardInterrupt)\n"
     if isinstance(exc, SystemExit):
@@ -200,12 +185,13 @@ def _error_report(exc: BaseException) -> str:
     return "error: the run failed\n" + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    try:
-        cfg, args = load_run_config(argv)
-        return run(cfg, args.config)
-    except _user_errors() as exc:
-        if os.environ.get("TORCHREID_EXT_TRACEBACK"):
-            raise
-        print(f"{_error_line(exc)} (set TORCHREID_EXT_TRACEBACK=1 for the traceback)", file=sys.stderr)
-        raise SystemExit(2)
+def train(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """The command line's work, for Python callers: parse ``argv``, check, train and evaluate;
+    returns the last evaluation's results per target, raises on error."""
+    cfg, args = load_run_config(argv)
+    return run(cfg, args.config)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``scripts/main.py`` / ``torchreid-ext``: exit status 0 on success, 2 on bad input."""
+    return run_command(lambda: train(argv) and None)

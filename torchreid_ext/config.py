@@ -24,6 +24,7 @@ from typing import Any, Iterable, List, Optional, Sequence
 import yaml
 from yacs.config import CfgNode as CN
 
+from .errors import ConfigError
 from .losses import registry as loss_registry
 
 __all__ = [
@@ -43,10 +44,6 @@ __all__ = [
 ]
 
 BASE_KEY = "_BASE_"
-
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message says what and how to fix it."""
 
 
 def get_default_config() -> CN:

@@ -25,6 +25,7 @@ import torch
 from . import distributed
 from .adapter import torchreid
 from .config import ConfigError
+from .errors import InputNotFound
 from .data.checks import DatasetError, check_dataset_present, check_train_identities, scan_image_folders
 from .data.image_list import ImageListSpec, register_config_datasets, scan_image_list
 from .models import available_models, build_model_from_config
@@ -113,7 +114,7 @@ def preflight(cfg) -> None:
     """All checks that need no data loading and write nothing (see the module docstring)."""
     check_names(cfg)
     if cfg.model.load_weights and not osp.isfile(cfg.model.load_weights):
-        raise FileNotFoundError(f"model.load_weights = '{cfg.model.load_weights}' does not exist")
+        raise InputNotFound(f"model.load_weights = '{cfg.model.load_weights}' does not exist")
     distributed.preflight_distributed(cfg)
     check_msgr_stages(cfg)
     check_writable(cfg.data.save_dir)

@@ -9,16 +9,11 @@ from __future__ import annotations
 
 from typing import Any, Dict, Generic, Iterator, List, Optional, TypeVar
 
+from .errors import UnknownNameError
+
 __all__ = ["Registry", "UnknownNameError", "same_object"]
 
 T = TypeVar("T")
-
-
-class UnknownNameError(KeyError):
-    """A name no registry entry has; the message lists the registered names."""
-
-    def __str__(self) -> str:  # KeyError would print the message in quotes
-        return str(self.args[0])
 
 
 def same_object(a: Any, b: Any) -> bool:

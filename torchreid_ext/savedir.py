@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional
 
 from .checkpoint import latest_checkpoint, load_checkpoint
 from .config import ConfigError
+from .errors import InputNotFound, SaveDirError
 
 __all__ = [
     "LOCK_NAME",
@@ -42,10 +43,6 @@ logger = logging.getLogger(__name__)
 LOCK_NAME = "run.lock"
 _TMP = re.compile(r"\.tmp-(\d+)$")
 _CKPT = re.compile(r"model\.pth\.tar-(\d+)$")
-
-
-class SaveDirError(ConfigError):
-    """The save dir cannot be used by this run; the message says why and what to do."""
 
 
 def pid_alive(pid: int) -> bool:
@@ -234,7 +231,7 @@ def resolve_resume(save_dir: str, resume: str, evaluate: bool, max_epoch: int) -
     if resume == "auto":
         path = latest_checkpoint(model_dir) or ""
     elif resume and not osp.isfile(resume):
-        raise FileNotFoundError(f"model.resume = '{resume}' does not exist")
+        raise InputNotFound(f"model.resume = '{resume}' does not exist")
     else:
         path = resume
     if evaluate:

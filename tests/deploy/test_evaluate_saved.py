@@ -29,7 +29,7 @@ def trained(data_root, tmp_path_factory):
     opts = tiny_opts(data_root, str(folder / "run"), **{"train.max_epoch": 1})
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        results = cli.main(opts)["synthreid_small"]
+        results = cli.train(opts)["synthreid_small"]
     weights = str(folder / "run" / "model" / "model.pth.tar-1")
     files = {}
     for split in ("query", "gallery"):

@@ -74,7 +74,7 @@ def test_failed_final_evaluation_keeps_the_trained_checkpoint_and_resume_only_ev
     with monkeypatch.context() as m:
         m.setattr(ReIDEngine, "test", failing_test)
         with pytest.raises(RuntimeError, match="the evaluator crashed"):
-            cli.main(tiny(save_dir=save, **{"train.max_epoch": 1}))
+            cli.train(tiny(save_dir=save, **{"train.max_epoch": 1}))
     assert checkpoints(save) == ["model.pth.tar-1"]
     ckpt = load_checkpoint(osp.join(save, "model", "model.pth.tar-1"))
     assert ckpt["epoch"] == 1 and ckpt["max_epoch"] == 1 and ckpt["history"] == []
@@ -87,7 +87,7 @@ def test_failed_final_evaluation_keeps_the_trained_checkpoint_and_resume_only_ev
 
     with monkeypatch.context() as m:
         m.setattr(ReIDEngine, "train", no_training)
-        results = cli.main(tiny(save_dir=save, **{"train.max_epoch": 1, "model.resume": "auto"}))
+        results = cli.train(tiny(save_dir=save, **{"train.max_epoch": 1, "model.resume": "auto"}))
     assert checkpoints(save) == ["model.pth.tar-1"]
     ckpt = load_checkpoint(osp.join(save, "model", "model.pth.tar-1"))
     for key, value in trained.items():
@@ -110,14 +110,14 @@ def resumed_runs(data_root, tmp_path_factory):
     every epoch and LR milestones at 2 and 4 (the resumed epoch 4 ends at the second)."""
     top = tmp_path_factory.mktemp("resume")
     straight, resumed = str(top / "straight"), str(top / "resumed")
-    cli.main(tiny_opts(data_root, straight, **MILESTONES))
+    cli.train(tiny_opts(data_root, straight, **MILESTONES))
     with pytest.MonkeyPatch.context() as m:
         stop_before_epoch(m, 3)
         with pytest.raises(Interrupted):
-            cli.main(tiny_opts(data_root, resumed, **MILESTONES))
+            cli.train(tiny_opts(data_root, resumed, **MILESTONES))
     interrupted = checkpoints(resumed)
     at_resume = load_checkpoint(osp.join(resumed, "model", interrupted[-1]))
-    cli.main(tiny_opts(data_root, resumed, **MILESTONES, **{"model.resume": "auto"}))
+    cli.train(tiny_opts(data_root, resumed, **MILESTONES, **{"model.resume": "auto"}))
     return SimpleNamespace(straight=straight, resumed=resumed, interrupted=interrupted, at_resume=at_resume)
 
 

@@ -73,7 +73,7 @@ def test_registered_loss_trains_one_epoch_through_cli_main(toy, tiny, tmp_path):
     cfg = get_default_config()
     assert dict(cfg.loss.toy) == {"scale": 1.0, "weight": 1.0, "weight_x": 0.5, "weight_t": 0.0}
     save = str(tmp_path / "run")
-    results = cli.main(tiny(save_dir=save, **{"loss.name": "toy", "loss.toy.scale": 0.25,
+    results = cli.train(tiny(save_dir=save, **{"loss.name": "toy", "loss.toy.scale": 0.25,
                                               "train.max_epoch": 1, "train.print_freq": 1}))
     assert 0.0 <= results["synthreid_small"]["mAP"] <= 1.0
     assert SEEN and all(s.scale == 0.25 for s in SEEN)  # the override reached the builder
@@ -157,11 +157,14 @@ def test_registered_loss_in_scripts_compare(data_root, tmp_path):
     assert bad.returncode == 2 and "Unknown config key 'loss.plugin_norm'" in bad.stderr
 
 
-def test_plugin_module_that_cannot_be_imported_is_named(tmp_path):
+def test_plugin_modules_are_loaded_by_the_command_lines_not_by_import(tmp_path):
     env = dict(os.environ, TORCHREID_EXT_LOSSES="no_such_loss_module_xyz")
-    proc = subprocess.run([sys.executable, "-c", "import torchreid_ext"], capture_output=True, text=True,
-                          env=env, cwd=REPO)
-    assert proc.returncode != 0
+    imported = subprocess.run([sys.executable, "-c", "import torchreid_ext"], capture_output=True, text=True,
+                              env=env, cwd=REPO)
+    assert imported.returncode == 0 and imported.stderr == ""  # importing does only registration
+    proc = subprocess.run([sys.executable, osp.join(REPO, "scripts", "main.py"), "--config", "configs/quickstart.yaml"],
+                          capture_output=True, text=True, env=env, cwd=REPO)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "TORCHREID_EXT_LOSSES names module 'no_such_loss_module_xyz', which cannot be imported" in proc.stderr
 
 

@@ -27,6 +27,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 from PIL import Image
 
 from ..adapter import torchreid
+from ..errors import DatasetError, DatasetNotFound, UnknownNameError, UnreadableImageError
 
 __all__ = [
     "DatasetNotFound",
@@ -45,18 +46,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class DatasetNotFound(FileNotFoundError):
-    pass
-
-
-class DatasetError(ValueError):
-    """A dataset is present but cannot be trained or evaluated on as it is."""
-
-
-class UnreadableImageError(OSError):
-    pass
 
 
 # What each common dataset must look like under data.root (Torchreid's readers).
@@ -119,7 +108,7 @@ def check_dataset_present(name: str, root: str) -> None:
     """
     registry = torchreid().image_datasets()
     if name not in registry:
-        raise KeyError(f"Unknown dataset '{name}'. Available datasets: {', '.join(sorted(registry))}")
+        raise UnknownNameError(f"Unknown dataset '{name}'. Available datasets: {', '.join(sorted(registry))}")
     cls = registry[name]
     if getattr(cls, "generated", False):
         return

@@ -1,51 +1,19 @@
 """Command lines of ``scripts/extract.py``, ``scripts/evaluate.py`` and ``scripts/export.py``.
 
-Each ``*_main(argv)`` returns the exit status: 0 on success, 2 for bad input (one line on
-stderr naming the problem, nothing written; argparse's own errors exit 2 too), 1 when an
-exported file fails its check against PyTorch. ``TORCHREID_EXT_TRACEBACK=1`` re-raises instead.
+Each ``*_main(argv)`` returns the exit status (:func:`torchreid_ext.console.run_command`): 0 on
+success, 2 for bad input (one line on stderr naming the problem, nothing written; argparse's own
+errors exit 2 too), 1 when an exported file fails its check against PyTorch, 130 when interrupted.
 Trailing ``KEY VALUE`` pairs override the config as in ``scripts/main.py``.
 """
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from typing import List, Optional
 
-from .errors import ExportCheckError
+from ..console import run_command
 from .images import SPLITS
 
 __all__ = ["extract_main", "evaluate_main", "export_main"]
-
-
-def _user_errors() -> tuple:
-    """Exceptions that mean bad input (exit 2)."""
-    from ..builders import PretrainedWeightsUnavailable
-    from ..checkpoint import CheckpointError
-    from ..config import ConfigError
-    from ..data.checks import DatasetNotFound, UnreadableImageError
-    from ..models.msfl import BackboneWeightsError
-    from .errors import DeployInputError, MissingDependencyError
-
-    return (ConfigError, KeyError, FileNotFoundError, CheckpointError, DatasetNotFound, UnreadableImageError,
-            DeployInputError, MissingDependencyError, BackboneWeightsError, PretrainedWeightsUnavailable)
-
-
-def _run(step) -> int:
-    try:
-        step()
-    except _user_errors() as exc:
-        if os.environ.get("TORCHREID_EXT_TRACEBACK"):
-            raise
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"error: {msg} (set TORCHREID_EXT_TRACEBACK=1 for the traceback)", file=sys.stderr)
-        return 2
-    except ExportCheckError as exc:
-        if os.environ.get("TORCHREID_EXT_TRACEBACK"):
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
 
 
 def _opts(p: argparse.ArgumentParser) -> None:
@@ -77,7 +45,7 @@ def extract_main(argv: Optional[List[str]] = None) -> int:
         extract_features(cfg, args.out, images=args.images, dataset=args.dataset, split=args.split,
                          weights=args.weights)  # logs what it wrote
 
-    return _run(step)
+    return run_command(step)
 
 
 def evaluate_main(argv: Optional[List[str]] = None) -> int:
@@ -100,7 +68,7 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
         if record["metrics_file"]:
             print(f"Metrics written to '{record['metrics_file']}'")
 
-    return _run(step)
+    return run_command(step)
 
 
 def export_main(argv: Optional[List[str]] = None) -> int:
@@ -127,4 +95,4 @@ def export_main(argv: Optional[List[str]] = None) -> int:
         export_model(cfg, args.out, args.format, weights=args.weights, height=args.height, width=args.width,
                      check_image=args.check_image)  # logs the check's max |difference|
 
-    return _run(step)
+    return run_command(step)

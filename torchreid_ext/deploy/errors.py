@@ -9,20 +9,10 @@ from __future__ import annotations
 import os
 import os.path as osp
 
+from ..errors import DeployInputError, ExportCheckError, FeatureFileError, InputNotFound, MissingDependencyError
+
 __all__ = ["DeployInputError", "FeatureFileError", "ExportCheckError", "MissingDependencyError", "check_output_path",
            "require"]
-
-
-class DeployInputError(ValueError):
-    """An argument of extraction, evaluation or export is invalid; the message names it."""
-
-
-class FeatureFileError(DeployInputError):
-    """A saved-features file is missing, not HDF5, or lacks what the step needs."""
-
-
-class ExportCheckError(RuntimeError):
-    """The exported file's outputs differ from PyTorch's by more than the tolerance."""
 
 
 def check_output_path(path: str, what: str = "output") -> str:
@@ -32,16 +22,12 @@ def check_output_path(path: str, what: str = "output") -> str:
     full = osp.abspath(osp.expanduser(path))
     folder = osp.dirname(full)
     if not osp.isdir(folder):
-        raise FileNotFoundError(f"{what} '{path}': folder '{folder}' does not exist (create it first)")
+        raise InputNotFound(f"{what} '{path}': folder '{folder}' does not exist (create it first)")
     if osp.isdir(full):
         raise DeployInputError(f"{what} '{path}' is a folder; give a file name")
     if not os.access(folder, os.W_OK):
         raise DeployInputError(f"{what} '{path}': folder '{folder}' is not writable")
     return full
-
-
-class MissingDependencyError(ImportError):
-    """An optional package the step needs (the ``deploy`` extra) is not installed."""
 
 
 def require(*modules: str, extra: str = "deploy") -> None:

@@ -21,6 +21,7 @@ import yaml
 
 from ..config import CN, ConfigError, get_default_config, merge_dict, merge_from_list
 from ..metrics.evaluation import format_results  # noqa: F401  (re-exported: deploy.format_results)
+from ..errors import InputNotFound
 from .errors import DeployInputError, FeatureFileError
 from .model import model_device
 from .saved_features import FeatureSet, load_features
@@ -101,7 +102,7 @@ def evaluate_saved(query: FeatureSet, gallery: FeatureSet, cfg: Optional[CN] = N
 
 def _metrics_path(out_dir: str) -> str:
     if not osp.isdir(out_dir):
-        raise FileNotFoundError(f"output folder '{out_dir}' does not exist (create it first)")
+        raise InputNotFound(f"output folder '{out_dir}' does not exist (create it first)")
     path = osp.join(out_dir, METRICS_FILE)
     if osp.exists(path):
         try:

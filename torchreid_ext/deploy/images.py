@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..adapter import torchreid
 from ..data.checks import UnreadableImageError, check_dataset_present, check_images, read_image
 from ..data.image_list import register_config_datasets
+from ..errors import InputNotFound
 from .errors import DeployInputError
 
 __all__ = ["IMAGE_EXTENSIONS", "SPLITS", "ImageSet", "folder_images", "dataset_images", "eval_transform",
@@ -42,7 +43,7 @@ class ImageSet(NamedTuple):
 def folder_images(folder: str) -> ImageSet:
     """Every image file under ``folder`` (recursive, by extension), sorted by path; headers checked."""
     if not osp.isdir(folder):
-        raise FileNotFoundError(f"image folder '{folder}' does not exist")
+        raise InputNotFound(f"image folder '{folder}' does not exist")
     folder = osp.abspath(folder)
     paths = sorted(
         osp.join(root, name)

@@ -16,6 +16,7 @@ from typing import Tuple
 import torch
 
 from ..checkpoint import CheckpointError, latest_checkpoint, load_model_weights
+from ..errors import InputNotFound
 
 __all__ = ["resolve_weights", "build_eval_model", "file_sha256", "model_device"]
 
@@ -27,7 +28,7 @@ def resolve_weights(cfg, weights: str = "") -> str:
     for value, what in ((weights, "weights"), (cfg.model.load_weights, "model.load_weights")):
         if value:
             if not osp.isfile(osp.expanduser(value)):
-                raise FileNotFoundError(f"{what} file '{value}' does not exist")
+                raise InputNotFound(f"{what} file '{value}' does not exist")
             return osp.abspath(osp.expanduser(value))
     return latest_checkpoint(osp.join(cfg.data.save_dir, "model")) or ""
 

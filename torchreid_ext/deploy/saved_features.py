@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from ..errors import InputNotFound
 from .errors import FeatureFileError, check_output_path
 
 __all__ = ["FORMAT_VERSION", "FeatureSet", "save_features", "load_features"]
@@ -93,7 +94,7 @@ def load_features(path: str) -> FeatureSet:
     import h5py
 
     if not osp.isfile(path):
-        raise FileNotFoundError(f"features file '{path}' does not exist")
+        raise InputNotFound(f"features file '{path}' does not exist")
     try:
         f = h5py.File(path, "r")
     except OSError as exc:

@@ -16,10 +16,10 @@ import argparse
 import logging
 import os
 import os.path as osp
-import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
+from ..console import run_command
 from .report import collect_rows, write_report
 from .runs import HarnessError, Run, is_finished, launch, plan_runs
 
@@ -112,10 +112,10 @@ def compare(inputs: Sequence[str], out_dir: str, overrides: Sequence[str] = (),
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """``scripts/compare.py`` / ``torchreid-ext-compare``: exit status 0, or 2 on bad input."""
     args = build_parser().parse_args(argv)
-    try:
+
+    def body() -> None:
         compare(args.inputs, args.out, args.opts or [], args.seeds, args.baseline, args.report, args.test_time)
-    except HarnessError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_command(body)

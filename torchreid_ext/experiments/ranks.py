@@ -16,9 +16,10 @@ import torch
 
 from ..adapter import torchreid
 from ..checkpoint import latest_checkpoint, load_model_weights
+from ..errors import ConfigError, InputNotFound
 from ..features import extract_loader
 
-__all__ = ["ranked_lists", "visualize_ranks"]
+__all__ = ["ranked_lists", "visualize_ranks", "main"]
 
 
 def ranked_lists(distmat: np.ndarray, query: List[tuple], gallery: List[tuple], rows: List[int],
@@ -43,15 +44,15 @@ def visualize_ranks(cfg, out_dir: str, weights: str = "", num_queries: int = 8,
     from ..metrics import compute_distance_matrix
 
     if num_queries < 1 or topk < 1:
-        raise ValueError(f"num_queries = {num_queries} and topk = {topk}: both must be >= 1")
+        raise ConfigError(f"num_queries = {num_queries} and topk = {topk}: both must be >= 1")
     weights = weights or latest_checkpoint(osp.join(cfg.data.save_dir, "model")) or ""
     if not osp.isfile(weights):
-        raise FileNotFoundError(
+        raise InputNotFound(
             f"no checkpoint: weights = '{weights}' and none in '{osp.join(cfg.data.save_dir, 'model')}'; "
             "pass --weights or the save dir of a trained run")
     dataset = dataset or cfg.data.targets[0]
     if dataset not in cfg.data.targets:
-        raise ValueError(f"dataset = '{dataset}' is not a target; choose one of {list(cfg.data.targets)}")
+        raise ConfigError(f"dataset = '{dataset}' is not a target; choose one of {list(cfg.data.targets)}")
     cfg.use_gpu = False
     dm = build_datamanager(cfg, image_check="header")  # the images are read below anyway
     model = build_model(cfg, dm.num_train_pids)
@@ -73,3 +74,42 @@ def visualize_ranks(cfg, out_dir: str, weights: str = "", num_queries: int = 8,
     for item in lists:
         item["image"] = osp.join(out_dir, osp.splitext(osp.basename(query[item["query"]][0]))[0] + ".jpg")
     return lists
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``scripts/visualize_ranks.py`` / ``torchreid-ext-visualize``: exit status 0, or 2 on bad input."""
+    import argparse
+
+    from ..config import load_config
+    from ..console import run_command
+    from .runs import read_spec
+
+    p = argparse.ArgumentParser(description="Save rank lists (query + top-k gallery, green = same identity, "
+                                            "red = not) of a trained run")
+    p.add_argument("--config", default="", help="config of the trained run")
+    p.add_argument("--save-dir", default="", help="save dir of the run (config from its run.json if no --config)")
+    p.add_argument("--weights", default="", help="checkpoint (default: newest in <save_dir>/model)")
+    p.add_argument("--out", default="", help="output folder (default: <save_dir>/ranks)")
+    p.add_argument("--num-queries", type=int, default=8)
+    p.add_argument("--topk", type=int, default=10)
+    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE overrides (last)")
+    args = p.parse_args(argv)
+
+    def body() -> None:
+        config, opts = args.config, list(args.opts or [])
+        if args.save_dir:
+            spec = read_spec(args.save_dir)
+            if not config and spec is not None:
+                config, opts = spec["config"], spec["overrides"] + opts
+            if not config:
+                raise ConfigError(f"save dir '{args.save_dir}' has no run.json; pass --config too")
+            opts += ["data.save_dir", args.save_dir]
+        if not config:
+            raise ConfigError("give --config or --save-dir")
+        cfg = load_config(config, opts)
+        out = args.out or osp.join(cfg.data.save_dir, "ranks")
+        for item in visualize_ranks(cfg, out, args.weights, args.num_queries, args.topk):
+            marks = "".join("+" if m else "-" for m in item["matched"])
+            print(f"{item['image']}: top-{len(item['matched'])} matches {marks}")
+
+    return run_command(body)

@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from ..config import CN, ConfigError, load_config
+from ..errors import HarnessError
 
 __all__ = ["HarnessError", "Run", "plan_runs", "read_spec", "final_epoch", "is_finished", "launch",
            "load_metrics", "check_seeds", "test_time_options", "test_time_runs", "PROTOCOL_KEYS"]
@@ -38,10 +39,6 @@ PROTOCOL_KEYS = ("data.root", "train.seed", "test.evaluator", "test.dist_metric"
 # Keys the harness sets per run; overriding them for all runs would make runs collide.
 RESERVED_KEYS = ("data.save_dir", "model.resume", "test.evaluate")
 SEED_KEY = "train.seed"  # set per run by the harness when seeds are given
-
-
-class HarnessError(ValueError):
-    """Bad comparison input; the message names the input and what is allowed."""
 
 
 @dataclass

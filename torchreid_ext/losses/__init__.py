@@ -6,10 +6,10 @@ the engine logs each loss's ``last_stats``. Built in: ``softmax`` (cross-entropy
 (:class:`DRSLoss`, docs/methods.md D) and ``sn`` (:class:`SupportNeighborLoss`, docs/methods.md S).
 Add one with :func:`register_loss` (see :mod:`torchreid_ext.losses.registry`).
 
-``TORCHREID_EXT_LOSSES=module[,module...]`` in the environment: those modules are imported when
-this package is (``import torchreid_ext`` imports it), so the losses they register exist in every
-process that imports torchreid_ext: ``scripts/main.py``, each run of ``scripts/compare.py``, each
-torchrun rank.
+``TORCHREID_EXT_LOSSES=module[,module...]`` in the environment: every command line imports those
+modules first (:func:`import_plugins`, called by :mod:`torchreid_ext.console`), so the losses they
+register exist in ``scripts/main.py``, each run of ``scripts/compare.py`` and each torchrun rank.
+Importing the package does not import them.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import os
 import torch.nn as nn
 
 from ..adapter import torchreid
+from ..errors import ConfigError
 from .base import BaseMetricLoss, MetricLoss
 from .drsl import DRSLoss, drsl_loss
 from .registry import (
@@ -96,15 +97,13 @@ def build_metric_loss(name: str, cfg) -> nn.Module:
 PLUGINS_ENV = "TORCHREID_EXT_LOSSES"
 
 
-def _import_plugins() -> None:
-    """Import the modules named in ``$TORCHREID_EXT_LOSSES`` (comma separated)."""
+def import_plugins() -> None:
+    """Import the modules named in ``$TORCHREID_EXT_LOSSES`` (comma separated), which register
+    losses. The command lines call it (:mod:`torchreid_ext.console`); importing the package does not."""
     for module in (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",")):
         if not module:
             continue
         try:
             importlib.import_module(module)
         except ImportError as exc:
-            raise ImportError(f"{PLUGINS_ENV} names module '{module}', which cannot be imported: {exc}") from exc
-
-
-_import_plugins()
+            raise ConfigError(f"{PLUGINS_ENV} names module '{module}', which cannot be imported: {exc}") from exc

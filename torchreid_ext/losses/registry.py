@@ -22,6 +22,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch.nn as nn
 
+from ..errors import UnknownNameError
+
 __all__ = [
     "LossSpec",
     "UnknownLossError",
@@ -88,9 +90,8 @@ class LossSpec:
         return weight_x, terms
 
 
-class UnknownLossError(KeyError):
-    def __str__(self) -> str:  # KeyError would print the message in quotes
-        return str(self.args[0])
+class UnknownLossError(UnknownNameError):
+    """``loss.name`` names no registered loss."""
 
 
 _REGISTRY: Dict[str, LossSpec] = {}

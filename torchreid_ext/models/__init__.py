@@ -12,6 +12,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch.nn as nn
 
 from ..adapter import torchreid
+from ..errors import UnknownNameError
 from ..losses import get_loss
 
 __all__ = [
@@ -28,9 +29,8 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {}
 MODEL_OPTIONS: Dict[str, Tuple[str, ...]] = {}
 
 
-class UnknownModelError(KeyError):
-    def __str__(self) -> str:  # KeyError would print the message in quotes
-        return str(self.args[0])
+class UnknownModelError(UnknownNameError):
+    """``model.name`` names no model of ours or Torchreid's."""
 
 
 def register_model(name: str, options: Sequence[str] = ()) -> Callable:

@@ -41,6 +41,7 @@ import torchvision
 from torchvision.models.resnet import Bottleneck
 from torchvision.ops.misc import Conv2dNormActivation
 
+from ..errors import BackboneWeightsError
 from ..losses import get_loss, loss_names
 from . import register_model
 
@@ -60,10 +61,6 @@ STAGES = ("layer1", "layer2", "layer3", "layer4")  # outputs C2, C3, C4, C5 (M1)
 STAGE_CHANNELS = {2: 256, 3: 512, 4: 1024, 5: 2048}
 DIRECT_FUSE = {"": (5,), "c45": (4, 5), "c2345": (2, 3, 4, 5)}
 Output = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]  # f | logits | (logits, f)
-
-
-class BackboneWeightsError(RuntimeError):
-    """ImageNet weights for the backbone are unavailable or do not fit (M7)."""
 
 
 class MSFLResNet50(nn.Module):

@@ -1,0 +1,53 @@
+"""The one wrapper every command line runs in (train, compare, extract, evaluate, export, visualize).
+
+:func:`run_command` does what a command needs around its work:
+
+* a console handler for the package logger (the library itself installs none);
+* the loss plug-ins named in ``$TORCHREID_EXT_LOSSES`` (:func:`torchreid_ext.losses.import_plugins`);
+* errors as exit statuses: a :class:`~torchreid_ext.errors.UserError` is one line on stderr
+  (``error: <message>``) and status 2; an :class:`~torchreid_ext.errors.ExportCheckError` status 1;
+  Ctrl-C is ``interrupted`` and status 130 (each command's writers leave no partial file);
+  ``TORCHREID_EXT_TRACEBACK=1`` re-raises instead, for the traceback;
+* the command's own status otherwise: 0 on success.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Optional
+
+from .errors import CommandError
+
+__all__ = ["TRACEBACK_ENV", "run_command", "error_line"]
+
+TRACEBACK_ENV = "TORCHREID_EXT_TRACEBACK"
+
+
+def error_line(exc: BaseException) -> str:
+    """``error: <message>`` on one line (a multi-line message is joined)."""
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    return "error: " + " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def run_command(body: Callable[[], Optional[int]]) -> int:
+    """Run ``body`` (a command's work; returns its status or None for 0) and return the exit status."""
+    from .log import install_console_handler
+
+    install_console_handler()
+    try:
+        from .losses import import_plugins
+
+        import_plugins()
+        status = body()
+    except CommandError as exc:
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        hint = f" (set {TRACEBACK_ENV}=1 for the traceback)" if exc.exit_status == 2 else ""
+        print(error_line(exc) + hint, file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0 if status is None else int(status)
