@@ -18,7 +18,8 @@ from .config import imagedata_kwargs, lr_scheduler_kwargs, optimizer_kwargs
 from .data.checks import check_images, check_queries
 from .data.image_list import register_config_datasets
 from .engines import build_engine
-from .errors import PretrainedWeightsUnavailable
+from .errors import ConfigError, PretrainedWeightsUnavailable
+from .metrics.evaluation import EvaluationOptions
 from .models import build_model_from_config
 
 __all__ = [
@@ -46,8 +47,13 @@ def build_datamanager(cfg, image_check: Optional[str] = None):
     mode = image_check or ("header" if cfg.test.evaluate else cfg.data.image_check)
     train = [item[0] for item in dm.train_loader.dataset.train]
     test = []
+    options = EvaluationOptions.from_config(cfg)
     for name, sets in dm.test_dataset.items():
         check_queries(name, sets["query"], sets["gallery"])
+        try:  # re-ranking's k1 / AQE's k against this target's size, before any training
+            options.check_sizes(len(sets["query"]), len(sets["gallery"]))
+        except ValueError as exc:
+            raise ConfigError(f"target dataset '{name}': {exc}") from None
         test += [item[0] for item in sets["query"]] + [item[0] for item in sets["gallery"]]
     n = check_images(train, decode=mode == "decode_all") + check_images(test, decode=mode != "header")
     what = {"header": "opened", "decode_test": "opened (query and gallery decoded)",

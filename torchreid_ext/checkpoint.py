@@ -18,15 +18,12 @@
 """
 from __future__ import annotations
 
-import errno
 import glob
 import logging
-import os
 import os.path as osp
 import pickle
 import random
 import re
-import shutil
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 
@@ -34,6 +31,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError, DiskFullError, InputNotFound
+from .files import atomic_output, missing_file_reason
 
 logger = logging.getLogger(__name__)
 
@@ -51,28 +49,6 @@ __all__ = [
     "load_model_weights",
     "load_pretrained_weights",
 ]
-
-
-_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-
-
-def _disk_full_errno(exc: BaseException) -> Optional[int]:
-    """ENOSPC / EDQUOT if ``exc`` says the disk or quota is full, else None.
-
-    torch's zip writer turns a failed write into ``RuntimeError: ... unexpected pos N vs M``
-    (the OSError, when it is a Python file's, is the RuntimeError's context). That message
-    means the bytes did not reach the file: taken as a full disk unless an OSError with
-    another errno (EIO ...) is in the chain."""
-    seen = set()
-    runtime_pos = False
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno is not None:
-            return exc.errno if exc.errno in _FULL_ERRNOS else None
-        if isinstance(exc, RuntimeError) and "unexpected pos" in str(exc):
-            runtime_pos = True
-        exc = exc.__cause__ or exc.__context__
-    return errno.ENOSPC if runtime_pos else None
 
 
 def _numpy_allowlist() -> list:
@@ -107,54 +83,12 @@ def _to_plain(obj: Any) -> Any:
 
 
 def atomic_write_bytes(path: str, writer: Callable[[Any], Any]) -> None:
-    """Call ``writer(fileobj)`` on a temp file next to ``path``, then rename it into place.
-
-    Any failure removes the temp file and leaves ``path`` as it was; a full disk or quota
-    (also as torch's ``unexpected pos`` RuntimeError) raises :class:`DiskFullError`."""
-    directory = osp.dirname(osp.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
+    """Call ``writer(fileobj)`` on a temporary file next to ``path``, fsync it, then rename it into
+    place (:func:`torchreid_ext.files.atomic_output`): any failure leaves ``path`` as it was; a full
+    disk or quota (also as torch's ``unexpected pos`` RuntimeError) raises :class:`DiskFullError`."""
+    with atomic_output(path, durable=True) as tmp:
         with open(tmp, "wb") as f:
             writer(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if osp.exists(tmp):
-            os.remove(tmp)
-        code = _disk_full_errno(exc) if isinstance(exc, (OSError, RuntimeError)) else None
-        if code is None:
-            raise
-        what = "no space left on device" if code == errno.ENOSPC else "disk quota exceeded (no space left on device)"
-        previous = "left unchanged" if osp.exists(path) else "not written"
-        raise DiskFullError(
-            code, f"{what}: could not write '{path}' ({_free_space(directory)} free there); the file was "
-                  f"{previous} and earlier files are untouched. Free some space or write elsewhere"
-        ) from exc
-    try:  # make the rename itself durable
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def _free_space(directory: str) -> str:
-    """Free space of ``directory``'s file system, for messages."""
-    try:
-        free = float(shutil.disk_usage(directory).free)
-    except OSError:
-        return "unknown"
-    if free < 1024:
-        return f"{free:.0f} B"
-    for unit in ("KiB", "MiB"):
-        free /= 1024
-        if free < 1024:
-            return f"{free:.1f} {unit}"
-    return f"{free / 1024:.1f} GiB"
 
 
 def save_checkpoint(state: Dict[str, Any], path: str) -> str:
@@ -164,17 +98,39 @@ def save_checkpoint(state: Dict[str, Any], path: str) -> str:
     return path
 
 
+def _not_a_checkpoint(path: str, exc: BaseException) -> str:
+    """What the file at ``path`` is, for a load that failed with ``exc``: empty, text, a damaged
+    zip archive or pickle, or something else."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if not head:
+        return "is empty (0 bytes), not a weights file"
+    if head.startswith(b"PK\x03\x04"):
+        return f"is a zip archive that is not a readable PyTorch checkpoint (truncated or damaged?): {exc}"
+    if head[:1] == b"\x80":
+        return f"is a pickle that is not a readable PyTorch checkpoint (truncated or damaged?): {exc}"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "is not a PyTorch checkpoint (neither torch.save's zip format nor a pickle)"
+    first = " ".join(text.split())[:40]
+    return f"is a text file, not a PyTorch checkpoint (it starts with {first!r})"
+
+
 def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True`` and the numpy allowlist."""
+    """Load a checkpoint with ``weights_only=True`` and the numpy allowlist. A file that is not a
+    checkpoint is a :class:`CheckpointError` saying what it is (empty, text, damaged ...)."""
     path = osp.abspath(osp.expanduser(path))
     if not osp.isfile(path):
-        raise InputNotFound(f"Checkpoint '{path}' does not exist")
+        raise InputNotFound(f"Checkpoint '{path}' {missing_file_reason(path)}")
     try:
         with torch.serialization.safe_globals(_numpy_allowlist()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL (\S+)", str(exc))
-        what = f"the Python object '{found.group(1)}'" if found else "a Python object"
+        if not found:
+            raise CheckpointError(f"Checkpoint '{path}' {_not_a_checkpoint(path, exc)}") from exc
+        what = f"the Python object '{found.group(1)}'"
         raise CheckpointError(
             f"Refusing to load '{path}': it contains {what}, which is not a tensor, a plain "
             "number/string/container or one of the numpy scalar types Torchreid writes. "
@@ -182,9 +138,8 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
             "never loads checkpoints with weights_only=False. If you made this file yourself, "
             "re-save its tensors and numbers as a plain dict."
         ) from exc
-    except (RuntimeError, EOFError, OSError, UnicodeDecodeError, ValueError) as exc:
-        # UnicodeDecodeError: a pickled string that is not UTF-8 (a crafted or corrupt file)
-        raise CheckpointError(f"Checkpoint '{path}' is unreadable or truncated: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - torch's unpickler fails in many ways on a file that is not a checkpoint
+        raise CheckpointError(f"Checkpoint '{path}' {_not_a_checkpoint(path, exc)}") from exc
 
 
 def capture_rng_state() -> Dict[str, Any]:
@@ -279,7 +234,7 @@ def _strip_module(state_dict: Dict[str, Any]) -> "OrderedDict[str, Any]":
 
 
 def load_model_weights(model: torch.nn.Module, path: str, strict: bool = False,
-                            ignore: Sequence[str] = ("classifier.",)) -> Dict[str, list]:
+                       ignore: Sequence[str] = ("classifier.",), model_name: str = "") -> Dict[str, list]:
     """Torchreid's ``utils.load_pretrained_weights`` through the safe loader.
 
     Copies every tensor whose name (``module.`` prefix stripped) and shape match the model's
@@ -291,9 +246,10 @@ def load_model_weights(model: torch.nn.Module, path: str, strict: bool = False,
     the first mismatching key. ``strict=True`` (extraction, export, rank lists of a trained
     model) also refuses a file that leaves any model tensor unloaded, except those whose name
     starts with one of ``ignore`` (the classifier: its size depends on the training set and
-    eval mode does not use it).
+    eval mode does not use it). ``model_name`` (e.g. ``model.name``) names the model in messages.
     """
     ckpt = load_checkpoint(path)
+    name = f"model '{model_name}'" if model_name else type(_unwrap(model)).__name__
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"Weights file '{path}' holds a {type(ckpt).__name__}, not a state dict")
     state_dict = _strip_module(ckpt.get("state_dict", ckpt))
@@ -311,7 +267,7 @@ def load_model_weights(model: torch.nn.Module, path: str, strict: bool = False,
                    f" (shape {tuple(state_dict[first].shape)} vs {tuple(target[first].shape)})"
                    if first in target and torch.is_tensor(state_dict[first]) else " (not in the model)"))
         raise CheckpointError(
-            f"Weights file '{path}' does not fit {type(_unwrap(model)).__name__}: no tensor matches "
+            f"Weights file '{path}' does not fit {name}: no tensor matches "
             f"by name and shape; {why}")
     if strict:
         missing = [k for k in target if k not in matched and not k.startswith(tuple(ignore))]
@@ -320,7 +276,7 @@ def load_model_weights(model: torch.nn.Module, path: str, strict: bool = False,
             why = (f"shape {tuple(state_dict[key].shape)} in the file vs {tuple(target[key].shape)}"
                    if key in state_dict and torch.is_tensor(state_dict[key]) else "absent from the file")
             raise CheckpointError(
-                f"Weights file '{path}' does not fit {type(_unwrap(model)).__name__}: {len(missing)} of its "
+                f"Weights file '{path}' does not fit {name}: {len(missing)} of its "
                 f"tensors are not loaded, the first '{key}' ({why})")
     target.update(matched)
     _unwrap(model).load_state_dict(target)

@@ -36,6 +36,7 @@ __all__ = [
     "merge_from_file",
     "merge_from_list",
     "validate_config",
+    "check_input_size",
     "flat_keys",
     "imagedata_kwargs",
     "optimizer_kwargs",
@@ -92,6 +93,8 @@ def get_default_config() -> CN:
     # ours: dataset files (YAML: a folder + file-name rule, or a CSV / YAML image list) to register
     # before the run, each under its own name (torchreid_ext.data.image_list)
     cfg.data.custom_datasets = []
+    # ours: the largest input height / width accepted (a typo such as 100000 is refused up front)
+    cfg.data.max_image_side = 4096
 
     cfg.market1501 = CN()
     cfg.market1501.use_500k_distractors = False
@@ -317,7 +320,7 @@ def _read_yaml_with_bases(path: str, seen: Sequence[str] = ()) -> List[tuple]:
         try:
             data = yaml.safe_load(f) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"Config file '{path}' is not valid YAML: {exc}") from exc
+            raise ConfigError(f"Config file '{path}' is not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"Config file '{path}' must hold a mapping, got {type(data).__name__}")
     bases = data.pop(BASE_KEY, None) or []
@@ -334,6 +337,15 @@ def _read_yaml_with_bases(path: str, seen: Sequence[str] = ()) -> List[tuple]:
         chain.extend(_read_yaml_with_bases(base_path, list(seen) + [path]))
     chain.append((path, data))
     return chain
+
+
+def yaml_problem(exc: Exception) -> str:
+    """A YAML error on one line: the problem and where (``line L, column C``)."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    hint = " (YAML indents with spaces, never tabs)" if r"\t" in problem else ""
+    return f"{problem}{where}{hint}"
 
 
 def merge_from_file(cfg: CN, path: str) -> CN:
@@ -409,9 +421,10 @@ def validate_config(cfg: CN) -> None:
         sec, key = name.split(".")
         if cfg[sec][key] < (0 if key == "max_epoch" else 1):
             raise ConfigError(f"{name} = {cfg[sec][key]} must be positive")
-    for key in ("height", "width"):
-        if cfg.data[key] < 1:
-            raise ConfigError(f"data.{key} = {cfg.data[key]} is not valid; the input image {key} must be >= 1 pixel")
+    check_input_size(cfg.data.height, cfg.data.width, max(cfg.train.batch_size, cfg.test.batch_size),
+                     cfg.data.max_image_side)
+    if not 0 <= cfg.train.seed < 2 ** 32:
+        raise ConfigError(f"train.seed = {cfg.train.seed} is not valid; a seed is an integer in [0, 2**32 - 1]")
     if not cfg.train.lr >= 0:
         raise ConfigError(f"train.lr = {cfg.train.lr} is not valid; the learning rate must be >= 0")
     if any(isinstance(e, bool) or not isinstance(e, (int, float)) or not e >= 0 for e in cfg.msgr.eps):
@@ -440,6 +453,34 @@ def validate_config(cfg: CN) -> None:
     _validate_scale_out(cfg)
     _validate_losses(cfg)
     _validate_test(cfg)
+
+
+def _memory_bytes() -> Optional[int]:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_input_size(height: int, width: int, batch: int, max_side: int,
+                     names: Sequence[str] = ("data.height", "data.width")) -> None:
+    """ConfigError unless ``height`` x ``width`` is a usable input size: each side in
+    [1, ``max_side``] (``data.max_image_side``), and a float32 batch of ``batch`` such images fits
+    in half of this machine's memory (a model needs many times its input; this refuses only sizes
+    that cannot possibly fit)."""
+    need = batch * 3 * height * width * 4
+    memory = _memory_bytes()
+    for name, value, side in zip(names, (height, width), ("height", "width")):
+        if value < 1:
+            raise ConfigError(f"{name} = {value} is not valid; the input image {side} must be >= 1 pixel")
+        if value > max_side:
+            raise ConfigError(f"{name} = {value} is above data.max_image_side = {max_side} pixels (a batch of "
+                              f"{batch} images at {height}x{width} needs {need / 2 ** 30:.1f} GiB for its input "
+                              "alone); raise data.max_image_side to allow it")
+    if memory is not None and need > memory // 2:
+        raise ConfigError(f"input size {height}x{width} with a batch of {batch} needs {need / 2 ** 30:.1f} GiB for the "
+                          f"input alone, more than half of this machine's {memory / 2 ** 30:.1f} GiB; lower "
+                          f"{names[0]} / {names[1]} or the batch size")
 
 
 def _validate_test(cfg: CN) -> None:

@@ -25,7 +25,9 @@ import torch
 from . import distributed
 from .adapter import torchreid
 from .config import ConfigError
-from .errors import InputNotFound
+from .checkpoint import load_checkpoint
+from .errors import CheckpointError, InputNotFound
+from .files import missing_file_reason
 from .data.checks import DatasetError, check_dataset_present, check_train_identities, scan_image_folders
 from .data.image_list import ImageListSpec, register_config_datasets, scan_image_list
 from .models import available_models, build_model_from_config
@@ -110,11 +112,24 @@ def check_datasets(cfg) -> None:
         check_train_identities(sources, need, why, combineall=cfg.data.combineall)
 
 
+def check_weights_file(path: str) -> None:
+    """``model.load_weights`` (when set) is a checkpoint that loads safely and holds tensors: read
+    in full here, so that a bad file is refused before anything is written."""
+    if not path:
+        return
+    if not osp.isfile(path):
+        raise InputNotFound(f"model.load_weights = '{path}' {missing_file_reason(path)}")
+    ckpt = load_checkpoint(path)
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not any(torch.is_tensor(v) for v in state.values()):
+        raise CheckpointError(f"model.load_weights = '{path}' holds no tensors (a {type(ckpt).__name__}); "
+                              "expected a state dict or a checkpoint with 'state_dict'")
+
+
 def preflight(cfg) -> None:
     """All checks that need no data loading and write nothing (see the module docstring)."""
     check_names(cfg)
-    if cfg.model.load_weights and not osp.isfile(cfg.model.load_weights):
-        raise InputNotFound(f"model.load_weights = '{cfg.model.load_weights}' does not exist")
+    check_weights_file(cfg.model.load_weights)
     distributed.preflight_distributed(cfg)
     check_msgr_stages(cfg)
     check_writable(cfg.data.save_dir)

@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional
 from .checkpoint import latest_checkpoint, load_checkpoint
 from .config import ConfigError
 from .errors import InputNotFound, SaveDirError
+from .files import pid_alive, probe_writable, remove_stale_temps
 
 __all__ = [
     "LOCK_NAME",
@@ -41,25 +42,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = "run.lock"
-_TMP = re.compile(r"\.tmp-(\d+)$")
 _CKPT = re.compile(r"model\.pth\.tar-(\d+)$")
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs on this host (a zombie counts as dead)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def _hostname() -> str:
@@ -191,29 +174,17 @@ def check_writable(save_dir: str) -> None:
         existing = _nearest_existing(path)
         if not osp.isdir(existing):
             raise SaveDirError(f"{key} = '{path}' cannot be created: '{existing}' is a file, not a folder")
-        if not os.access(existing, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+        problem = probe_writable(existing)
+        if problem:
             what = f"'{path}'" if existing == osp.abspath(path) else f"'{path}' cannot be created: '{existing}'"
-            raise SaveDirError(f"{key} = {what} is not writable (read-only or not yours); "
+            raise SaveDirError(f"{key} = {what} is not writable ({problem}); "
                                "choose another data.save_dir or fix its permissions")
 
 
 def remove_stale_temp_files(save_dir: str) -> List[str]:
     """Remove ``*.tmp-<pid>`` files of processes that are not running from ``save_dir`` and
     ``save_dir/model``; return their paths. Files of live processes stay."""
-    removed = []
-    for folder in (save_dir, osp.join(save_dir, "model")):
-        if not osp.isdir(folder):
-            continue
-        for name in sorted(os.listdir(folder)):
-            m = _TMP.search(name)
-            path = osp.join(folder, name)
-            if m and osp.isfile(path) and not pid_alive(int(m.group(1))):
-                os.remove(path)
-                removed.append(path)
-    if removed:
-        logger.info("Removed %d temporary file(s) left by killed runs: %s", len(removed),
-                    ", ".join(osp.basename(p) for p in removed))
-    return removed
+    return [p for folder in (save_dir, osp.join(save_dir, "model")) for p in remove_stale_temps(folder)]
 
 
 def checkpoint_epoch(path: str) -> int:

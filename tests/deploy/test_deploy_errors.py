@@ -182,7 +182,7 @@ def test_unknown_export_format(env, capsys):
 
 
 def test_bad_export_size_and_check_image(env, capsys, tmp_path):
-    _fails(export_main, _export(env, "--weights", env["osnet"], "--height", "0"), capsys, "0x32", out=env["out"])
+    _fails(export_main, _export(env, "--weights", env["osnet"], "--height", "0"), capsys, "height = 0 is not valid", out=env["out"])
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8 broken")
     argv = [a if a != env["image"] else str(bad) for a in _export(env, "--weights", env["osnet"])]

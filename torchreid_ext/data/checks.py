@@ -187,21 +187,23 @@ def check_train_identities(scans: Sequence[FolderScan], min_ids: int, why: str =
     return total
 
 
-def check_queries(name: str, query: Sequence[tuple], gallery: Sequence[tuple]) -> int:
+def check_queries(name: str, query: Sequence[tuple], gallery: Sequence[tuple], what: str = "") -> int:
     """Raise DatasetError unless some query of target ``name`` is valid (an image of its
-    identity from another camera is in the gallery); returns the number of valid queries."""
+    identity from another camera is in the gallery); returns the number of valid queries.
+    ``what`` replaces "target dataset '<name>'" in the messages."""
+    what = what or f"target dataset '{name}'"
     cams: Dict[int, set] = {}
     for item in gallery:
         cams.setdefault(item[1], set()).add(item[2])
     valid = sum(1 for item in query if cams.get(item[1], set()) - {item[2]})
     if valid == 0:
         raise DatasetError(
-            f"target dataset '{name}': none of its {len(query)} queries has a gallery image of the same "
+            f"{what}: none of its {len(query)} queries has a gallery image of the same "
             "identity from another camera, so rank-1 and mAP are undefined; check its query and gallery "
-            "folders (identity and camera come from the file names)")
+            "(identity and camera come from the file names or the dataset's list)")
     if valid < len(query):
-        logger.warning("Target '%s': %d of %d queries have no gallery image of their identity from another "
-                       "camera; the evaluator skips them", name, len(query) - valid, len(query))
+        logger.warning("%s: %d of %d queries have no gallery image of their identity from another "
+                       "camera; the evaluator skips them", what[0].upper() + what[1:], len(query) - valid, len(query))
     return valid
 
 

@@ -32,6 +32,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import yaml
 
 from ..adapter import torchreid
+from ..config import yaml_problem
 from .checks import DatasetError, FolderScan
 
 __all__ = [
@@ -176,9 +177,7 @@ def _list_rows(path: str) -> List[Tuple[int, Dict[str, str]]]:
         try:
             node = yaml.compose(text, Loader=yaml.SafeLoader)
         except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark is not None else ""
-            raise DatasetError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+            raise DatasetError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
         if node is None:
             return []
         if not isinstance(node, yaml.SequenceNode):
@@ -376,9 +375,7 @@ def load_spec_file(path: str) -> ImageListSpec:
         try:
             data = yaml.safe_load(f)
         except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark is not None else ""
-            raise DatasetError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+            raise DatasetError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: a dataset file holds a mapping with keys {sorted(_SPEC_KEYS)}")
     unknown = sorted(set(data) - _SPEC_KEYS)

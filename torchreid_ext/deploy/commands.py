@@ -66,7 +66,8 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
               f"of '{record['model']}'")
         print(format_results(record["results"], record["ranks"]))
         if record["metrics_file"]:
-            print(f"Metrics written to '{record['metrics_file']}'")
+            print(f"Metrics written to '{record['metrics_file']}'"
+                  + (" (replaced the previous one)" if record["replaced"] else ""))
 
     return run_command(step)
 

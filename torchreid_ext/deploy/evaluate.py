@@ -17,11 +17,14 @@ import logging
 import os.path as osp
 from typing import Any, Dict, Optional, Sequence
 
+import numpy as np
 import yaml
 
 from ..config import CN, ConfigError, get_default_config, merge_dict, merge_from_list
 from ..metrics.evaluation import format_results  # noqa: F401  (re-exported: deploy.format_results)
 from ..errors import InputNotFound
+from ..files import check_output_path, missing_folder_reason
+from ..data.checks import check_queries
 from .errors import DeployInputError, FeatureFileError
 from .model import model_device
 from .saved_features import FeatureSet, load_features
@@ -48,12 +51,25 @@ def config_of(fs: FeatureSet, opts: Sequence[str] = ()) -> CN:
 
 
 def _check_pair(query: FeatureSet, gallery: FeatureSet) -> None:
-    """Both labelled, and extracted by the same model, weights, size and flip setting."""
+    """Both labelled, non-empty and finite, extracted by the same model, weights, size and flip
+    setting, with at least one valid query."""
+    if query.path and query.path == gallery.path:
+        logger.warning("the same file '%s' is given as query and gallery: every query finds itself in the "
+                       "gallery, from the same camera, so only other images of its identity count", query.path)
     for role, fs in (("query", query), ("gallery", gallery)):
         if not fs.has_labels:
             raise FeatureFileError(
                 f"{role} features '{fs.path}' have no pids / camids ({fs.meta.get('source', 'unknown source')}); "
                 "evaluation needs features of a dataset split (scripts/extract.py --dataset NAME --split ...)")
+        if fs.features.shape[0] == 0:
+            raise FeatureFileError(f"{role} features '{fs.path}' hold no rows (0 images); extract a non-empty split")
+        finite = np.isfinite(fs.features).all(axis=1)
+        if not finite.all():
+            row = int(np.flatnonzero(~finite)[0])
+            raise FeatureFileError(
+                f"{role} features '{fs.path}' hold non-finite values (NaN or inf) in {int((~finite).sum())} of "
+                f"{len(finite)} rows, the first row {row} ('{fs.paths[row]}'); the model that extracted them "
+                "diverged or the file is damaged")
     if query.features.shape[1] != gallery.features.shape[1]:
         raise FeatureFileError(f"query features are {query.features.shape[1]}-d, gallery features "
                                f"{gallery.features.shape[1]}-d: they come from different models")
@@ -62,8 +78,11 @@ def _check_pair(query: FeatureSet, gallery: FeatureSet) -> None:
                                f"'{gallery.model_name}'; extract both with the same model")
     qw, gw = query.meta.get("weights_sha256", ""), gallery.meta.get("weights_sha256", "")
     if qw != gw:
-        raise FeatureFileError(f"query features were extracted with weights '{query.meta.get('weights', '')}', "
-                               f"gallery features with '{gallery.meta.get('weights', '')}' (different files); "
+        qf, gf = query.meta.get("weights", ""), gallery.meta.get("weights", "")
+        if qf == gf:
+            raise FeatureFileError(f"the weights file '{qf}' changed between the query and the gallery extraction "
+                                   f"(sha256 {qw[:12]}... vs {gw[:12]}...); extract both again with the same weights")
+        raise FeatureFileError(f"query features were extracted with weights '{qf}', gallery features with '{gf}'; "
                                "extract both with the same weights")
     for key in ("flip", "height", "width"):
         if query.meta.get(key) != gallery.meta.get(key):
@@ -89,8 +108,12 @@ def evaluate_saved(query: FeatureSet, gallery: FeatureSet, cfg: Optional[CN] = N
     ranks = _ranks(cfg)
     try:
         options = EvaluationOptions.from_config(cfg, progress=progress)
+        options.check_sizes(query.features.shape[0], gallery.features.shape[0])
     except ValueError as exc:
         raise ConfigError(f"test options: {exc}") from exc
+    check_queries("", list(zip(query.paths, query.pids, query.camids)),
+                  list(zip(gallery.paths, gallery.pids, gallery.camids)),
+                  what=f"query features '{query.path}' with gallery features '{gallery.path}'")
     device = model_device(cfg)
     import torch
 
@@ -101,9 +124,10 @@ def evaluate_saved(query: FeatureSet, gallery: FeatureSet, cfg: Optional[CN] = N
 
 
 def _metrics_path(out_dir: str) -> str:
+    """``<out_dir>/metrics.json``, checked writable (before any evaluation) and not another tool's."""
     if not osp.isdir(out_dir):
-        raise InputNotFound(f"output folder '{out_dir}' does not exist (create it first)")
-    path = osp.join(out_dir, METRICS_FILE)
+        raise InputNotFound(f"output folder '{out_dir}' {missing_folder_reason(out_dir)}")
+    path = check_output_path(osp.join(out_dir, METRICS_FILE), "metrics file")
     if osp.exists(path):
         try:
             with open(path) as f:
@@ -134,7 +158,8 @@ def evaluate_files(query: str, gallery: str, opts: Sequence[str] = (), out_dir: 
         "options": EvaluationOptions.from_config(cfg).as_dict(), "num_query": int(q.features.shape[0]),
         "num_gallery": int(g.features.shape[0]), "results": res, "metrics_file": path,
     }
+    replaced = bool(path) and osp.exists(path)
     if write:
         write_json_atomic(record, path)
-        logger.info("Wrote '%s'", path)
-    return record
+        logger.info("Wrote '%s'%s", path, " (replaced the previous one)" if replaced else "")
+    return {**record, "replaced": replaced}

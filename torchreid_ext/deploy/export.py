@@ -21,7 +21,6 @@ import contextlib
 import io
 import json
 import logging
-import os
 import os.path as osp
 import warnings
 from dataclasses import dataclass, field
@@ -30,6 +29,9 @@ from typing import Callable, Dict, Optional
 import numpy as np
 import torch
 
+from ..config import check_input_size
+from ..errors import InputNotFound, UserError
+from ..files import atomic_output
 from .errors import DeployInputError, ExportCheckError, check_output_path, require
 from .images import dataset_images, eval_transform, load_image
 from .model import build_eval_model, resolve_weights
@@ -54,16 +56,17 @@ class ExportResult:
     height: int
     width: int
     embedding_dim: int
-    check_image: str
+    check_image: str  # '' when no image was available: the random batch only
     max_abs_diff: Dict[str, float] = field(default_factory=dict)  # per check input
     max_abs_ref: Dict[str, float] = field(default_factory=dict)  # max |PyTorch output| per check input
     tolerance: float = 0.0  # the largest difference that passes (over all check inputs)
+    replaced: bool = False  # an existing file at ``path`` was replaced
 
     def summary(self) -> str:
         diffs = ", ".join(f"{k} {v:.2e}" for k, v in self.max_abs_diff.items())
         return (f"{self.format} export of '{self.model_name}' ({self.height}x{self.width} -> "
                 f"{self.embedding_dim}-d) to '{self.path}': max |difference| vs PyTorch: {diffs} "
-                f"(tolerance {self.tolerance:.2e})")
+                f"(tolerance {self.tolerance:.2e})" + ("; replaced the existing file" if self.replaced else ""))
 
 
 def _metadata(cfg, height: int, width: int, dim: int, weights: str) -> Dict[str, str]:
@@ -135,15 +138,17 @@ def run_exported(path: str, fmt: str) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def _default_check_image(cfg) -> str:
-    """The first query image of the first target dataset."""
-    if not cfg.data.targets:
-        raise DeployInputError("no image to check the export with: give check_image (--check-image)")
-    try:
-        return dataset_images(cfg, cfg.data.targets[0], "query").paths[0]
-    except (FileNotFoundError, KeyError, DeployInputError) as exc:
-        raise DeployInputError(
-            f"no image to check the export with: data.targets[0] = '{cfg.data.targets[0]}' is not usable "
-            f"({exc}); give check_image (--check-image PATH)") from exc
+    """The first query image of the first target dataset, or '' (with a warning) when there is
+    none: the export is then checked on the random batch only."""
+    problem = "data.targets is empty"
+    if cfg.data.targets:
+        try:
+            return dataset_images(cfg, cfg.data.targets[0], "query").paths[0]
+        except UserError as exc:
+            problem = f"data.targets[0] = '{cfg.data.targets[0]}' is not usable: {exc}"
+    logger.warning("No real image to check the export with (%s); checking on the random batch only. Give "
+                   "--check-image PATH to check on a real image too", problem)
+    return ""
 
 
 def export_model(
@@ -168,6 +173,9 @@ def export_model(
         raise DeployInputError(f"format = {format!r} is not valid; choose one of {list(FORMATS)}")
     height = int(cfg.data.height if height is None else height)
     width = int(cfg.data.width if width is None else width)
+    check_input_size(height, width, max(check_batch, EXAMPLE_BATCH), cfg.data.max_image_side,
+                     names=("height", "width") if (height, width) != (cfg.data.height, cfg.data.width)
+                     else ("data.height", "data.width"))
     if atol < 0 or rtol < 0 or check_batch < 1:
         raise DeployInputError(f"atol = {atol}, rtol = {rtol} must be >= 0 and check_batch = {check_batch} >= 1")
     if format == "onnx":
@@ -177,25 +185,27 @@ def export_model(
     out = check_output_path(out, "export file")
     transform = eval_transform(height, width, cfg.data.norm_mean, cfg.data.norm_std)
     weights = resolve_weights(cfg, weights)
+    if check_image and not osp.isfile(check_image):
+        raise InputNotFound(f"check image '{check_image}' does not exist")
     check_image = check_image or _default_check_image(cfg)
-    image = load_image(check_image, transform)
+    image = load_image(check_image, transform) if check_image else None
     model, weights = build_eval_model(cfg, weights, torch.device("cpu"))
     model = model.float()
 
     generator = torch.Generator().manual_seed(0)
-    inputs = {
-        f"random batch {check_batch}x3x{height}x{width}": torch.randn(check_batch, 3, height, width, generator=generator),
-        f"image '{osp.basename(check_image)}'": image,
-    }
+    inputs = {f"random batch {check_batch}x3x{height}x{width}": torch.randn(check_batch, 3, height, width,
+                                                                           generator=generator)}
+    if image is not None:
+        inputs[f"image '{osp.basename(check_image)}'"] = image
     with torch.no_grad():
         refs = {k: model(x).float().numpy() for k, x in inputs.items()}
     dim = int(next(iter(refs.values())).shape[1])
     meta = _metadata(cfg, height, width, dim, weights)
     example = torch.randn(EXAMPLE_BATCH, 3, height, width, generator=generator)
 
-    tmp = osp.join(osp.dirname(out), f".{osp.basename(out)}.tmp-{os.getpid()}")
     result = ExportResult(out, format, cfg.model.name, height, width, dim, check_image)
-    try:
+    replaced = osp.exists(out)
+    with atomic_output(out) as tmp:
         if format == "onnx":
             _export_onnx(model, example, tmp, meta, opset)
         else:
@@ -212,9 +222,6 @@ def export_model(
         worst = max(result.max_abs_diff.values())
         if not worst <= result.tolerance:  # also catches NaN
             raise ExportCheckError(f"{result.summary()}: FAILED, the file was not kept")
-        os.replace(tmp, out)
-    finally:
-        if osp.exists(tmp):
-            os.remove(tmp)
+    result.replaced = replaced
     logger.info("%s", result.summary())
     return result

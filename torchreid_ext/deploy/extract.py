@@ -9,6 +9,7 @@ those the engine evaluates.
 from __future__ import annotations
 
 import logging
+import os.path as osp
 from typing import Optional
 
 import torch
@@ -85,6 +86,8 @@ def extract_features(
               "torchreid_ext_version": __version__},
     )
     if out is not None:
+        replaced = osp.exists(out)
         fs.path = save_features(fs, out)
-        logger.info("Saved %d x %d features to '%s'", *fs.features.shape, out)
+        logger.info("Saved %d x %d features to '%s'%s", *fs.features.shape, out,
+                    " (replaced the existing file)" if replaced else "")
     return fs

@@ -17,6 +17,7 @@ import torch
 
 from ..checkpoint import CheckpointError, latest_checkpoint, load_model_weights
 from ..errors import InputNotFound
+from ..files import missing_file_reason
 
 __all__ = ["resolve_weights", "build_eval_model", "file_sha256", "model_device"]
 
@@ -28,7 +29,7 @@ def resolve_weights(cfg, weights: str = "") -> str:
     for value, what in ((weights, "weights"), (cfg.model.load_weights, "model.load_weights")):
         if value:
             if not osp.isfile(osp.expanduser(value)):
-                raise InputNotFound(f"{what} file '{value}' does not exist")
+                raise InputNotFound(f"{what} file '{value}' {missing_file_reason(osp.expanduser(value))}")
             return osp.abspath(osp.expanduser(value))
     return latest_checkpoint(osp.join(cfg.data.save_dir, "model")) or ""
 
@@ -50,15 +51,12 @@ def build_eval_model(cfg, weights: str = "", device: torch.device = torch.device
         cfg.model.pretrained = False
     model = build_model(cfg, num_classes=1)  # the classifier is not used in eval mode
     if path:
-        try:
-            report = load_model_weights(model, path, strict=True)
-        except CheckpointError as exc:
-            raise CheckpointError(f"model.name = '{cfg.model.name}': {exc}") from exc
+        report = load_model_weights(model, path, strict=True, model_name=cfg.model.name)
         # strict covers the model's tensors; a file with more (another model's layers) is refused too
         extra = [k for k in report["skipped"] if not k.startswith("classifier.")]
         if extra:
             raise CheckpointError(
-                f"model.name = '{cfg.model.name}': weights file '{path}' does not fit it: {len(extra)} of the "
+                f"weights file '{path}' does not fit model.name = '{cfg.model.name}': {len(extra)} of the "
                 f"file's tensors have no counterpart of the same shape in the model, the first '{extra[0]}' "
                 "(weights of another model?)")
     else:

@@ -15,7 +15,6 @@ leaves no partial file.
 """
 from __future__ import annotations
 
-import os
 import os.path as osp
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -23,6 +22,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from ..errors import InputNotFound
+from ..files import atomic_output
 from .errors import FeatureFileError, check_output_path
 
 __all__ = ["FORMAT_VERSION", "FeatureSet", "save_features", "load_features"]
@@ -68,24 +68,18 @@ def save_features(fs: FeatureSet, path: str) -> str:
     import h5py
 
     path = check_output_path(path, "features file")
-    tmp = osp.join(osp.dirname(path), f".{osp.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("features", data=fs.features)
-            f.create_dataset("paths", data=list(fs.paths), dtype=h5py.string_dtype("utf-8"))
-            if fs.pids is not None:
-                f.create_dataset("pids", data=fs.pids)
-            if fs.camids is not None:
-                f.create_dataset("camids", data=fs.camids)
-            f.create_dataset("config", data=fs.config, dtype=h5py.string_dtype("utf-8"))
-            f.attrs["format_version"] = FORMAT_VERSION
-            f.attrs["model_name"] = fs.model_name
-            for key, value in fs.meta.items():
-                f.attrs[key] = value
-        os.replace(tmp, path)
-    finally:
-        if osp.exists(tmp):
-            os.remove(tmp)
+    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("features", data=fs.features)
+        f.create_dataset("paths", data=list(fs.paths), dtype=h5py.string_dtype("utf-8"))
+        if fs.pids is not None:
+            f.create_dataset("pids", data=fs.pids)
+        if fs.camids is not None:
+            f.create_dataset("camids", data=fs.camids)
+        f.create_dataset("config", data=fs.config, dtype=h5py.string_dtype("utf-8"))
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["model_name"] = fs.model_name
+        for key, value in fs.meta.items():
+            f.attrs[key] = value
     return path
 
 

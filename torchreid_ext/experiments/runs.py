@@ -103,9 +103,9 @@ def check_seeds(seeds: Optional[Sequence[int]]) -> Optional[List[int]]:
     seeds = list(seeds)
     if not seeds:
         raise HarnessError("--seeds needs at least one integer seed, e.g. --seeds 1 2 3")
-    bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int)]
+    bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2 ** 32]
     if bad:
-        raise HarnessError(f"seeds must be integers, got {bad}")
+        raise HarnessError(f"--seeds {' '.join(map(str, bad))}: a seed is an integer in [0, 2**32 - 1]")
     repeated = sorted({s for s in seeds if seeds.count(s) > 1})
     if repeated:
         raise HarnessError(f"seeds {repeated} are given more than once in --seeds {seeds}")

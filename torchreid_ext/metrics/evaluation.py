@@ -87,6 +87,17 @@ class EvaluationOptions:
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+    def check_sizes(self, num_query: int, num_gallery: int) -> None:
+        """Raise ``ValueError`` (naming the config key) unless the options fit a query and gallery
+        of these sizes: re-ranking's ``k1`` and AQE's ``k`` need that many items."""
+        n = num_query + num_gallery
+        if self.rerank:
+            check_rerank_args(self.rerank_k1, self.rerank_k2, self.rerank_lambda, num_items=n,
+                              names=("test.rerank_k1", "test.rerank_k2", "test.rerank_lambda"))
+        if self.aqe and self.aqe_k > n:
+            raise ValueError(f"test.aqe_k = {self.aqe_k} exceeds the number of query + gallery features "
+                             f"({num_query} + {num_gallery} = {n})")
+
 
 def _check(opts, names: dict) -> None:
     def name(option: str) -> str:

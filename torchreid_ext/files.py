@@ -1,0 +1,200 @@
+"""Files written safely: whole or not at all, with clear errors, and no litter from killed runs.
+
+* :func:`atomic_output`: write to ``.<name>.tmp-<pid>`` beside the target, then rename it into
+  place; any failure (or Ctrl-C) removes the temporary file and leaves the target as it was. A
+  full disk is a :class:`~torchreid_ext.errors.DiskFullError` naming the file.
+* :func:`remove_stale_temps`: temporary files of processes that no longer run (a killed run)
+  are removed the next time a file is written there.
+* :func:`probe_writable`: a folder is writable when a file can really be created and removed
+  there (``os.access`` says yes for root on a read-only mount, or in ``/proc``).
+* :func:`check_output_path`: an output file's folder exists, is a folder and is writable.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import os.path as osp
+import re
+import shutil
+import tempfile
+from typing import Iterator, List, Optional
+
+from .errors import DeployInputError, DiskFullError, InputNotFound
+
+__all__ = ["TEMP_SUFFIX", "pid_alive", "temp_path", "remove_stale_temps", "probe_writable",
+           "missing_folder_reason", "missing_file_reason", "check_output_path", "atomic_output", "disk_full_errno"]
+
+logger = logging.getLogger(__name__)
+
+TEMP_SUFFIX = re.compile(r"\.tmp-(\d+)$")  # <file>.tmp-<pid>: a temporary file of process <pid>
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (a zombie counts as dead)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def temp_path(path: str) -> str:
+    """The temporary name this process writes ``path`` under (hidden, beside it)."""
+    return osp.join(osp.dirname(osp.abspath(path)), f".{osp.basename(path)}.tmp-{os.getpid()}")
+
+
+def remove_stale_temps(folder: str, stem: Optional[str] = None) -> List[str]:
+    """Remove ``*.tmp-<pid>`` files of processes that are not running from ``folder`` (only those
+    of file ``stem`` when given); return their paths. Files of live processes stay."""
+    removed = []
+    if not osp.isdir(folder):
+        return removed
+    for name in sorted(os.listdir(folder)):
+        m = TEMP_SUFFIX.search(name)
+        if not m or (stem is not None and name[:m.start()] not in (stem, "." + stem)):
+            continue
+        path = osp.join(folder, name)
+        if osp.isfile(path) and not pid_alive(int(m.group(1))):
+            os.remove(path)
+            removed.append(path)
+    if removed:
+        logger.info("Removed %d temporary file(s) left by killed runs: %s", len(removed),
+                    ", ".join(osp.basename(p) for p in removed))
+    return removed
+
+
+def missing_folder_reason(folder: str) -> str:
+    """Why ``folder`` cannot be used: 'does not exist', or that an ancestor is a file."""
+    parent = osp.abspath(folder)
+    while parent and not osp.exists(parent):
+        parent = osp.dirname(parent)
+    if parent and osp.exists(parent) and not osp.isdir(parent):
+        return f"'{parent}' is a file, not a folder"
+    return "does not exist (create it first)"
+
+
+def missing_file_reason(path: str) -> str:
+    """Why ``path`` is not a readable file: it is a folder, an ancestor is a file, or it does not
+    exist."""
+    if osp.isdir(path):
+        return "is a folder, not a file"
+    folder = osp.dirname(osp.abspath(path))
+    if not osp.isdir(folder):
+        reason = missing_folder_reason(folder)
+        if "is a file" in reason:
+            return f"cannot exist: {reason}"
+    return "does not exist"
+
+
+def probe_writable(folder: str) -> Optional[str]:
+    """None if a file can be created and removed in ``folder``, else why not (the OS error)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=folder)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    os.close(fd)
+    try:
+        os.remove(probe)
+    except OSError as exc:
+        return f"a file can be created but not removed ({exc.strerror or exc})"
+    return None
+
+
+def check_output_path(path: str, what: str = "output") -> str:
+    """``path`` made absolute, after checking that its folder exists and is writable (a file is
+    really created and removed there) and that ``path`` is not a folder."""
+    if not path:
+        raise DeployInputError(f"no {what} path given")
+    full = osp.abspath(osp.expanduser(path))
+    folder = osp.dirname(full)
+    if not osp.isdir(folder):
+        raise InputNotFound(f"{what} '{path}': folder '{folder}' {missing_folder_reason(folder)}")
+    if osp.isdir(full):
+        raise DeployInputError(f"{what} '{path}' is a folder; give a file name")
+    problem = probe_writable(folder)
+    if problem:
+        raise DeployInputError(f"{what} '{path}': cannot write in folder '{folder}' ({problem})")
+    return full
+
+
+def disk_full_errno(exc: Optional[BaseException]) -> Optional[int]:
+    """ENOSPC / EDQUOT if ``exc`` says the disk or quota is full, else None.
+
+    torch's zip writer turns a failed write into ``RuntimeError: ... unexpected pos N vs M``
+    (the OSError, when it is a Python file's, is the RuntimeError's context). That message
+    means the bytes did not reach the file: taken as a full disk unless an OSError with
+    another errno (EIO ...) is in the chain."""
+    seen = set()
+    runtime_pos = False
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc.errno if exc.errno in _FULL_ERRNOS else None
+        if isinstance(exc, RuntimeError) and "unexpected pos" in str(exc):
+            runtime_pos = True
+        exc = exc.__cause__ or exc.__context__
+    return errno.ENOSPC if runtime_pos else None
+
+
+def _free_space(directory: str) -> str:
+    """Free space of ``directory``'s file system, for messages."""
+    try:
+        free = float(shutil.disk_usage(directory).free)
+    except OSError:
+        return "unknown"
+    if free < 1024:
+        return f"{free:.0f} B"
+    for unit in ("KiB", "MiB"):
+        free /= 1024
+        if free < 1024:
+            return f"{free:.1f} {unit}"
+    return f"{free / 1024:.1f} GiB"
+
+
+@contextlib.contextmanager
+def atomic_output(path: str, durable: bool = False) -> Iterator[str]:
+    """``with atomic_output(path) as tmp:`` write ``tmp``; on leaving the block it is renamed to
+    ``path`` (fsync'ed first with ``durable``). Stale temporary files of ``path`` are removed
+    first; on any failure the temporary file goes and ``path`` is unchanged."""
+    directory = osp.dirname(osp.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    remove_stale_temps(directory, osp.basename(path))
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        if osp.exists(tmp):
+            os.remove(tmp)
+        code = disk_full_errno(exc) if isinstance(exc, (OSError, RuntimeError)) else None
+        if code is None:
+            raise
+        what = "no space left on device" if code == errno.ENOSPC else "disk quota exceeded (no space left on device)"
+        previous = "left unchanged" if osp.exists(path) else "not written"
+        raise DiskFullError(
+            code, f"{what}: could not write '{path}' ({_free_space(directory)} free there); the file was "
+                  f"{previous} and earlier files are untouched. Free some space or write elsewhere"
+        ) from exc
+    if durable:  # make the rename itself durable
+        try:
+            fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
