@@ -2,8 +2,8 @@
 
 Every key of upstream ``scripts/default_config.py`` is here with the same default, so
 upstream YAML files load unchanged. Our sections (``model.msfl``, ``loss.drsl``,
-``loss.sn``, ``msgr``, ``test.evaluator``, ``train.amp``, ...) are documented in the
-README. Loading differs from plain yacs in three ways:
+``loss.sn``, ``msgr``, ``test.evaluator``, ``train.amp``, ...) are documented in
+docs/configuration.md. Loading differs from plain yacs in three ways:
 
 * a misspelt key fails with :class:`ConfigError` naming the key and the closest valid one;
 * ``_BASE_: other.yaml`` (a path or a list, relative to the file) inherits from other files;

@@ -161,7 +161,7 @@ class DRSLoss(nn.Module):
     fp16/bf16 inputs and autocast are computed in float32 (D6).
 
     ``lambda_sort`` defaults to 0 (the retrieval term alone): in the DRSL study on the proxy
-    benchmark (README, docs/methods.md D5) CE + L_R beat CE and CE + L_R + L_S did not.
+    benchmark (docs/studies.md "DRSL study", docs/methods.md D5) CE + L_R beat CE and CE + L_R + L_S did not.
     ``loss_S`` is still computed and logged.
 
     ``last_stats`` (D7): loss_R, loss_S, ap (smoothed batch AP = mean of rank+/rank = 1 - loss_R),
