@@ -211,19 +211,20 @@ def test_prepare_model_converts_and_wrap_ddp_is_a_no_op_alone():
     assert distributed.wrap_ddp(out, alone, find_unused_parameters=True) is out
 
 
-def test_preflight_distributed_rules_apply_under_torchrun_only(monkeypatch):
+def test_torchrun_rules_apply_under_torchrun_only(monkeypatch):
     from torchreid_ext.config import ConfigError, get_default_config
+    from torchreid_ext.preflight import check_torchrun
 
     cfg = get_default_config()
     cfg.sampler.train_sampler = "RandomDomainSampler"
     cfg.train.sync_bn = True
-    distributed.preflight_distributed(cfg)  # one process: anything goes
+    check_torchrun(cfg)  # one process: anything goes
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match=r"'RandomDomainSampler' has no distributed form"):
-        distributed.preflight_distributed(cfg)
+        check_torchrun(cfg)
     cfg.sampler.train_sampler = "RandomSampler"
     cfg.use_gpu = False
     with pytest.raises(ConfigError, match=r"train.sync_bn = True under torchrun needs GPUs"):
-        distributed.preflight_distributed(cfg)
+        check_torchrun(cfg)
     cfg.train.sync_bn = False
-    distributed.preflight_distributed(cfg)
+    check_torchrun(cfg)

@@ -25,6 +25,7 @@ import yaml
 from yacs.config import CfgNode as CN
 
 from .errors import ConfigError
+from .torchrun import env_world_size
 from .losses import registry as loss_registry
 
 __all__ = [
@@ -445,7 +446,7 @@ def validate_config(cfg: CN) -> None:
                 "RandomIdentitySampler draws batch_size / num_instances identities with "
                 f"num_instances images each (e.g. batch_size {k * max(bs // k, 1)})"
             )
-    if cfg.train.fixbase_epoch > 0 and cfg.msgr.enabled and cfg.msgr.mode == "fast" and _env_world_size() > 1:
+    if cfg.train.fixbase_epoch > 0 and cfg.msgr.enabled and cfg.msgr.mode == "fast" and env_world_size() > 1:
         # fixbase freezes parameters, so DDP needs find_unused_parameters, with which fast
         # mode's second forward loses its perturbation (measured: R_fd = 0, no R gradient)
         raise ConfigError(f"train.fixbase_epoch = {cfg.train.fixbase_epoch} with msgr.mode = 'fast' is not "
@@ -493,12 +494,6 @@ def _validate_test(cfg: CN) -> None:
         raise ConfigError(str(exc)) from exc
 
 
-def _env_world_size() -> int:
-    from .distributed import env_world_size
-
-    return env_world_size()
-
-
 # Train samplers that put several images of each identity in a batch (positives for ranking losses).
 IDENTITY_SAMPLERS = ("RandomIdentitySampler",)
 
@@ -543,8 +538,8 @@ def _validate_losses(cfg: CN) -> None:
             "to train this way anyway"
         )
     batch = cfg.train.batch_size
-    if cfg.dist.gather_features and _env_world_size() > 1:
-        batch *= _env_world_size()  # the losses see every rank's batch
+    if cfg.dist.gather_features and env_world_size() > 1:
+        batch *= env_world_size()  # the losses see every rank's batch
     for term in terms:
         rule = loss_registry.get_loss(term).min_batch_size
         if rule is None:

@@ -1,5 +1,6 @@
 """Process groups for torchrun (DistributedDataParallel), the model's preparation and DDP
-wrapping, the torchrun-only config rules, and the feature all-gather.
+wrapping, and the feature all-gather (the torchrun-only config rules are checked by
+:func:`torchreid_ext.preflight.check_torchrun`).
 
 ``torchrun --nproc_per_node N scripts/main.py ...`` sets ``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; :func:`init_distributed` reads them
@@ -15,11 +16,12 @@ which makes a DDP step equal a single-process step on the concatenated batch.
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Iterator, NamedTuple
 
 import torch
 import torch.distributed as dist
+
+from .torchrun import env_local_rank, env_world_size
 
 __all__ = [
     "DistInfo",
@@ -30,7 +32,6 @@ __all__ = [
     "is_main_process",
     "init_distributed",
     "cleanup_distributed",
-    "preflight_distributed",
     "prepare_model",
     "wrap_ddp",
     "barrier",
@@ -50,11 +51,6 @@ class DistInfo(NamedTuple):
     world_size: int
     local_rank: int
     device: torch.device
-
-
-def env_world_size() -> int:
-    """``WORLD_SIZE`` as torchrun sets it (1 outside torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def is_distributed() -> bool:
@@ -81,7 +77,7 @@ def init_distributed(backend: str = "auto", use_gpu: bool = True) -> DistInfo:
     """
     if backend not in BACKENDS:
         raise ValueError(f"dist.backend = {backend!r}; choose one of {list(BACKENDS)}")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = env_local_rank()
     if use_gpu:
         torch.cuda.set_device(local_rank)
     device = torch.device("cuda", local_rank) if use_gpu else torch.device("cpu")
@@ -102,19 +98,6 @@ def cleanup_distributed(wait: bool = True) -> None:
         if wait:
             dist.barrier()
         dist.destroy_process_group()
-
-
-def preflight_distributed(cfg) -> None:
-    """What cannot work under torchrun with more than one process (a ConfigError)."""
-    from .config import ConfigError
-    from .data.loaders import check_distributed_sampler
-
-    if env_world_size() == 1:
-        return
-    check_distributed_sampler(cfg.sampler.train_sampler)
-    if cfg.train.sync_bn and not (cfg.use_gpu and torch.cuda.is_available()):
-        raise ConfigError("train.sync_bn = True under torchrun needs GPUs (torch's SyncBatchNorm synchronises "
-                          "CUDA tensors only); set train.sync_bn False on the CPU")
 
 
 def prepare_model(model: torch.nn.Module, device: torch.device, sync_bn: bool = False,

@@ -4,7 +4,7 @@ Each check raises one clear error (a ConfigError, KeyError, FileNotFoundError or
 DatasetError/DatasetNotFound) that names the bad value and what is allowed:
 
 * names Torchreid must know: model, samplers, optimizer, LR scheduler;
-* ``model.load_weights`` exists; torchrun-only rules (:func:`distributed.preflight_distributed`);
+* ``model.load_weights`` is a checkpoint that loads safely; torchrun-only rules (:func:`check_torchrun`);
 * ``msgr.stages`` name modules of the model, resolved on a model built on the ``meta``
   device (no memory, no weights);
 * the save dir and its ``model/`` folder are writable folders (:func:`savedir.check_writable`);
@@ -22,18 +22,19 @@ import os.path as osp
 
 import torch
 
-from . import distributed
 from .adapter import torchreid
 from .config import ConfigError
 from .checkpoint import load_checkpoint
 from .errors import CheckpointError, InputNotFound
 from .files import missing_file_reason
+from .data.loaders import check_distributed_sampler
 from .data.checks import DatasetError, check_dataset_present, check_train_identities, scan_image_folders
 from .data.image_list import ImageListSpec, register_config_datasets, scan_image_list
 from .models import available_models, build_model_from_config
 from .savedir import check_writable
+from .torchrun import env_world_size
 
-__all__ = ["preflight", "check_names", "check_msgr_stages", "check_datasets"]
+__all__ = ["preflight", "check_names", "check_torchrun", "check_weights_file", "check_msgr_stages", "check_datasets"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,16 @@ def check_names(cfg) -> None:
     scheds = list(tr.submodule("optim.lr_scheduler").AVAI_SCH)
     if cfg.train.lr_scheduler not in scheds:
         raise ConfigError(f"train.lr_scheduler = '{cfg.train.lr_scheduler}' is unknown; choose one of {scheds}")
+
+
+def check_torchrun(cfg) -> None:
+    """What cannot work under torchrun with more than one process (a ConfigError)."""
+    if env_world_size() == 1:
+        return
+    check_distributed_sampler(cfg.sampler.train_sampler)
+    if cfg.train.sync_bn and not (cfg.use_gpu and torch.cuda.is_available()):
+        raise ConfigError("train.sync_bn = True under torchrun needs GPUs (torch's SyncBatchNorm synchronises "
+                          "CUDA tensors only); set train.sync_bn False on the CPU")
 
 
 def check_msgr_stages(cfg) -> None:
@@ -130,7 +141,7 @@ def preflight(cfg) -> None:
     """All checks that need no data loading and write nothing (see the module docstring)."""
     check_names(cfg)
     check_weights_file(cfg.model.load_weights)
-    distributed.preflight_distributed(cfg)
+    check_torchrun(cfg)
     check_msgr_stages(cfg)
     check_writable(cfg.data.save_dir)
     check_datasets(cfg)

@@ -69,6 +69,9 @@ class Registry(Generic[T]):
     def items(self):
         return self._items.items()
 
+    def __getitem__(self, name: str) -> T:
+        return self.get(name)
+
     def __contains__(self, name: object) -> bool:
         return name in self._items
 

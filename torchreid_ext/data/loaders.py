@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .sampler import DistributedIdentitySampler
 
 __all__ = ["DDP_SAMPLERS", "check_distributed_sampler", "distributed_loader", "distribute_train_loader"]

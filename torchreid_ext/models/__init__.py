@@ -1,54 +1,28 @@
 """Model registry: our factories, plus a ``build_model`` that also reaches Torchreid's.
 
-A factory has Torchreid's signature ``(num_classes, loss='softmax', pretrained=True,
-use_gpu=True, **kwargs)``; :func:`torchreid_ext.register` copies every factory here into
+Factories register in :mod:`.registry`; :func:`torchreid_ext.register` copies every factory into
 Torchreid's own model factory, so ``torchreid.models.build_model('<our model>', ...)``
 works in any Torchreid script (with default options: Torchreid passes no kwargs).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import List
 
 import torch.nn as nn
 
 from ..adapter import torchreid
-from ..errors import UnknownNameError
 from ..losses import get_loss
+from .registry import MODEL_OPTIONS, MODELS, UnknownModelError, register_model
 
 __all__ = [
     "MODELS",
+    "MODEL_OPTIONS",
     "register_model",
     "available_models",
     "build_model",
     "build_model_from_config",
     "UnknownModelError",
 ]
-
-MODELS: Dict[str, Callable[..., nn.Module]] = {}
-# Dotted config keys each of our models takes as keyword options (kwarg = last part).
-MODEL_OPTIONS: Dict[str, Tuple[str, ...]] = {}
-
-
-class UnknownModelError(UnknownNameError):
-    """``model.name`` names no model of ours or Torchreid's."""
-
-
-def register_model(name: str, options: Sequence[str] = ()) -> Callable:
-    """Decorator: add a factory to torchreid_ext's registry under ``name``.
-
-    ``options`` are dotted config keys (e.g. ``'model.msfl.lateral'``) that
-    :func:`build_model_from_config` passes to the factory as keyword arguments named
-    after the last part of the key.
-    """
-
-    def decorator(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in MODELS and MODELS[name].__qualname__ != factory.__qualname__:
-            raise ValueError(f"model name '{name}' is already registered to {MODELS[name]}")
-        MODELS[name] = factory
-        MODEL_OPTIONS[name] = tuple(options)
-        return factory
-
-    return decorator
 
 
 def available_models() -> List[str]:

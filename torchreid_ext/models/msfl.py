@@ -43,7 +43,7 @@ from torchvision.ops.misc import Conv2dNormActivation
 
 from ..errors import BackboneWeightsError
 from ..losses import get_loss, loss_names
-from . import register_model
+from .registry import register_model
 
 logger = logging.getLogger(__name__)
 
