@@ -112,7 +112,7 @@ def test_base_inheritance_and_cycle(tmp_path):
     [
         (["loss.name", "arcface"], r"loss\.name = 'arcface'.*softmax.*triplet.*drsl.*sn"),
         (["train.amp", "fp8"], r"train\.amp.*none.*fp16.*bf16"),
-        (["msgr.q", "3"], r"msgr\.q = 3\.0.*1, 2, inf"),
+        (["msgr.q", "0.5"], r"msgr\.q = 0\.5 is not valid; q is a norm order >= 1"),
         (["sampler.train_sampler", "RandomIdentitySampler", "train.batch_size", "30"],
          r"batch_size = 30 is not divisible by sampler\.num_instances = 4"),
         (["msgr.enabled", "True", "msgr.eps", "[0.1, 0.2, 0.3]"], r"msgr\.eps has 3 values for 2 stages"),

@@ -15,7 +15,7 @@ import torch
 
 from .adapter import torchreid
 from .config import imagedata_kwargs, lr_scheduler_kwargs, optimizer_kwargs
-from .data.checks import check_images, check_queries
+from .data.checks import IMAGE_CHECKS, check_images, check_queries
 from .data.image_list import register_config_datasets
 from .engines import build_engine
 from .errors import ConfigError, PretrainedWeightsUnavailable
@@ -56,8 +56,7 @@ def build_datamanager(cfg, image_check: Optional[str] = None):
             raise ConfigError(f"target dataset '{name}': {exc}") from None
         test += [item[0] for item in sets["query"]] + [item[0] for item in sets["gallery"]]
     n = check_images(train, decode=mode == "decode_all") + check_images(test, decode=mode != "header")
-    what = {"header": "opened", "decode_test": "opened (query and gallery decoded)",
-            "decode_all": "decoded"}[mode]
+    what = IMAGE_CHECKS[mode]
     logger.info("Checked %d image files: all %s", n, what)
     return dm
 

@@ -194,4 +194,8 @@ def train(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """``scripts/main.py`` / ``torchreid-ext``: exit status 0 on success, 2 on bad input."""
-    return run_command(lambda: train(argv) and None)
+
+    def body() -> None:
+        train(argv)
+
+    return run_command(body)

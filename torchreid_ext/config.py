@@ -24,7 +24,13 @@ from typing import Any, Iterable, List, Optional, Sequence
 import yaml
 from yacs.config import CfgNode as CN
 
-from .errors import ConfigError
+from .data.checks import DataOptions
+from .distributed import DistOptions
+from .engines.options import EngineOptions
+from .errors import ConfigError, yaml_problem
+from .metrics.evaluation import EvaluationOptions
+from .models.msfl import MSFLOptions
+from .msgr.options import MSGROptions
 from .torchrun import env_world_size
 from .losses import registry as loss_registry
 
@@ -48,7 +54,24 @@ __all__ = [
 BASE_KEY = "_BASE_"
 
 
+# The components that own config keys (each key's default, allowed values and checks are
+# declared once, in its component's options dataclass; :mod:`torchreid_ext.options`).
+OWNERS = (DataOptions, MSFLOptions, EngineOptions, MSGROptions, DistOptions, EvaluationOptions)
+
+
+def _set(cfg: CN, key: str, value: Any) -> None:
+    node, *_ = cfg, None
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if part not in node:
+            node[part] = CN()
+        node = node[part]
+    node[parts[-1]] = copy.deepcopy(value)
+
+
 def get_default_config() -> CN:
+    """Upstream Torchreid's keys and defaults, then every owned section's (:data:`OWNERS`) and
+    one section per registered loss."""
     cfg = CN()
     cfg.use_gpu = True  # use a GPU when one is present (upstream sets this in main.py)
 
@@ -57,19 +80,8 @@ def get_default_config() -> CN:
     cfg.model.name = "resnet50"
     cfg.model.pretrained = True
     cfg.model.load_weights = ""
-    cfg.model.resume = ""  # path, or "auto": <save_dir>/model/model-last.pth.tar if present
-    # ours: local torchvision-format ImageNet ResNet50 state dict (docs/methods.md M7)
-    cfg.model.backbone_weights = ""
-    # ours: MSFL-ResNet50 switches (docs/methods.md M2-M6); ignored by other models
-    cfg.model.msfl = CN()
-    cfg.model.msfl.lateral = True  # Table I "no lateral" row: False
-    cfg.model.msfl.topdown = True  # Table I "no top-down" row: False
-    cfg.model.msfl.topdown_kernel = 1  # M5: 1 matches Table II's compute; the paper's text says 3
-    cfg.model.msfl.lateral_channels = 512
-    cfg.model.msfl.msff_blocks = [3, 2, 1, 0]  # extra bottlenecks on P2, P3, P4, P5
-    cfg.model.msfl.fuse_levels = [2, 3, 4, 5]  # pyramid levels pooled and concatenated
-    cfg.model.msfl.direct_fuse = ""  # "" | "c45" | "c2345": Table I direct-fusion rows
-    cfg.model.msfl.embedding_dim = 512
+    cfg.model.resume = ""  # path, or "auto": the newest checkpoint in <save_dir>/model
+    cfg.model.backbone_weights = ""  # ours: local torchvision ImageNet ResNet50 state dict (M7)
 
     # ---------------- upstream: data ----------------
     cfg.data = CN()
@@ -88,21 +100,12 @@ def get_default_config() -> CN:
     cfg.data.norm_std = [0.229, 0.224, 0.225]
     cfg.data.save_dir = "log"
     cfg.data.load_train_targets = False
-    # ours: images checked before training (data/checks.py): decode_test = query and gallery fully
-    # decoded (a truncated one would fail the final test), train headers; decode_all; header
-    cfg.data.image_check = "decode_test"
-    # ours: dataset files (YAML: a folder + file-name rule, or a CSV / YAML image list) to register
-    # before the run, each under its own name (torchreid_ext.data.image_list)
-    cfg.data.custom_datasets = []
-    # ours: the largest input height / width accepted (a typo such as 100000 is refused up front)
-    cfg.data.max_image_side = 4096
 
     cfg.market1501 = CN()
     cfg.market1501.use_500k_distractors = False
     cfg.cuhk03 = CN()
     cfg.cuhk03.labeled_images = False
     cfg.cuhk03.classic_split = False
-    cfg.cuhk03.use_metric_cuhk03 = False
 
     cfg.sampler = CN()
     cfg.sampler.train_sampler = "RandomSampler"
@@ -137,12 +140,6 @@ def get_default_config() -> CN:
     cfg.train.gamma = 0.1
     cfg.train.print_freq = 20
     cfg.train.seed = 1
-    # ours
-    cfg.train.checkpoint_freq = 1  # epochs between resumable checkpoints (0: eval epochs only)
-    cfg.train.deterministic = False  # torch.use_deterministic_algorithms + no cudnn.benchmark
-    cfg.train.amp = "none"  # none | fp16 | bf16
-    cfg.train.channels_last = False
-    cfg.train.sync_bn = False
 
     cfg.sgd = CN()
     cfg.sgd.momentum = 0.9
@@ -154,73 +151,32 @@ def get_default_config() -> CN:
     cfg.adam.beta1 = 0.9
     cfg.adam.beta2 = 0.999
 
-    # ---------------- upstream: loss ----------------
-    # One section per registered loss (torchreid_ext.losses.registry): upstream's softmax and
-    # triplet sections unchanged, ours (drsl, sn) and any added with register_loss.
+    # ---------------- upstream: loss (one section per registered loss) ----------------
     cfg.loss = CN()
     cfg.loss.name = "softmax"  # any registered loss: softmax | triplet | drsl | sn | ...
     for spec in loss_registry.specs():
         cfg.loss[spec.name] = CN(copy.deepcopy(dict(spec.defaults)))
 
-    # ---------------- ours: MSGR (docs/methods.md G) ----------------
-    cfg.msgr = CN()
-    cfg.msgr.enabled = False
-    cfg.msgr.mode = "exact"  # exact (G4) | fast (G5)
-    cfg.msgr.stages = ["layer1", "layer2"]
-    cfg.msgr.eps = [0.01]  # one value for all stages, or one per stage
-    cfg.msgr.q = 2.0  # 1, 2 or inf
-    cfg.msgr.squared = False
-    cfg.msgr.grad_of = "sum"  # sum | mean
-    cfg.msgr.fast_h = 0.0  # G5 step (delta = h*eps*v/B); <= 0: auto (largest stage perturbation 3e-6 of the stage output)
-    cfg.msgr.interval = 1  # lazy MSGR: R with weight N on every N-th step, plain steps between (1: every step)
-
-    # ---------------- ours: distributed ----------------
-    cfg.dist = CN()
-    cfg.dist.backend = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
-    cfg.dist.gather_features = False  # ranking losses see all ranks' features
-
     # ---------------- upstream: test ----------------
     cfg.test = CN()
     cfg.test.batch_size = 100
-    cfg.test.dist_metric = "euclidean"
-    cfg.test.normalize_feature = False
     cfg.test.ranks = [1, 5, 10, 20]
     cfg.test.evaluate = False
     cfg.test.eval_freq = -1
     cfg.test.start_eval = 0
-    cfg.test.rerank = False
     cfg.test.visrank = False
     cfg.test.visrank_topk = 10
     cfg.test.visactmap = False  # legacy upstream key, still present in its OSNet configs
-    # ours
-    cfg.test.evaluator = "fast"  # fast (torchreid_ext.metrics) | torchreid
-    cfg.test.rerank_k1 = 20  # k-reciprocal re-ranking (test.rerank): Torchreid's k1, k2, lambda_value
-    cfg.test.rerank_k2 = 6
-    cfg.test.rerank_lambda = 0.3
-    cfg.test.flip = False  # features of each image averaged with those of its horizontal flip
-    cfg.test.aqe = False  # alpha query expansion (FastReID's AQE): top-k, alpha, rounds
-    cfg.test.aqe_k = 5
-    cfg.test.aqe_alpha = 3.0
-    cfg.test.aqe_rounds = 1
 
+    # ---------------- owned sections: model.msfl, msgr, dist, our data / train / test keys ----
+    for owner in OWNERS:
+        for key, value in owner.config_defaults().items():
+            _set(cfg, key, value)
     return cfg
 
 
 # Keys whose value may legitimately be a scalar or a list of scalars.
 _SCALAR_OR_LIST = {"msgr.eps"}
-
-CHOICES = {
-    "data.type": ("image",),
-    "msgr.mode": ("exact", "fast"),
-    "msgr.grad_of": ("sum", "mean"),
-    "train.amp": ("none", "fp16", "bf16"),
-    "test.evaluator": ("fast", "torchreid"),
-    "test.dist_metric": ("euclidean", "cosine"),
-    "model.msfl.direct_fuse": ("", "c45", "c2345"),
-    "dist.backend": ("auto", "nccl", "gloo"),
-    "data.image_check": ("decode_test", "decode_all", "header"),
-}
-
 
 # Torchreid's build_transforms knows these names (anything else is silently ignored there).
 TRANSFORMS = ("random_flip", "random_crop", "random_patch", "color_jitter", "random_erase")
@@ -340,15 +296,6 @@ def _read_yaml_with_bases(path: str, seen: Sequence[str] = ()) -> List[tuple]:
     return chain
 
 
-def yaml_problem(exc: Exception) -> str:
-    """A YAML error on one line: the problem and where (``line L, column C``)."""
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    mark = getattr(exc, "problem_mark", None)
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    hint = " (YAML indents with spaces, never tabs)" if r"\t" in problem else ""
-    return f"{problem}{where}{hint}"
-
-
 def merge_from_file(cfg: CN, path: str) -> CN:
     for file_path, data in _read_yaml_with_bases(path):
         merge_dict(cfg, data, where=f" in {file_path}")
@@ -390,13 +337,10 @@ def merge_from_list(cfg: CN, opts: Sequence[str]) -> CN:
 
 
 def validate_config(cfg: CN) -> None:
-    """Fail fast on values that are invalid whatever the data (before any long work)."""
-    for key, allowed in CHOICES.items():
-        value = cfg
-        for part in key.split("."):
-            value = value[part]
-        if value not in allowed:
-            raise ConfigError(f"{key} = {value!r} is not valid; choose one of {list(allowed)}")
+    """Fail fast on values that are invalid whatever the data (before any long work): upstream's
+    keys here, each owned key by its owner (:data:`OWNERS`), then the rules between sections."""
+    if cfg.data.type != "image":
+        raise ConfigError(f"data.type = {cfg.data.type!r} is not valid; choose one of ['image']")
     unknown = [t for t in cfg.data.transforms if str(t).lower() not in TRANSFORMS]
     if unknown:
         raise ConfigError(
@@ -404,33 +348,14 @@ def validate_config(cfg: CN) -> None:
             "(on the command line, put KEY VALUE overrides after an option that takes one value, "
             "e.g. after --root, not right after --transforms, -s or -t)"
         )
-    q = cfg.msgr.q
-    if q not in (1.0, 2.0, float("inf")):
-        raise ConfigError(f"msgr.q = {q!r} is not valid; choose one of [1, 2, inf]")
-    if cfg.msgr.interval < 1:
-        raise ConfigError(f"msgr.interval = {cfg.msgr.interval} is not valid; apply R every N-th step with an "
-                          "integer N >= 1 (1: every step)")
-    if cfg.msgr.enabled:
-        if not cfg.msgr.stages:
-            raise ConfigError("msgr.stages is empty; name at least one module, e.g. ['layer1']")
-        if len(cfg.msgr.eps) not in (1, len(cfg.msgr.stages)):
-            raise ConfigError(
-                f"msgr.eps has {len(cfg.msgr.eps)} values for {len(cfg.msgr.stages)} stages "
-                f"{list(cfg.msgr.stages)}; give one value or one per stage"
-            )
     for name in ("train.batch_size", "test.batch_size", "train.max_epoch"):
         sec, key = name.split(".")
         if cfg[sec][key] < (0 if key == "max_epoch" else 1):
             raise ConfigError(f"{name} = {cfg[sec][key]} must be positive")
-    check_input_size(cfg.data.height, cfg.data.width, max(cfg.train.batch_size, cfg.test.batch_size),
-                     cfg.data.max_image_side)
     if not 0 <= cfg.train.seed < 2 ** 32:
         raise ConfigError(f"train.seed = {cfg.train.seed} is not valid; a seed is an integer in [0, 2**32 - 1]")
     if not cfg.train.lr >= 0:
         raise ConfigError(f"train.lr = {cfg.train.lr} is not valid; the learning rate must be >= 0")
-    if any(isinstance(e, bool) or not isinstance(e, (int, float)) or not e >= 0 for e in cfg.msgr.eps):
-        raise ConfigError(f"msgr.eps = {list(cfg.msgr.eps)} is not valid; every eps must be a number >= 0 "
-                          "(checked whether or not msgr.enabled)")
     if any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in cfg.test.ranks):
         raise ConfigError(f"test.ranks = {list(cfg.test.ranks)} is not valid; ranks are integers >= 1 "
                           "(Rank-1 is the top match)")
@@ -438,6 +363,10 @@ def validate_config(cfg: CN) -> None:
     if k < 1:
         raise ConfigError(f"sampler.num_instances = {k} is not valid; it must be >= 1 (the images per "
                           "identity in a RandomIdentitySampler batch)")
+    for owner in OWNERS:
+        owner.from_config(cfg)
+    check_input_size(cfg.data.height, cfg.data.width, max(cfg.train.batch_size, cfg.test.batch_size),
+                     cfg.data.max_image_side)
     if cfg.sampler.train_sampler == "RandomIdentitySampler":
         bs = cfg.train.batch_size
         if bs % k:
@@ -453,7 +382,6 @@ def validate_config(cfg: CN) -> None:
                           "supported under torchrun; set train.fixbase_epoch 0 or msgr.mode exact")
     _validate_scale_out(cfg)
     _validate_losses(cfg)
-    _validate_test(cfg)
 
 
 def _memory_bytes() -> Optional[int]:
@@ -482,16 +410,6 @@ def check_input_size(height: int, width: int, batch: int, max_side: int,
         raise ConfigError(f"input size {height}x{width} with a batch of {batch} needs {need / 2 ** 30:.1f} GiB for the "
                           f"input alone, more than half of this machine's {memory / 2 ** 30:.1f} GiB; lower "
                           f"{names[0]} / {names[1]} or the batch size")
-
-
-def _validate_test(cfg: CN) -> None:
-    """test.* evaluation options (re-ranking, AQE): the evaluation's own checks, naming the key."""
-    from .metrics.evaluation import EvaluationOptions
-
-    try:
-        EvaluationOptions.from_config(cfg)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
 
 
 # Train samplers that put several images of each identity in a batch (positives for ranking losses).

@@ -16,14 +16,17 @@ which makes a DDP step equal a single-process step on the concatenated batch.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, NamedTuple
+from dataclasses import dataclass
+from typing import Any, ClassVar, Dict, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
 
+from .options import ConfigOptions
 from .torchrun import env_local_rank, env_world_size
 
 __all__ = [
+    "DistOptions",
     "DistInfo",
     "env_world_size",
     "is_distributed",
@@ -42,6 +45,18 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "nccl", "gloo")
+
+
+@dataclass(frozen=True)
+class DistOptions(ConfigOptions):
+    """The ``dist`` section: ``backend`` (auto: nccl on GPUs, gloo on the CPU) and
+    ``gather_features`` (batch ranking losses see every rank's features)."""
+
+    SECTION: ClassVar[str] = "dist"
+    CHOICES: ClassVar[Dict[str, Sequence[Any]]] = {"backend": BACKENDS}
+
+    backend: str = "auto"
+    gather_features: bool = False
 
 
 class DistInfo(NamedTuple):
@@ -75,8 +90,7 @@ def init_distributed(backend: str = "auto", use_gpu: bool = True) -> DistInfo:
     ``backend``: 'auto' (nccl with ``use_gpu``, else gloo), 'nccl' or 'gloo'. On GPUs each
     process uses ``cuda:LOCAL_RANK``.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"dist.backend = {backend!r}; choose one of {list(BACKENDS)}")
+    DistOptions(backend=backend)  # a ConfigError for an unknown backend
     local_rank = env_local_rank()
     if use_gpu:
         torch.cuda.set_device(local_rank)

@@ -31,6 +31,7 @@ __all__ = [
     "TorchreidNotFound",
     "UnknownNameError",
     "ExportCheckError",
+    "yaml_problem",
 ]
 
 
@@ -116,3 +117,12 @@ class UnknownNameError(UserError, KeyError):
 
 class ExportCheckError(CommandError, RuntimeError):
     """The exported file's outputs differ from PyTorch's by more than the tolerance (exit 1)."""
+
+
+def yaml_problem(exc: Exception) -> str:
+    """A YAML error on one line: the problem and where (``line L, column C``)."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    hint = " (YAML indents with spaces, never tabs)" if r"\t" in problem else ""
+    return f"{problem}{where}{hint}"

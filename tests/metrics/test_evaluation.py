@@ -113,7 +113,7 @@ def test_bad_config_values_name_the_key(overrides, message):
 def test_bad_options_at_function_level():
     with pytest.raises(ValueError, match=r"rerank_k1 = 0 must be an integer >= 1"):
         EvaluationOptions(rerank_k1=0)
-    with pytest.raises(ValueError, match=r"evaluator = 'slow'; choose one of \['fast', 'torchreid'\]"):
+    with pytest.raises(ValueError, match=r"evaluator = 'slow' is not valid; choose one of \['fast', 'torchreid'\]"):
         EvaluationOptions(evaluator="slow")
     with pytest.raises(ValueError, match=r"dist_metric = 'l1'"):
         EvaluationOptions(dist_metric="l1")

@@ -72,7 +72,7 @@ def test_penalty_errors_name_frozen_and_unused_stages():
 
 def test_check_q_accepts_norm_orders_only():
     assert check_q(1) == 1.0 and check_q("inf") == INF and check_q(3) == 3.0
-    with pytest.raises(ValueError, match=r"q = 0\.5 is not a valid norm; use q >= 1"):
+    with pytest.raises(ValueError, match=r"q = 0\.5 is not valid; q is a norm order >= 1"):
         check_q(0.5)
     with pytest.raises(ValueError, match="q = nan"):
         per_sample_norm(torch.ones(2, 3), float("nan"))

@@ -22,14 +22,17 @@ import os.path as osp
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from PIL import Image
 
 from ..adapter import torchreid
 from ..errors import DatasetError, DatasetNotFound, UnknownNameError, UnreadableImageError
+from ..options import ConfigOptions, positive_int
 
 __all__ = [
+    "IMAGE_CHECKS",
+    "DataOptions",
     "DatasetNotFound",
     "DatasetError",
     "UnreadableImageError",
@@ -46,6 +49,26 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+# data.image_check -> what the check before training does with each image
+IMAGE_CHECKS = {"header": "opened", "decode_test": "opened (query and gallery decoded)", "decode_all": "decoded"}
+
+
+@dataclass(frozen=True)
+class DataOptions(ConfigOptions):
+    """Our ``data`` keys: ``image_check`` (decode_test: query and gallery decoded fully, training
+    images opened; decode_all; header), ``custom_datasets`` (dataset files registered before the
+    run, :mod:`torchreid_ext.data.image_list`) and ``max_image_side`` (the largest input height /
+    width accepted)."""
+
+    SECTION: ClassVar[str] = "data"
+    CHOICES: ClassVar[Dict[str, Sequence[Any]]] = {"image_check": tuple(IMAGE_CHECKS)}
+    CHECKS: ClassVar[Dict[str, Callable[[Any], Optional[str]]]] = {"max_image_side": positive_int}
+
+    image_check: str = "decode_test"
+    custom_datasets: Tuple[str, ...] = ()
+    max_image_side: int = 4096
 
 
 # What each common dataset must look like under data.root (Torchreid's readers).

@@ -32,7 +32,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import yaml
 
 from ..adapter import torchreid
-from ..config import yaml_problem
+from ..errors import yaml_problem
 from .checks import DatasetError, FolderScan
 
 __all__ = [

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 def _autocast(cfg, device: torch.device):
     """The engine's evaluation autocast for ``train.amp`` (a no-op for 'none')."""
-    from ..engines.base import AMP_DTYPES
+    from ..engines.options import AMP_DTYPES
 
     dtype = AMP_DTYPES[cfg.train.amp]
     if dtype is None:

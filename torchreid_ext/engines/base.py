@@ -46,11 +46,9 @@ from ..checkpoint import (
     seed_epoch,
 )
 from ..distributed import unwrap_model
+from .options import AMP_DTYPES, EngineOptions
 
 __all__ = ["ReIDEngine", "EvalOptions", "AMP_DTYPES", "write_json_atomic"]
-
-# train.amp -> autocast dtype
-AMP_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 logger = logging.getLogger(__name__)
 
@@ -104,10 +102,10 @@ class ReIDEngine(torchreid().engine.Engine):
         seed: Optional[int] = None,
     ):
         super().__init__(datamanager, use_gpu)
-        if evaluator not in ("fast", "torchreid"):
-            raise ValueError(f"evaluator = {evaluator!r}; choose 'fast' or 'torchreid'")
-        if amp not in AMP_DTYPES:
-            raise ValueError(f"amp = {amp!r}; choose one of {list(AMP_DTYPES)}")
+        from ..metrics import EvaluationOptions
+
+        EvaluationOptions(evaluator=evaluator)  # ConfigErrors naming the bad value
+        EngineOptions(amp=amp, checkpoint_freq=int(checkpoint_freq))
         self.device = torch.device("cuda" if self.use_gpu else "cpu")
         self.autocast_dtype: Optional[torch.dtype] = AMP_DTYPES[amp]
         # fp16 needs loss scaling (its range underflows small gradients); bf16 does not

@@ -42,10 +42,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import numbers
 from typing import Dict, List, Optional, Sequence, Union
 
 from .. import msgr
+from ..msgr import MSGROptions
 from .metric import ImageMetricEngine
 
 __all__ = ["MSGREngine", "penalty_due"]
@@ -66,7 +66,7 @@ class MSGREngine(ImageMetricEngine):
     ``stages``: module names (``model.get_submodule``); ``eps``: one value or one per stage;
     ``q``: 1, 2 or inf; ``squared``: penalise ||g||_q ** 2; ``grad_of``: 'sum' (L_grad =
     B * L_mean, each sample's own gradient, G2) or 'mean'; ``mode``: 'exact' or 'fast';
-    ``fast_h``: G5's step (delta = h eps_s v / B) or 'auto' (None): per batch, the largest
+    ``fast_h``: G5's step (delta = h eps_s v / B), or <= 0 for automatic: per batch, the largest
     stage perturbation is ``fast_rel_step`` of the stage output (L2), which suits float32;
     ``freeze_kinks``: fast mode's second forward keeps the first one's ReLU / max-pool pattern;
     ``interval``: lazy MSGR, R with weight N on every N-th step (:func:`penalty_due`), plain
@@ -76,55 +76,43 @@ class MSGREngine(ImageMetricEngine):
     def __init__(
         self,
         *args,
-        stages: Sequence[str] = ("layer1", "layer2"),
-        eps: Union[float, Sequence[float]] = 0.01,
-        q: float = 2.0,
-        squared: bool = False,
-        grad_of: str = "sum",
-        mode: str = "exact",
-        fast_h: Union[float, str, None] = "auto",
+        stages: Sequence[str] = MSGROptions.stages,
+        eps: Union[float, Sequence[float]] = MSGROptions.eps,
+        q: float = MSGROptions.q,
+        squared: bool = MSGROptions.squared,
+        grad_of: str = MSGROptions.grad_of,
+        mode: str = MSGROptions.mode,
+        fast_h: float = MSGROptions.fast_h,
         fast_rel_step: float = 3e-6,
         freeze_kinks: bool = True,
-        interval: int = 1,
+        interval: int = MSGROptions.interval,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        model = self.model
-        self.msgr_mode = msgr.check_mode(mode)
-        self.msgr_grad_of = msgr.check_grad_of(grad_of)
-        self.msgr_stages: List[str] = list(stages)
+        eps = (eps,) if isinstance(eps, (int, float)) else tuple(eps)
+        self.msgr_options = MSGROptions(enabled=True, mode=mode, stages=tuple(stages), eps=eps, q=q,
+                                        squared=bool(squared), grad_of=grad_of, fast_h=fast_h, interval=interval)
+        opts, model = self.msgr_options, self.model
+        self.msgr_mode, self.msgr_grad_of, self.msgr_q = opts.mode, opts.grad_of, float(opts.q)
+        self.msgr_stages: List[str] = list(opts.stages)
         msgr.stage_modules(model, self.msgr_stages)  # unknown names fail here, listing the children
-        self.msgr_eps: Dict[str, float] = msgr.expand_eps(eps, self.msgr_stages)
-        self.msgr_q = msgr.check_q(q)
-        self.msgr_squared = bool(squared)
-        if isinstance(fast_h, str):
-            if fast_h != "auto":
-                raise ValueError(f"fast_h = {fast_h!r}; give a positive float or 'auto'")
-            fast_h = None
-        if fast_h is not None and not float(fast_h) > 0:
-            raise ValueError(f"fast_h = {fast_h} must be > 0 (or 'auto')")
-        self.msgr_fast_h: Optional[float] = None if fast_h is None else float(fast_h)
+        self.msgr_eps: Dict[str, float] = msgr.expand_eps(list(opts.eps), self.msgr_stages)
+        self.msgr_squared = opts.squared
+        self.msgr_fast_h: Optional[float] = opts.step_h
         self.msgr_fast_rel_step = float(fast_rel_step)
         self.msgr_freeze_kinks = bool(freeze_kinks)
-        if isinstance(interval, bool) or not isinstance(interval, numbers.Integral) or interval < 1:
-            raise ValueError(f"MSGR interval = {interval!r} must be an integer >= 1 (R on every N-th step)")
-        self.msgr_interval = int(interval)
-        if mode == "exact":
+        self.msgr_interval = opts.interval
+        if opts.mode == "exact":
             msgr.check_double_backward(model)
         self._msgr_notes: Dict[str, int] = {}
 
     @classmethod
     def from_config(cls, cfg, datamanager, model, optimizer, scheduler=None, **engine_kwargs) -> "MSGREngine":
-        """The engine ``cfg.msgr`` describes; ``engine_kwargs`` are ImageMetricEngine's arguments.
-        ``msgr.fast_h <= 0`` means 'auto'."""
-        sec = cfg.msgr
-        fast_h = float(sec.fast_h)
-        return cls(
-            datamanager, model, optimizer, scheduler,
-            stages=list(sec.stages), eps=list(sec.eps), q=float(sec.q), squared=bool(sec.squared),
-            grad_of=sec.grad_of, mode=sec.mode, fast_h=fast_h if fast_h > 0 else "auto",
-            interval=sec.interval, **engine_kwargs,
-        )
+        """The engine ``cfg.msgr`` (:class:`~torchreid_ext.msgr.MSGROptions`) describes;
+        ``engine_kwargs`` are ImageMetricEngine's arguments."""
+        o = MSGROptions.from_config(cfg)
+        return cls(datamanager, model, optimizer, scheduler, stages=o.stages, eps=o.eps, q=o.q, squared=o.squared,
+                   grad_of=o.grad_of, mode=o.mode, fast_h=o.fast_h, interval=o.interval, **engine_kwargs)
 
     # ------------------------------------------------------------------ training step
     def _note_once(self, key: str, message: str, level: int = logging.INFO) -> None:

@@ -16,13 +16,14 @@ it is carried here so that one object holds every test-time option.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from types import SimpleNamespace
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, ClassVar, Dict, Optional, Sequence
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
+from ..errors import ConfigError
+from ..options import ConfigOptions
 from .aqe import alpha_query_expansion, check_aqe_args
 from .distance import METRICS, ArrayLike, _as_features
 from .rank import LabelLike, RankResult, _check_max_rank, evaluate_features
@@ -33,56 +34,51 @@ __all__ = ["EVALUATORS", "EvaluationOptions", "evaluate_test_features", "evaluat
 
 EVALUATORS = ("fast", "torchreid")
 
-# option -> its config key (the rest are ``test.<option>``)
-_CONFIG_KEYS = {"use_metric_cuhk03": "cuhk03.use_metric_cuhk03", "max_rank": "test.ranks"}
-
 
 @dataclass(frozen=True)
-class EvaluationOptions:
-    """Test-time options (``cfg.test`` keys of the same names; :meth:`from_config` reads them)."""
+class EvaluationOptions(ConfigOptions):
+    """Test-time options: the ``test.*`` keys of the same names (and ``cuhk03.use_metric_cuhk03``);
+    :meth:`from_config` reads them, ``max_rank`` is the largest of 50 and ``test.ranks``."""
+
+    SECTION: ClassVar[str] = "test"
+    KEYS: ClassVar[Dict[str, Optional[str]]] = {"use_metric_cuhk03": "cuhk03.use_metric_cuhk03", "max_rank": None,
+                                                "progress": None}
+    CHOICES: ClassVar[Dict[str, Sequence[Any]]] = {"dist_metric": METRICS, "evaluator": EVALUATORS}
 
     dist_metric: str = "euclidean"
     normalize_feature: bool = False
     use_metric_cuhk03: bool = False
     max_rank: int = 50
-    evaluator: str = "fast"
-    rerank: bool = False
+    evaluator: str = "fast"  # fast (torchreid_ext.metrics) | torchreid
+    rerank: bool = False  # k-reciprocal re-ranking: Torchreid's k1, k2, lambda_value
     rerank_k1: int = 20
     rerank_k2: int = 6
     rerank_lambda: float = 0.3
-    flip: bool = False  # applied at extraction
-    aqe: bool = False
+    flip: bool = False  # features averaged with those of the horizontally flipped image (at extraction)
+    aqe: bool = False  # alpha query expansion (FastReID's AQE): top-k, alpha, rounds
     aqe_k: int = 5
     aqe_alpha: float = 3.0
     aqe_rounds: int = 1
     progress: bool = False
 
-    def __post_init__(self):
-        self.check()
-
     @classmethod
     def from_config(cls, cfg, **overrides) -> "EvaluationOptions":
-        """Options from a torchreid_ext config (``cfg.test``, ``cfg.cuhk03.use_metric_cuhk03``); a bad
-        value raises ``ValueError`` naming its config key."""
-        t = cfg.test
-        values = dict(
-            dist_metric=t.dist_metric, normalize_feature=bool(t.normalize_feature),
-            use_metric_cuhk03=bool(cfg.cuhk03.use_metric_cuhk03), max_rank=max([50, *t.ranks]),
-            evaluator=t.evaluator, rerank=bool(t.rerank), rerank_k1=t.rerank_k1, rerank_k2=t.rerank_k2,
-            rerank_lambda=t.rerank_lambda, flip=bool(t.flip), aqe=bool(t.aqe), aqe_k=t.aqe_k,
-            aqe_alpha=t.aqe_alpha, aqe_rounds=t.aqe_rounds,
-        )
-        values.update(overrides)
-        names = {n: _CONFIG_KEYS.get(n, "test." + n) for n in values if n not in overrides}
-        _check(SimpleNamespace(**{**{f.name: f.default for f in fields(cls)}, **values}), names)
-        return cls(**values)
+        """Options from a torchreid_ext config; a bad value raises :class:`ConfigError` naming its key."""
+        return super().from_config(cfg, **{"max_rank": max([50, *cfg.test.ranks]), **overrides})
 
     def replace(self, **changes) -> "EvaluationOptions":
         return replace(self, **changes)
 
-    def check(self, names: Optional[dict] = None) -> None:
-        """Raise ``ValueError`` naming the first bad option (``names``: option -> the caller's name)."""
-        _check(self, names or {})
+    def check(self) -> None:
+        """The rules between options (re-ranking's k2 <= k1, ...), naming the config keys."""
+        try:
+            _check_max_rank(self.max_rank)
+            check_rerank_args(self.rerank_k1, self.rerank_k2, self.rerank_lambda,
+                              names=tuple(self.describe(n) for n in ("rerank_k1", "rerank_k2", "rerank_lambda")))
+            check_aqe_args(self.aqe_k, self.aqe_alpha, self.aqe_rounds,
+                           names=tuple(self.describe(n) for n in ("aqe_k", "aqe_alpha", "aqe_rounds")))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -97,21 +93,6 @@ class EvaluationOptions:
         if self.aqe and self.aqe_k > n:
             raise ValueError(f"test.aqe_k = {self.aqe_k} exceeds the number of query + gallery features "
                              f"({num_query} + {num_gallery} = {n})")
-
-
-def _check(opts, names: dict) -> None:
-    def name(option: str) -> str:
-        return names.get(option, option)
-
-    if opts.dist_metric not in METRICS:
-        raise ValueError(f"{name('dist_metric')} = {opts.dist_metric!r}; choose one of {list(METRICS)}")
-    if opts.evaluator not in EVALUATORS:
-        raise ValueError(f"{name('evaluator')} = {opts.evaluator!r}; choose one of {list(EVALUATORS)}")
-    _check_max_rank(opts.max_rank)
-    check_rerank_args(opts.rerank_k1, opts.rerank_k2, opts.rerank_lambda,
-                      names=(name("rerank_k1"), name("rerank_k2"), name("rerank_lambda")))
-    check_aqe_args(opts.aqe_k, opts.aqe_alpha, opts.aqe_rounds,
-                   names=(name("aqe_k"), name("aqe_alpha"), name("aqe_rounds")))
 
 
 def _features(qf: ArrayLike, gf: ArrayLike, opts: EvaluationOptions):

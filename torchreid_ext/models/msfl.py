@@ -31,7 +31,8 @@ from __future__ import annotations
 import logging
 import os
 import urllib.error
-from typing import Dict, List, Mapping, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, ClassVar, Dict, List, Mapping, Sequence, Tuple, Union
 from urllib.parse import urlparse
 
 import torch
@@ -42,6 +43,7 @@ from torchvision.models.resnet import Bottleneck
 from torchvision.ops.misc import Conv2dNormActivation
 
 from ..errors import BackboneWeightsError
+from ..options import ConfigOptions
 from ..losses import get_loss, loss_names
 from .registry import register_model
 
@@ -49,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "MSFLResNet50",
+    "MSFLOptions",
     "BackboneWeightsError",
     "load_backbone_weights",
     "resnet50_bnfc512",
@@ -61,6 +64,27 @@ STAGES = ("layer1", "layer2", "layer3", "layer4")  # outputs C2, C3, C4, C5 (M1)
 STAGE_CHANNELS = {2: 256, 3: 512, 4: 1024, 5: 2048}
 DIRECT_FUSE = {"": (5,), "c45": (4, 5), "c2345": (2, 3, 4, 5)}
 Output = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]  # f | logits | (logits, f)
+
+
+@dataclass(frozen=True)
+class MSFLOptions(ConfigOptions):
+    """MSFL-ResNet50's switches (the ``model.msfl`` section; docs/methods.md M2-M6), declared once:
+    the factories' defaults, the config's defaults and its check of ``direct_fuse``."""
+
+    SECTION: ClassVar[str] = "model.msfl"
+    CHOICES: ClassVar[Dict[str, Sequence[Any]]] = {"direct_fuse": tuple(DIRECT_FUSE)}
+
+    lateral: bool = True  # Table I "no lateral" row: False
+    topdown: bool = True  # Table I "no top-down" row: False
+    topdown_kernel: int = 1  # M5: 1 matches Table II's compute; the paper's text says 3
+    lateral_channels: int = 512
+    msff_blocks: Tuple[int, ...] = (3, 2, 1, 0)  # extra bottlenecks on P2, P3, P4, P5
+    fuse_levels: Tuple[int, ...] = (2, 3, 4, 5)  # pyramid levels pooled and concatenated
+    direct_fuse: str = ""  # "" | "c45" | "c2345": Table I direct-fusion rows
+    embedding_dim: int = 512
+
+
+_D = MSFLOptions  # the defaults below
 
 
 class MSFLResNet50(nn.Module):
@@ -76,14 +100,14 @@ class MSFLResNet50(nn.Module):
         num_classes: int,
         loss: str = "softmax",
         pyramid: bool = True,
-        direct_fuse: str = "",
-        lateral: bool = True,
-        topdown: bool = True,
-        topdown_kernel: int = 1,
-        lateral_channels: int = 512,
-        msff_blocks: Sequence[int] = (3, 2, 1, 0),
-        fuse_levels: Sequence[int] = (2, 3, 4, 5),
-        embedding_dim: int = 512,
+        direct_fuse: str = _D.direct_fuse,
+        lateral: bool = _D.lateral,
+        topdown: bool = _D.topdown,
+        topdown_kernel: int = _D.topdown_kernel,
+        lateral_channels: int = _D.lateral_channels,
+        msff_blocks: Sequence[int] = _D.msff_blocks,
+        fuse_levels: Sequence[int] = _D.fuse_levels,
+        embedding_dim: int = _D.embedding_dim,
     ) -> None:
         super().__init__()
         if loss not in loss_names():  # the registered losses (torchreid_ext.losses.registry)
@@ -355,8 +379,8 @@ def resnet50_bnfc512(
     use_gpu: bool = True,
     *,
     backbone_weights: str = "",
-    direct_fuse: str = "",
-    embedding_dim: int = 512,
+    direct_fuse: str = _D.direct_fuse,
+    embedding_dim: int = _D.embedding_dim,
 ) -> MSFLResNet50:
     """Baseline R50 + BN-FC(512)-ReLU (M1, M4); ``direct_fuse`` 'c45' / 'c2345': Table I(b)/(c)."""
     model = MSFLResNet50(
@@ -373,12 +397,12 @@ def msfl_resnet50_csip(
     use_gpu: bool = True,
     *,
     backbone_weights: str = "",
-    lateral: bool = True,
-    topdown: bool = True,
-    topdown_kernel: int = 1,
-    lateral_channels: int = 512,
-    fuse_levels: Sequence[int] = (2, 3, 4, 5),
-    embedding_dim: int = 512,
+    lateral: bool = _D.lateral,
+    topdown: bool = _D.topdown,
+    topdown_kernel: int = _D.topdown_kernel,
+    lateral_channels: int = _D.lateral_channels,
+    fuse_levels: Sequence[int] = _D.fuse_levels,
+    embedding_dim: int = _D.embedding_dim,
 ) -> MSFLResNet50:
     """R50 + CSIP pyramid (M1-M2, M4), no MSFF blocks: Table IV "+CSIP", Table I(d)/(e)."""
     model = MSFLResNet50(
@@ -397,13 +421,13 @@ def msfl_resnet50(
     use_gpu: bool = True,
     *,
     backbone_weights: str = "",
-    lateral: bool = True,
-    topdown: bool = True,
-    topdown_kernel: int = 1,
-    lateral_channels: int = 512,
-    msff_blocks: Sequence[int] = (3, 2, 1, 0),
-    fuse_levels: Sequence[int] = (2, 3, 4, 5),
-    embedding_dim: int = 512,
+    lateral: bool = _D.lateral,
+    topdown: bool = _D.topdown,
+    topdown_kernel: int = _D.topdown_kernel,
+    lateral_channels: int = _D.lateral_channels,
+    msff_blocks: Sequence[int] = _D.msff_blocks,
+    fuse_levels: Sequence[int] = _D.fuse_levels,
+    embedding_dim: int = _D.embedding_dim,
 ) -> MSFLResNet50:
     """Full MSFL-ResNet50 (M1-M4): Table IV "+MSFF", Table II(c)."""
     model = MSFLResNet50(

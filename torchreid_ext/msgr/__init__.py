@@ -29,7 +29,6 @@ Modules, one concept each:
 from .batchnorm import FusedBatchNormDoubleBackward, check_double_backward, find_sync_batchnorm
 from .fast import PiecewiseReplay, RNGSnapshot, dual_direction, frozen_running_stats
 from .penalty import (
-    GRAD_OF,
     GradientPenalty,
     check_grad_of,
     check_q,
@@ -37,8 +36,9 @@ from .penalty import (
     penalty_from_gradients,
     per_sample_norm,
 )
+from .options import GRAD_OF, MODES, Q_VALUES, MSGROptions
 from .stages import StageCapture, expand_eps, stage_modules
-from .step import MODES, FastInfo, MSGRStep, check_mode, exact_step, fast_step, msgr_backward
+from .step import FastInfo, MSGRStep, check_mode, exact_step, fast_step, msgr_backward
 from ..distributed import unwrap_model
 
 __all__ = [
@@ -54,6 +54,8 @@ __all__ = [
     "check_mode",
     "GRAD_OF",
     "MODES",
+    "Q_VALUES",
+    "MSGROptions",
     "per_sample_norm",
     "feature_gradient_penalty",
     "penalty_from_gradients",

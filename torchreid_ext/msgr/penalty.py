@@ -19,11 +19,11 @@ from typing import Dict, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 
+from .options import MSGROptions
 from .stages import expand_eps
 
 __all__ = [
     "GradientPenalty",
-    "GRAD_OF",
     "check_q",
     "check_grad_of",
     "widen",
@@ -33,22 +33,23 @@ __all__ = [
 ]
 
 INF = float("inf")
-GRAD_OF = ("sum", "mean")
 Scale = Union[float, torch.Tensor]
 
 
 def check_q(q: float) -> float:
-    """``q`` as a float if it is a norm order (q >= 1, inf included), else a ValueError."""
-    q = float(q)
-    if not (q >= 1):
-        raise ValueError(f"q = {q} is not a valid norm; use q >= 1 (1, 2 or inf in configs)")
-    return q
+    """``q`` as a float if :class:`~.options.MSGROptions` allows it (a norm order >= 1), else a ValueError."""
+    problem = MSGROptions.CHECKS["q"](q)
+    if problem:
+        raise ValueError(f"q = {q!r} {problem}")
+    return float(q)
 
 
 def check_grad_of(grad_of: str) -> str:
-    """``grad_of`` if it is 'sum' (L_grad = B * L_mean) or 'mean' (L_grad = L_mean), else a ValueError."""
-    if grad_of not in GRAD_OF:
-        raise ValueError(f"MSGR grad_of = {grad_of!r}; choose 'sum' or 'mean'")
+    """``grad_of`` if :class:`~.options.MSGROptions` allows it ('sum': L_grad = B * L_mean, 'mean':
+    L_grad = L_mean), else a ValueError."""
+    allowed = MSGROptions.CHOICES["grad_of"]
+    if grad_of not in allowed:
+        raise ValueError(f"grad_of = {grad_of!r} is not valid; choose one of {list(allowed)}")
     return grad_of
 
 

@@ -58,6 +58,7 @@ import torch.nn as nn
 
 from .batchnorm import FusedBatchNormDoubleBackward
 from .fast import PiecewiseReplay, RNGSnapshot, dual_direction, frozen_running_stats
+from .options import MSGROptions
 from .penalty import (
     GradientPenalty,
     Scale,
@@ -70,17 +71,17 @@ from .penalty import (
 )
 from .stages import StageCapture, expand_eps
 
-__all__ = ["MODES", "FastInfo", "MSGRStep", "check_mode", "exact_step", "fast_step", "msgr_backward"]
+__all__ = ["FastInfo", "MSGRStep", "check_mode", "exact_step", "fast_step", "msgr_backward"]
 
-MODES = ("exact", "fast")
 ForwardFn = Callable[[], object]
 LossFn = Callable[[object], torch.Tensor]
 
 
 def check_mode(mode: str) -> str:
-    """``mode`` if it is 'exact' (G4) or 'fast' (G5), else a ValueError."""
-    if mode not in MODES:
-        raise ValueError(f"MSGR mode = {mode!r}; choose 'exact' or 'fast'")
+    """``mode`` if :class:`~.options.MSGROptions` allows it ('exact', G4; 'fast', G5), else a ValueError."""
+    allowed = MSGROptions.CHOICES["mode"]
+    if mode not in allowed:
+        raise ValueError(f"mode = {mode!r} is not valid; choose one of {list(allowed)}")
     return mode
 
 

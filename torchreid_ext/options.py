@@ -1,0 +1,123 @@
+"""Options that a component owns, declared once: the base of every ``*Options`` dataclass.
+
+A component (MSGR, the evaluation, MSFL-ResNet50, the engine, distributed training, the data
+checks) declares its options as a frozen dataclass deriving from :class:`ConfigOptions`:
+
+* each field is one option with its default;
+* ``KEYS`` maps a field to its config key (default ``<SECTION>.<field>``; ``None``: not a
+  config key, e.g. derived or runtime-only);
+* ``CHOICES`` maps a field to its allowed values, ``CHECKS`` to a check returning what is wrong
+  (or None). The instance checks itself on construction, naming the config key.
+
+The yacs defaults (:func:`torchreid_ext.config.get_default_config`) and the config's value
+checks (:func:`torchreid_ext.config.validate_config`) are built from these classes, and the
+component's own code reads ``CHOICES`` too, so an allowed-value set lives in one place.
+This module is a leaf: it imports nothing of the package but :mod:`torchreid_ext.errors`.
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import fields
+from typing import Any, Callable, ClassVar, Dict, Optional, Sequence
+
+from .errors import ConfigError
+
+__all__ = ["ConfigOptions", "is_int", "is_number", "positive_int", "non_negative_number", "config_value"]
+
+
+def is_int(x: Any) -> bool:
+    """An integer (Python or numpy), not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def is_number(x: Any) -> bool:
+    """A real number (Python or numpy), not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def positive_int(x: Any) -> Optional[str]:
+    """None for an integer >= 1, else what it must be."""
+    return None if is_int(x) and x >= 1 else "must be an integer >= 1"
+
+
+def non_negative_number(x: Any) -> Optional[str]:
+    """None for a number >= 0, else what it must be."""
+    return None if is_number(x) and x >= 0 else "must be a number >= 0"
+
+
+def config_value(cfg, key: str) -> Any:
+    """``cfg`` at dotted ``key``."""
+    for part in key.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+def _plain(value: Any) -> Any:
+    """A config value as the dataclass holds it: lists become tuples (hashable, frozen)."""
+    return tuple(_plain(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+class ConfigOptions:
+    """Base of a component's options dataclass (see the module docstring)."""
+
+    SECTION: ClassVar[str] = ""
+    KEYS: ClassVar[Dict[str, Optional[str]]] = {}
+    CHOICES: ClassVar[Dict[str, Sequence[Any]]] = {}
+    CHECKS: ClassVar[Dict[str, Callable[[Any], Optional[str]]]] = {}
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---------------------------------------------------------------- declaration
+    @classmethod
+    def key_of(cls, name: str) -> Optional[str]:
+        """The config key of field ``name`` (None: not in the config)."""
+        return cls.KEYS[name] if name in cls.KEYS else f"{cls.SECTION}.{name}"
+
+    @classmethod
+    def config_keys(cls) -> Dict[str, str]:
+        """``{config key: field name}`` of every field that is a config key."""
+        return {cls.key_of(f.name): f.name for f in fields(cls) if cls.key_of(f.name) is not None}
+
+    @classmethod
+    def config_defaults(cls) -> Dict[str, Any]:
+        """``{config key: default}``, lists for sequences (yacs values)."""
+        out = {}
+        for f in fields(cls):
+            key = cls.key_of(f.name)
+            if key is not None:
+                out[key] = list(f.default) if isinstance(f.default, tuple) else f.default
+        return out
+
+    # ---------------------------------------------------------------- reading
+    @classmethod
+    def from_config(cls, cfg, **overrides):
+        """The options ``cfg`` sets (``overrides`` for fields that are not config keys, or to
+        change one); a bad value raises :class:`ConfigError` naming its key."""
+        values = {name: _plain(config_value(cfg, key)) for key, name in cls.config_keys().items()}
+        values.update(overrides)
+        return cls(**values)
+
+    # ---------------------------------------------------------------- checking
+    def describe(self, name: str) -> str:
+        """How a message names field ``name``: its config key, else the field name."""
+        return self.key_of(name) or name
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` on the first value outside ``CHOICES`` or failing ``CHECKS``,
+        then run :meth:`check` (rules between fields)."""
+        for name, allowed in self.CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                shown = list(value) if isinstance(value, tuple) else value
+                raise ConfigError(f"{self.describe(name)} = {shown!r} is not valid; choose one of {list(allowed)}")
+        for name, check in self.CHECKS.items():
+            value = getattr(self, name)
+            problem = check(value)
+            if problem:
+                shown = list(value) if isinstance(value, tuple) else value
+                raise ConfigError(f"{self.describe(name)} = {shown!r} {problem}")
+        self.check()
+
+    def check(self) -> None:
+        """Rules between this component's fields (subclasses); raise :class:`ConfigError`."""
