@@ -248,15 +248,6 @@ def test_a_killed_exports_temporary_file_is_removed_by_the_next_export(env, caps
     assert sorted(os.listdir(env.root)) == ["m.pt"]
 
 
-def test_installed_entry_point_exits_0_after_a_successful_run(data_root, tmp_path):
-    exe = osp.join(osp.dirname(sys.executable), "torchreid-ext")
-    assert osp.isfile(exe), "the console script is installed with the package (pip install -e .)"
-    proc = subprocess.run([exe, *tiny_opts(data_root, str(tmp_path / "run"), **{"train.max_epoch": 1})],
-                          capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "synthreid_small" not in proc.stderr  # no results dict printed as an exit message
-
-
 def test_ctrl_c_during_extraction_is_one_line_exit_130_and_no_file(env, tmp_path):
     out = tmp_path / "f.h5"
     argv = [sys.executable, osp.join(REPO, "scripts", "extract.py"), *_extract(env, "--out", str(out)),

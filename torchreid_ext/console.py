@@ -3,7 +3,9 @@
 :func:`run_command` does what a command needs around its work:
 
 * a console handler for the package logger (the library itself installs none);
-* the loss plug-ins named in ``$TORCHREID_EXT_LOSSES`` (:func:`torchreid_ext.losses.import_plugins`);
+* the plug-in modules named in ``$TORCHREID_EXT_PLUGINS`` (comma separated; ``$TORCHREID_EXT_LOSSES``,
+  the earlier name, too), imported first, so that the losses, engines, models and datasets they
+  register exist in this process (and in each run ``scripts/compare.py`` starts);
 * errors as exit statuses: a :class:`~torchreid_ext.errors.UserError` is one line on stderr
   (``error: <message>``) and status 2; an :class:`~torchreid_ext.errors.ExportCheckError` status 1;
   Ctrl-C is ``interrupted`` and status 130 (each command's writers leave no partial file);
@@ -12,15 +14,31 @@
 """
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from typing import Callable, Optional
 
-from .errors import CommandError
+from .errors import CommandError, ConfigError
 
-__all__ = ["TRACEBACK_ENV", "run_command", "error_line"]
+__all__ = ["TRACEBACK_ENV", "PLUGINS_ENV", "import_plugins", "run_command", "error_line"]
 
 TRACEBACK_ENV = "TORCHREID_EXT_TRACEBACK"
+PLUGINS_ENV = "TORCHREID_EXT_PLUGINS"
+_PLUGINS_ENV_ALIASES = (PLUGINS_ENV, "TORCHREID_EXT_LOSSES")
+
+
+def import_plugins() -> None:
+    """Import the modules named in ``$TORCHREID_EXT_PLUGINS`` (comma separated); a module that
+    cannot be imported is a :class:`~torchreid_ext.errors.ConfigError` naming it."""
+    for env in _PLUGINS_ENV_ALIASES:
+        for module in (m.strip() for m in os.environ.get(env, "").split(",")):
+            if not module:
+                continue
+            try:
+                importlib.import_module(module)
+            except ImportError as exc:
+                raise ConfigError(f"{env} names module '{module}', which cannot be imported: {exc}") from exc
 
 
 def error_line(exc: BaseException) -> str:
@@ -35,8 +53,6 @@ def run_command(body: Callable[[], Optional[int]]) -> int:
 
     install_console_handler()
     try:
-        from .losses import import_plugins
-
         import_plugins()
         status = body()
     except CommandError as exc:

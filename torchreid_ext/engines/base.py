@@ -100,6 +100,7 @@ class ReIDEngine(torchreid().engine.Engine):
         amp: str = "none",
         channels_last: bool = False,
         seed: Optional[int] = None,
+        evaluation_options=None,
     ):
         super().__init__(datamanager, use_gpu)
         from ..metrics import EvaluationOptions
@@ -127,6 +128,8 @@ class ReIDEngine(torchreid().engine.Engine):
         self._train_seconds = 0.0
         self._train_images = 0
         self.metrics_file = "metrics.json"
+        if evaluation_options is not None:
+            self.evaluation_options = evaluation_options
 
     # ------------------------------------------------------------------ helpers
     def to_device(self, *tensors: torch.Tensor):

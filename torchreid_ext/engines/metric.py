@@ -82,6 +82,12 @@ class ImageMetricEngine(ReIDEngine):
             num_classes=datamanager.num_train_pids, use_gpu=self.use_gpu, label_smooth=label_smooth
         )
 
+    @classmethod
+    def from_config(cls, cfg, datamanager, model, optimizer, scheduler=None, **common) -> "ImageMetricEngine":
+        """The engine with the base engines' arguments ``common``
+        (:func:`torchreid_ext.engines.engine_arguments`); a subclass reads its own keys here."""
+        return cls(datamanager, model, optimizer, scheduler, **common)
+
     def compute_loss_terms(self, outputs, pids: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
         """Weighted total (batch mean; gathered terms x world size, see the module docstring)
         and the summary of every term (unscaled)."""

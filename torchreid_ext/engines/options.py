@@ -7,11 +7,18 @@ from typing import Any, Callable, ClassVar, Dict, Optional, Sequence
 import torch
 
 from ..options import ConfigOptions, is_int
+from .registry import ENGINES
 
 __all__ = ["AMP_DTYPES", "EngineOptions"]
 
 # train.amp -> autocast dtype
 AMP_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _engine(name: Any) -> Optional[str]:
+    if name == "" or name in ENGINES:
+        return None
+    return f"is not valid; choose one of {ENGINES.names()} (or '' for msgr / metric by msgr.enabled)"
 
 
 def _checkpoint_freq(n: Any) -> Optional[str]:
@@ -20,14 +27,17 @@ def _checkpoint_freq(n: Any) -> Optional[str]:
 
 @dataclass(frozen=True)
 class EngineOptions(ConfigOptions):
-    """``train.amp`` (none | fp16 | bf16 autocast), ``train.channels_last``, ``train.sync_bn``
+    """``train.engine`` (a registered engine), ``train.amp`` (none | fp16 | bf16 autocast),
+    ``train.channels_last``, ``train.sync_bn``
     (SyncBatchNorm under torchrun), ``train.checkpoint_freq`` (epochs between resumable
     checkpoints) and ``train.deterministic`` (deterministic kernels, no cudnn.benchmark)."""
 
     SECTION: ClassVar[str] = "train"
     CHOICES: ClassVar[Dict[str, Sequence[Any]]] = {"amp": tuple(AMP_DTYPES)}
-    CHECKS: ClassVar[Dict[str, Callable[[Any], Optional[str]]]] = {"checkpoint_freq": _checkpoint_freq}
+    CHECKS: ClassVar[Dict[str, Callable[[Any], Optional[str]]]] = {"checkpoint_freq": _checkpoint_freq,
+                                                                    "engine": _engine}
 
+    engine: str = ""  # a registered engine (torchreid_ext.engines.ENGINES); '': msgr / metric by msgr.enabled
     checkpoint_freq: int = 1
     deterministic: bool = False
     amp: str = "none"

@@ -6,20 +6,15 @@ the engine logs each loss's ``last_stats``. Built in: ``softmax`` (cross-entropy
 (:class:`DRSLoss`, docs/methods.md D) and ``sn`` (:class:`SupportNeighborLoss`, docs/methods.md S).
 Add one with :func:`register_loss` (see :mod:`torchreid_ext.losses.registry`).
 
-``TORCHREID_EXT_LOSSES=module[,module...]`` in the environment: every command line imports those
-modules first (:func:`import_plugins`, called by :mod:`torchreid_ext.console`), so the losses they
-register exist in ``scripts/main.py``, each run of ``scripts/compare.py`` and each torchrun rank.
-Importing the package does not import them.
+A module that registers losses can be named in ``$TORCHREID_EXT_PLUGINS`` (:mod:`torchreid_ext.console`):
+every command line imports it first, so its losses exist in ``scripts/main.py``, each run of
+``scripts/compare.py`` and each torchrun rank.
 """
 from __future__ import annotations
-
-import importlib
-import os
 
 import torch.nn as nn
 
 from ..adapter import torchreid
-from ..errors import ConfigError
 from .base import BaseMetricLoss, MetricLoss
 from .drsl import DRSLoss, drsl_loss
 from .registry import (
@@ -92,18 +87,3 @@ def build_metric_loss(name: str, cfg) -> nn.Module:
     """The metric loss ``name`` configured from ``cfg.loss.<name>`` (a whole config)."""
     get_loss(name)  # an unknown name: the registry's error, listing the registered ones
     return build_loss(name, cfg.loss[name])
-
-
-PLUGINS_ENV = "TORCHREID_EXT_LOSSES"
-
-
-def import_plugins() -> None:
-    """Import the modules named in ``$TORCHREID_EXT_LOSSES`` (comma separated), which register
-    losses. The command lines call it (:mod:`torchreid_ext.console`); importing the package does not."""
-    for module in (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",")):
-        if not module:
-            continue
-        try:
-            importlib.import_module(module)
-        except ImportError as exc:
-            raise ConfigError(f"{PLUGINS_ENV} names module '{module}', which cannot be imported: {exc}") from exc

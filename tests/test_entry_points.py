@@ -1,0 +1,77 @@
+"""Every installed console command exits 0 on success and 2 on bad input (one line on stderr)."""
+import os
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, tiny_opts
+
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+COMMANDS = ("torchreid-ext", "torchreid-ext-compare", "torchreid-ext-extract", "torchreid-ext-evaluate",
+            "torchreid-ext-export", "torchreid-ext-visualize")
+
+
+def command(name, *argv, cwd=None):
+    exe = osp.join(osp.dirname(sys.executable), name)
+    assert osp.isfile(exe), f"{name} is installed with the package (pip install -e .)"
+    return subprocess.run([exe, *map(str, argv)], capture_output=True, text=True, env=SUBPROCESS_ENV, cwd=cwd,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def trained(data_root, tmp_path_factory):
+    """A 1-epoch run by the installed ``torchreid-ext`` (the train command's success case)."""
+    folder = tmp_path_factory.mktemp("entry")
+    save = folder / "run"
+    proc = command("torchreid-ext", *tiny_opts(data_root, str(save), **{"train.max_epoch": 1}))
+    return folder, save, proc
+
+
+def test_train_exits_0_after_a_successful_run(trained):
+    _, save, proc = trained
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "synthreid_small" not in proc.stderr  # no results dict printed as an exit message
+    assert osp.isfile(save / "model" / "model.pth.tar-1")
+
+
+def test_every_other_command_exits_0_on_success(trained, data_root):
+    folder, save, _ = trained
+    weights = save / "model" / "model.pth.tar-1"
+    opts = tiny_opts(data_root, str(save))
+    for split in ("query", "gallery"):
+        proc = command("torchreid-ext-extract", "--weights", weights, "--dataset", "synthreid_small", "--split", split,
+                       "--out", folder / f"{split}.h5", *opts)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = {
+        "torchreid-ext-evaluate": ["--query", folder / "query.h5", "--gallery", folder / "gallery.h5", "--no-write"],
+        "torchreid-ext-export": ["--weights", weights, "--format", "torchscript", "--out", folder / "m.pt", *opts],
+        "torchreid-ext-compare": [save, "--out", folder / "cmp"],
+        "torchreid-ext-visualize": ["--config", osp.join(REPO, "configs", "quickstart.yaml"), "--weights", weights,
+                                    "--out", folder / "ranks", "--num-queries", "2",
+                                    "--topk", "3", "--opts", *opts],
+    }
+    for name, argv in runs.items():
+        proc = command(name, *argv)
+        assert proc.returncode == 0, (name, proc.stderr[-2000:])
+    assert osp.isfile(folder / "m.pt") and osp.isfile(folder / "cmp" / "results.md")
+    assert len(os.listdir(folder / "ranks")) == 2
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_command_exits_2_on_bad_input_with_one_line(name, tmp_path):
+    missing = tmp_path / "missing.yaml"
+    argv = {
+        "torchreid-ext": ["--config", missing],
+        "torchreid-ext-compare": [missing, "--out", tmp_path / "cmp"],
+        "torchreid-ext-extract": ["--config", missing, "--images", tmp_path, "--out", tmp_path / "f.h5"],
+        "torchreid-ext-evaluate": ["--query", tmp_path / "q.h5", "--gallery", tmp_path / "g.h5"],
+        "torchreid-ext-export": ["--config", missing, "--format", "onnx", "--out", tmp_path / "m.onnx"],
+        "torchreid-ext-visualize": ["--config", missing],
+    }[name]
+    proc = command(name, *argv)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "does not exist" in lines[0] and "Traceback" not in proc.stdout + proc.stderr
+    assert sorted(os.listdir(tmp_path)) == []

@@ -1,0 +1,20 @@
+"""The engine registry: ``train.engine`` names (a leaf of the engines package).
+
+An engine class provides ``from_config(cfg, datamanager, model, optimizer, scheduler, **common)``
+(:func:`torchreid_ext.engines.build_engine` passes the base engines' arguments as ``common``).
+"""
+from __future__ import annotations
+
+from ..registry import Registry
+
+__all__ = ["ENGINES", "register_engine"]
+
+ENGINES: Registry = Registry("engine")
+
+
+def register_engine(name: str, engine_cls: type) -> type:
+    """Register an engine class (with a ``from_config`` classmethod) as ``train.engine`` ``name``."""
+    if not callable(getattr(engine_cls, "from_config", None)):
+        raise TypeError(f"engine '{name}': {engine_cls!r} has no from_config(cfg, datamanager, model, optimizer, "
+                        "scheduler, **common) classmethod")
+    return ENGINES.register(name, engine_cls)
