@@ -2,7 +2,7 @@
 
 Batches are P x K with K = 4 images per identity (Torchreid's ``RandomIdentitySampler``), D = 512 features
 (identity centre + noise), at B = 64, 256, 1024 by default. Each loss is built by
-``torchreid_ext.losses.build_metric_loss`` from the default config (DRSL tau_rel 0.05, lambda_sort 1;
+``torchreid_ext.losses.build_loss`` from the default config (DRSL tau_rel 0.05, lambda_sort 1;
 SN alpha 50, k 10, w 0.1, spread; triplet margin 0.3), i.e. exactly what the engine trains with.
 
 Every (loss, B) runs in its own subprocess, so peaks never mix:
@@ -55,13 +55,13 @@ def child(spec: Dict) -> Dict:
     import torch
 
     from torchreid_ext.config import get_default_config
-    from torchreid_ext.losses import build_metric_loss
+    from torchreid_ext.losses import build_loss
 
     if spec["threads"] > 0:
         torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
     cuda = device.type == "cuda"
-    loss_fn = build_metric_loss(spec["loss"], get_default_config())
+    loss_fn = build_loss(spec["loss"], get_default_config().loss[spec["loss"]])
 
     def step(f, y):
         f.grad = None

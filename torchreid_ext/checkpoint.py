@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError, DiskFullError, InputNotFound
+from .distributed import unwrap_model
 from .files import atomic_output, missing_file_reason
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ __all__ = [
     "resume_from_checkpoint",
     "load_model_weights",
     "load_pretrained_weights",
+    "strip_module_prefix",
+    "CHECKPOINT_NAME",
 ]
 
 
@@ -179,21 +182,17 @@ def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
     torch.manual_seed(value)  # CUDA generators too
 
 
-_CKPT = re.compile(r"model\.pth\.tar-(\d+)$")
+CHECKPOINT_NAME = re.compile(r"model\.pth\.tar-(\d+)$")  # <save_dir>/model/model.pth.tar-<epoch>
 
 
 def latest_checkpoint(directory: str) -> Optional[str]:
     """The ``model.pth.tar-<epoch>`` with the highest epoch in ``directory``, if any."""
     found = []
     for path in glob.glob(osp.join(directory, "model.pth.tar-*")):
-        m = _CKPT.search(path)
+        m = CHECKPOINT_NAME.search(path)
         if m:
             found.append((int(m.group(1)), path))
     return max(found)[1] if found else None
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") and isinstance(model.module, torch.nn.Module) else model
 
 
 def resume_from_checkpoint(
@@ -210,9 +209,9 @@ def resume_from_checkpoint(
     are restored last."""
     ckpt = load_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
     path = checkpoint if isinstance(checkpoint, str) else source
-    state_dict = _strip_module(ckpt.get("state_dict", ckpt))
+    state_dict = strip_module_prefix(ckpt.get("state_dict", ckpt))
     try:
-        _unwrap(model).load_state_dict(state_dict)
+        unwrap_model(model).load_state_dict(state_dict)
     except RuntimeError as exc:
         raise CheckpointError(f"Checkpoint '{path}' does not fit this model: {exc}") from exc
     if optimizer is not None and "optimizer" in ckpt:
@@ -229,8 +228,9 @@ def resume_from_checkpoint(
     return epoch
 
 
-def _strip_module(state_dict: Dict[str, Any]) -> "OrderedDict[str, Any]":
-    return OrderedDict((k[7:] if k.startswith("module.") else k, v) for k, v in state_dict.items())
+def strip_module_prefix(state_dict: Dict[str, Any]) -> "OrderedDict[str, Any]":
+    """The state dict with the ``module.`` prefix of (Distributed)DataParallel checkpoints removed."""
+    return OrderedDict((k[len("module."):] if k.startswith("module.") else k, v) for k, v in state_dict.items())
 
 
 def load_model_weights(model: torch.nn.Module, path: str, strict: bool = False,
@@ -249,11 +249,11 @@ def load_model_weights(model: torch.nn.Module, path: str, strict: bool = False,
     eval mode does not use it). ``model_name`` (e.g. ``model.name``) names the model in messages.
     """
     ckpt = load_checkpoint(path)
-    name = f"model '{model_name}'" if model_name else type(_unwrap(model)).__name__
+    name = f"model '{model_name}'" if model_name else type(unwrap_model(model)).__name__
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"Weights file '{path}' holds a {type(ckpt).__name__}, not a state dict")
-    state_dict = _strip_module(ckpt.get("state_dict", ckpt))
-    target = _unwrap(model).state_dict()
+    state_dict = strip_module_prefix(ckpt.get("state_dict", ckpt))
+    target = unwrap_model(model).state_dict()
     matched, skipped = OrderedDict(), []
     for key, value in state_dict.items():
         if key in target and torch.is_tensor(value) and value.shape == target[key].shape:
@@ -279,7 +279,7 @@ def load_model_weights(model: torch.nn.Module, path: str, strict: bool = False,
                 f"Weights file '{path}' does not fit {name}: {len(missing)} of its "
                 f"tensors are not loaded, the first '{key}' ({why})")
     target.update(matched)
-    _unwrap(model).load_state_dict(target)
+    unwrap_model(model).load_state_dict(target)
     reshaped = [k for k in skipped if k in target and torch.is_tensor(state_dict[k])]
     absent = [k for k in skipped if k not in reshaped]
     notes = []

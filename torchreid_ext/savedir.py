@@ -18,12 +18,11 @@ import json
 import logging
 import os
 import os.path as osp
-import re
 import socket
 import time
 from typing import Any, Dict, List, Optional
 
-from .checkpoint import latest_checkpoint, load_checkpoint
+from .checkpoint import CHECKPOINT_NAME, latest_checkpoint, load_checkpoint
 from .config import ConfigError
 from .errors import InputNotFound, SaveDirError
 from .files import pid_alive, probe_writable, remove_stale_temps
@@ -42,7 +41,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = "run.lock"
-_CKPT = re.compile(r"model\.pth\.tar-(\d+)$")
 
 
 def _hostname() -> str:
@@ -189,7 +187,7 @@ def remove_stale_temp_files(save_dir: str) -> List[str]:
 
 def checkpoint_epoch(path: str) -> int:
     """How many epochs the checkpoint at ``path`` finished (its name, else its ``epoch``)."""
-    m = _CKPT.search(osp.basename(path))
+    m = CHECKPOINT_NAME.search(osp.basename(path))
     if m:
         return int(m.group(1))
     return int(load_checkpoint(path).get("epoch", 0))

@@ -1,11 +1,11 @@
 """DRSL (docs/methods.md D1-D7) against a plain float64 loop implementation, gradcheck, the exact-AP limit,
-edge cases; and ``build_metric_loss``."""
+edge cases; and ``build_loss`` from config sections."""
 import pytest
 import torch
 
 from torchreid_ext.adapter import torchreid
 from torchreid_ext.config import get_default_config
-from torchreid_ext.losses import DRSLoss, build_metric_loss, drsl_loss, loss_names
+from torchreid_ext.losses import DRSLoss, build_loss, drsl_loss, loss_names
 from loss_batches import pk_labels, unequal_labels
 from loss_batches import features as _features
 
@@ -186,19 +186,19 @@ def test_bad_inputs():
         DRSLoss(tau_rel=0)
 
 
-def test_build_metric_loss():
+def test_build_loss_from_config_sections():
     cfg = get_default_config()
     cfg.loss.triplet.margin = 0.7
     cfg.loss.drsl.tau_rel, cfg.loss.drsl.lambda_sort = 0.1, 0.5
     cfg.loss.sn.alpha, cfg.loss.sn.k, cfg.loss.sn.weight_squeeze, cfg.loss.sn.squeeze = 20.0, 5, 0.2, "nearest"
     assert loss_names()[:4] == ["softmax", "triplet", "drsl", "sn"]
-    triplet = build_metric_loss("triplet", cfg)
+    triplet = build_loss("triplet", cfg.loss.get("triplet"))
     assert isinstance(triplet, torchreid().losses.TripletLoss) and triplet.margin == 0.7
-    drsl = build_metric_loss("drsl", cfg)
+    drsl = build_loss("drsl", cfg.loss.get("drsl"))
     assert (drsl.tau_rel, drsl.lambda_sort) == (0.1, 0.5)
-    sn = build_metric_loss("sn", cfg)
+    sn = build_loss("sn", cfg.loss.get("sn"))
     assert (sn.alpha, sn.k, sn.weight_squeeze, sn.squeeze) == (20.0, 5, 0.2, "nearest")
     with pytest.raises(KeyError, match=r"'arcface'.*\['softmax', 'triplet', 'drsl', 'sn'"):
-        build_metric_loss("arcface", cfg)
+        build_loss("arcface", cfg.loss.get("arcface"))
     with pytest.raises(ValueError, match=r"softmax.*cross-entropy only"):
-        build_metric_loss("softmax", cfg)
+        build_loss("softmax", cfg.loss.get("softmax"))

@@ -280,7 +280,7 @@ class ReIDEngine(torchreid().engine.Engine):
 
     def checkpoint_state(self, epoch: int, rank1: float) -> Dict[str, Any]:
         """Everything a resume needs after ``epoch`` (0-based), with ``max_epoch`` of the run."""
-        model = self.model.module if hasattr(self.model, "module") else self.model
+        model = unwrap_model(self.model)
         state = {
             "state_dict": model.state_dict(),
             "epoch": epoch + 1,

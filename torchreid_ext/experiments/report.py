@@ -139,10 +139,6 @@ def write_csv(rows: Sequence[Dict[str, Any]], path: str) -> None:
             writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in COLUMNS})
 
 
-def _pct(x: Optional[float]) -> str:
-    return "–" if x is None else f"{100 * x:.1f}"
-
-
 def _mean_std(g: GroupSummary, key: str) -> str:
     st = g.stats[key]
     if st is None:

@@ -46,7 +46,6 @@ __all__ = [
     "loss_names",
     "build_loss",
     "build_loss_terms",
-    "build_metric_loss",
     "check_loss_weights",
 ]
 
@@ -81,9 +80,3 @@ register_loss("drsl", _drsl, {"tau_rel": 0.05, "lambda_sort": 0.0})  # 0: docs/s
 # docs/methods.md S4-S5: the authors train with SN alone (weight_x 0).
 register_loss("sn", _sn, {"alpha": 50.0, "k": 10, "weight_squeeze": 0.1, "squeeze": "spread", "weight_x": 0.0},
               min_batch_size=_sn_min_batch)
-
-
-def build_metric_loss(name: str, cfg) -> nn.Module:
-    """The metric loss ``name`` configured from ``cfg.loss.<name>`` (a whole config)."""
-    get_loss(name)  # an unknown name: the registry's error, listing the registered ones
-    return build_loss(name, cfg.loss[name])

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .drsl import check_inputs, compute_dtype, no_positive_result, pairwise_distance
+from .batch import check_inputs, compute_dtype, no_positive_result, pairwise_distance
 
 __all__ = ["SupportNeighborLoss", "support_neighbor_loss", "SQUEEZE_MODES"]
 

@@ -16,6 +16,7 @@ full matrix. Features with inf or NaN values are rejected up front (they would g
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Iterator, Optional, Tuple, Union
 
@@ -154,3 +155,15 @@ def _check_chunk(chunk_size: int) -> int:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     return int(chunk_size)
+
+
+@contextlib.contextmanager
+def torch_threads(n: Optional[int]) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` inside the block, restored after (None: unchanged)."""
+    previous = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

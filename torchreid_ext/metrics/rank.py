@@ -66,7 +66,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .distance import ArrayLike, _blocks, _check_chunk, _prepare, as_real_matrix, auto_chunk_rows
+from .distance import ArrayLike, _blocks, _check_chunk, _prepare, as_real_matrix, auto_chunk_rows, torch_threads
 
 __all__ = ["RankResult", "evaluate_features", "evaluate_rank"]
 
@@ -100,10 +100,6 @@ class RankResult:
         if not 1 <= k <= len(self.cmc):
             raise ValueError(f"k must be in [1, {len(self.cmc)}], got {k}")
         return float(self.cmc[k - 1])
-
-    def as_torchreid(self):
-        """``(cmc, mAP)``, the pair Torchreid's ``evaluate_rank`` returns."""
-        return self.cmc, self.mAP
 
 
 # ----------------------------------------------------------------------------------------------
@@ -449,15 +445,8 @@ def _cpu_threads(device: torch.device, num_threads: Optional[int]):
     2-core reference machine under load). The distance matmul is not affected.
     """
     _check_threads(num_threads)
-    if device.type != "cpu":
+    with torch_threads((num_threads or 1) if device.type == "cpu" else None):
         yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(num_threads or 1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _progress(total: int, enabled: bool, desc: str):

@@ -23,13 +23,12 @@ tile. Values match Torchreid's to float32 rounding (it sums in float32 in anothe
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import torch
 
-from .distance import ArrayLike, _block, _prepare, as_real_matrix, auto_chunk_rows
+from .distance import ArrayLike, _block, _prepare, as_real_matrix, auto_chunk_rows, torch_threads
 from .knn import RunningTopK
 
 __all__ = ["check_rerank_args", "re_ranking", "reranked_distance_blocks", "reranked_distance_matrix"]
@@ -112,7 +111,7 @@ class _FeatureSource:
 
     def _d(self, a, b, c, e):
         xn = self.xn
-        with _threads(self.matmul_threads):
+        with torch_threads(self.matmul_threads):
             return _block(self.x[a:b], self.x[c:e], None if xn is None else xn[a:b], None if xn is None else xn[c:e])
 
     def neighbours(self, top: RunningTopK, tile: int, bar) -> None:
@@ -347,18 +346,6 @@ class _SparseReRanking:
         return jaccard.add_(original.mul_(self.lambda_value))
 
 
-@contextlib.contextmanager
-def _threads(n: Optional[int]):
-    """torch's intra-op threads set to ``n`` inside (None: unchanged)."""
-    previous = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def _reranked(source, k1: int, k2: int, lambda_value: float, rows: Optional[int], progress: bool,
               num_threads: Optional[int]) -> Iterator[Tuple[int, torch.Tensor]]:
     """Yield ``(first query row, float32 block of re-ranked query x gallery distances)``.
@@ -372,11 +359,11 @@ def _reranked(source, k1: int, k2: int, lambda_value: float, rows: Optional[int]
     index_threads = (num_threads or 1) if cpu else None
     bar = _Progress(source.work() + source.num_q * source.num_g, progress)
     try:
-        with torch.no_grad(), _threads(index_threads):
+        with torch.no_grad(), torch_threads(index_threads):
             state = _SparseReRanking(source, k1, k2, lambda_value, bar)
             bounds = list(state.bounds(rows or auto_chunk_rows(source.num_g, source.device)))
         for a, b in bounds:
-            with torch.no_grad(), _threads(index_threads):
+            with torch.no_grad(), torch_threads(index_threads):
                 block = state.block(a, b)
             yield a, block
     finally:

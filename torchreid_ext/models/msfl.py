@@ -42,6 +42,7 @@ import torchvision
 from torchvision.models.resnet import Bottleneck
 from torchvision.ops.misc import Conv2dNormActivation
 
+from ..checkpoint import strip_module_prefix
 from ..errors import BackboneWeightsError
 from ..options import ConfigOptions
 from ..losses import get_loss, loss_names
@@ -309,7 +310,7 @@ def _read_state_dict(path: str, what: str = "model.backbone_weights") -> Mapping
         raise BackboneWeightsError(
             f"{what}: '{path}' holds a {type(obj).__name__}, not a state dict"
         )
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+    return dict(strip_module_prefix(obj))
 
 
 def load_backbone_weights(model: MSFLResNet50, state: Mapping[str, torch.Tensor], source: str) -> int:

@@ -22,12 +22,11 @@ for 'mean'; gradients accumulated before the call are kept) and the second backw
 Three things make the finite difference sound (each is tested): the extra forward replays
 the first one's RNG state and updates no running statistics, and stays on the first one's
 piece (:mod:`torchreid_ext.msgr.fast`); and the step is right. Per sample
-||delta_{s,i}||_p = h eps_s / B is tiny next to ||x_{s,i}|| (e.g. 1e-8 of it for R50 layer1
-at 256x128, B = 64, h = 0.1), below float32 resolution, so x + delta rounds back towards x
-(R_fd 10% low at 128x64, B = 16, h = 0.1). ``h=None`` (engine: ``fast_h 'auto'``) picks h
-per batch so that the largest stage perturbation is ``rel_step`` (3e-6) of the stage
-output: float32 rounding is ~1e-7 and the curvature of the network along v (BatchNorm,
-loss) biases the difference from ~1e-5 on.
+||delta_{s,i}||_p = h eps_s / B can be tiny next to ||x_{s,i}||, below float32 resolution, so
+that x + delta rounds back towards x. ``h=None`` (engine: ``msgr.fast_h`` <= 0) picks h per
+batch so that the largest stage perturbation is ``rel_step`` of the stage output: large enough
+to stay above float32 rounding, small enough that the curvature of the network along v
+(BatchNorm, loss) does not bias the difference (tests/msgr/test_msgr_fast.py checks both).
 
 The logged ``R`` is computed from the exact g in both modes; ``R_fd`` (fast) is the
 finite-difference value, a check on h. ``squared=True`` in fast mode: d(||g||^2) =

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The GPU check: every CUDA test and benchmark in one command, logs and figures in one folder.
 
-    python scripts/gpu_check.py [OUT_DIR] [--tar FILE] [--budget-s S] [--only STEP ...]
+    python tools/gpu_check.py [OUT_DIR] [--tar FILE] [--budget-s S] [--only STEP ...]
 
 OUT_DIR: the argument, else ``$OUT``, else ``log/gpu_check``. Steps (each in its own process,
 with its own timeout; a step that hangs is killed with its children):
