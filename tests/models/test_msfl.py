@@ -13,6 +13,7 @@ import torchvision
 import torchreid_ext
 from torchreid_ext.adapter import torchreid
 from torchreid_ext.config import load_config
+from torchreid_ext.losses import get_loss
 from torchreid_ext.models import MODEL_OPTIONS, build_model, build_model_from_config
 from torchreid_ext.models.complexity import count_macs, count_params
 from torchreid_ext.models.msfl import BackboneWeightsError, MSFLResNet50, msfl_resnet50_csip
@@ -81,17 +82,17 @@ def test_eval_shapes_at_three_sizes(key):
 
 def test_msfl_modules_match_m2_m3():
     model = make("msfl")
-    assert sorted(model.lateral) == ["p2", "p3", "p4", "p5"] and sorted(model.topdown) == ["p2", "p3", "p4"]
-    assert {k: len(v) for k, v in model.msff.items()} == {"p2": 3, "p3": 2, "p4": 1}
-    for block in model.msff.modules():
+    assert sorted(model.neck.lateral) == ["p2", "p3", "p4", "p5"] and sorted(model.neck.topdown) == ["p2", "p3", "p4"]
+    assert {k: len(v) for k, v in model.neck.msff.items()} == {"p2": 3, "p3": 2, "p4": 1}
+    for block in model.neck.msff.modules():
         if isinstance(block, torchvision.models.resnet.Bottleneck):
             assert block.conv1.in_channels == 512 and block.conv3.out_channels == 512
-    assert model.topdown["p3"][0].kernel_size == (1, 1)
-    assert make("msfl_k3").topdown["p3"][0].kernel_size == (3, 3)
-    assert sorted(make("no_lateral").lateral) == ["p5"]  # only P5's entry projection
-    assert len(make("no_topdown").topdown) == 0
+    assert model.neck.topdown["p3"][0].kernel_size == (1, 1)
+    assert make("msfl_k3").neck.topdown["p3"][0].kernel_size == (3, 3)
+    assert sorted(make("no_lateral").neck.lateral) == ["p5"]  # only P5's entry projection
+    assert len(make("no_topdown").neck.topdown) == 0
     p45 = make("msfl_p45_c256")
-    assert sorted(p45.lateral) == ["p4", "p5"] and sorted(p45.msff) == ["p4"]
+    assert sorted(p45.neck.lateral) == ["p4", "p5"] and sorted(p45.neck.msff) == ["p4"]
 
 
 @pytest.mark.parametrize("key", ["csip", "no_lateral", "no_topdown", "msfl", "direct_c45", "baseline"])
@@ -106,17 +107,17 @@ def test_embedding_equals_reference_formula(key):
         elif key == "direct_c45":
             maps = [c[4], c[5]]
         else:
-            lat = {i: model.lateral[f"p{i}"](c[i]) for i in (2, 3, 4, 5) if f"p{i}" in model.lateral}
+            lat = {i: model.neck.lateral[f"p{i}"](c[i]) for i in (2, 3, 4, 5) if f"p{i}" in model.neck.lateral}
             p = {5: lat[5]}
             for i in (4, 3, 2):
                 if key == "no_topdown":
                     p[i] = lat[i]
                 elif key == "no_lateral":
-                    p[i] = model.topdown[f"p{i}"](up2(p[i + 1]))
+                    p[i] = model.neck.topdown[f"p{i}"](up2(p[i + 1]))
                 else:
-                    p[i] = lat[i] + model.topdown[f"p{i}"](up2(p[i + 1]))
+                    p[i] = lat[i] + model.neck.topdown[f"p{i}"](up2(p[i + 1]))
             if key == "msfl":
-                p = {i: model.msff[f"p{i}"](p[i]) if f"p{i}" in model.msff else p[i] for i in p}
+                p = {i: model.neck.msff[f"p{i}"](p[i]) if f"p{i}" in model.neck.msff else p[i] for i in p}
             maps = [p[i] for i in (2, 3, 4, 5)]
         expected = model.head(torch.cat([m.mean(dim=(2, 3)) for m in maps], dim=1))
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
@@ -127,7 +128,7 @@ def test_topdown_merge_uses_lateral_size_for_odd_inputs():
     model = make("csip").eval()
     sizes = {}
     for i in (2, 3, 4):
-        model.topdown[f"p{i}"].register_forward_hook(lambda m, inp, out, i=i: sizes.__setitem__(i, out.shape[-2:]))
+        model.neck.topdown[f"p{i}"].register_forward_hook(lambda m, inp, out, i=i: sizes.__setitem__(i, out.shape[-2:]))
     with torch.no_grad():
         c, _ = stage_outputs(model, torch.randn(1, 3, 250, 120))
     assert c[3].shape[-2:] == (32, 15) and c[4].shape[-2:] == (16, 8)
@@ -158,7 +159,7 @@ def test_train_outputs_per_loss_and_bad_options():
     x = torch.randn(4, 3, 64, 32)
     model = make("csip", num_classes=7).train()
     for loss in ("softmax", "triplet", "drsl", "sn"):
-        model.loss = loss  # what the factory's loss argument sets
+        model.return_features = get_loss(loss).needs_features  # what the factory's loss argument sets
         with torch.no_grad():
             out = model(x)
         if loss == "softmax":
@@ -340,15 +341,16 @@ def test_one_step_in_torchreid_engines(engine_name, loss):
     summary = engine.forward_backward(batch)
     expected = {"loss", "acc"} if loss == "softmax" else {"loss_t", "loss_x", "acc"}
     assert set(summary) == expected and all(v == v for v in summary.values())
-    changed = {n.split(".")[0] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert {"layer1", "layer4", "lateral", "topdown", "msff", "head", "classifier"} <= changed
+    changed = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("neck.") else "")
+               for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert {"layer1", "layer4", "neck.lateral", "neck.topdown", "neck.msff", "head", "classifier"} <= changed
 
 
 def test_registered_in_torchreid_factory():
     assert torchreid_ext.__version__
     model = torchreid().models.build_model(
         "msfl_resnet50", num_classes=10, loss="softmax", pretrained=False, use_gpu=False)
-    assert isinstance(model, MSFLResNet50) and len(model.msff) == 3
+    assert isinstance(model, MSFLResNet50) and len(model.neck.msff) == 3
 
 
 CONFIGS = sorted(glob.glob(osp.join(REPO, "configs", "ablation", "*.yaml"))) + [
@@ -356,14 +358,14 @@ CONFIGS = sorted(glob.glob(osp.join(REPO, "configs", "ablation", "*.yaml"))) + [
 # file -> (model name, a check of the switch it sets)
 CONFIG_EXPECT = {
     "r50_baseline": ("resnet50_bnfc512", lambda m: m.head_in_features == 2048),
-    "csip": ("msfl_resnet50_csip", lambda m: len(m.msff) == 0 and len(m.topdown) == 3),
-    "msff": ("msfl_resnet50", lambda m: len(m.msff) == 3),
-    "msfl_market": ("msfl_resnet50", lambda m: len(m.msff) == 3),
-    "no_lateral": ("msfl_resnet50_csip", lambda m: sorted(m.lateral) == ["p5"]),
-    "no_topdown": ("msfl_resnet50_csip", lambda m: len(m.topdown) == 0 and len(m.lateral) == 4),
+    "csip": ("msfl_resnet50_csip", lambda m: len(m.neck.msff) == 0 and len(m.neck.topdown) == 3),
+    "msff": ("msfl_resnet50", lambda m: len(m.neck.msff) == 3),
+    "msfl_market": ("msfl_resnet50", lambda m: len(m.neck.msff) == 3),
+    "no_lateral": ("msfl_resnet50_csip", lambda m: sorted(m.neck.lateral) == ["p5"]),
+    "no_topdown": ("msfl_resnet50_csip", lambda m: len(m.neck.topdown) == 0 and len(m.neck.lateral) == 4),
     "direct_fuse_c45": ("resnet50_bnfc512", lambda m: m.head_in_features == 3072),
     "direct_fuse_c2345": ("resnet50_bnfc512", lambda m: m.head_in_features == 3840),
-    "topdown_k3": ("msfl_resnet50", lambda m: m.topdown["p2"][0].kernel_size == (3, 3)),
+    "topdown_k3": ("msfl_resnet50", lambda m: m.neck.topdown["p2"][0].kernel_size == (3, 3)),
 }
 
 

@@ -1,7 +1,10 @@
 """MSFL-ResNet50 (Wang, arXiv 2012.14061) and its ablation variants, as Torchreid models.
 
-docs/methods.md M1-M8. One module, :class:`MSFLResNet50`, covers every Table I / Table IV row;
-three registered names pick the defaults:
+docs/methods.md M1-M8. :class:`MSFLResNet50` composes the ResNet50 backbone, a neck and the M4
+head, like torchvision's models compose an FPN: the neck is :class:`CSIP` (the feature pyramid,
+M2, with the MSFF blocks, M3) or :class:`StageSelect` (no pyramid). Its training output is set by
+``return_features``; the factories translate Torchreid's ``loss`` argument into it once. Three
+registered names cover every Table I / Table IV row:
 
 * ``resnet50_bnfc512``: the paper's baseline, M1 + GAP(C5) + M4 head. Its ``direct_fuse``
   switch gives Table I(b)/(c): GAP of the raw stages concatenated, no CSIP, head input
@@ -13,7 +16,7 @@ Pyramid switches (M2, M6):
 
 * ``lateral=False`` (Table I(d)): no lateral connection merges C2..C4 into the top-down
   path. P5 = BN(Conv1x1(C5 -> 512)) is kept (the entry of the 512-d top-down path; module
-  ``lateral.p5``) and P_i = BN(Conv_k(Up(P_{i+1}))) for i = 4, 3, 2, so the shallow levels
+  ``neck.lateral.p5``) and P_i = BN(Conv_k(Up(P_{i+1}))) for i = 4, 3, 2, so the shallow levels
   are decoded from C5 alone.
 * ``topdown=False``: P_i = l_i (each level its own lateral, no information from above).
 * ``lateral=False`` and ``topdown=False`` together leave no pyramid (use ``direct_fuse``).
@@ -22,8 +25,8 @@ Pyramid switches (M2, M6):
 
 Module names (for ``train.new_layers`` / ``open_layers``): backbone ``conv1``, ``bn1``,
 ``layer1``..``layer4`` (torchvision's names, so C2..C5 are the outputs of ``layer1``..``layer4``
-and forward hooks on them see, and may replace, the stage outputs: M8); new layers
-``lateral``, ``topdown``, ``msff``, ``head``, ``classifier``. Without hooks,
+and forward hooks on them see, and may replace, the stage outputs: M8); new layers ``neck``
+(``neck.lateral``, ``neck.topdown``, ``neck.msff``), ``head``, ``classifier``. Without hooks,
 ``model(x, return_stages=True)`` also returns ``{'layer1': C2, ..., 'layer4': C5}``.
 """
 from __future__ import annotations
@@ -53,6 +56,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "MSFLResNet50",
     "MSFLOptions",
+    "CSIP",
+    "StageSelect",
     "BackboneWeightsError",
     "load_backbone_weights",
     "resnet50_bnfc512",
@@ -88,71 +93,91 @@ class MSFLOptions(ConfigOptions):
 _D = MSFLOptions  # the defaults below
 
 
-class MSFLResNet50(nn.Module):
-    """ResNet50 bottom-up path (M1), optional CSIP pyramid (M2) with MSFF blocks (M3), M4 head.
-
-    ``pyramid=False`` is the baseline family: GAP of the raw stages in ``direct_fuse``.
-    Train mode returns logits (``loss='softmax'``) or ``(logits, f)``; eval mode returns the
-    embedding f (B x embedding_dim), Torchreid's convention (M8).
-    """
+class CSIP(nn.Module):
+    """Cross-scale information propagation (M2), with MSFF blocks on its fused levels (M3): a neck
+    that takes the backbone stages ``{level: C_level}`` and returns the fused maps, lowest level
+    first. ``in_channels[level]``: the stage widths; every pyramid map has ``channels``."""
 
     def __init__(
         self,
-        num_classes: int,
-        loss: str = "softmax",
-        pyramid: bool = True,
-        direct_fuse: str = _D.direct_fuse,
+        in_channels: Mapping[int, int] = STAGE_CHANNELS,
+        channels: int = _D.lateral_channels,
         lateral: bool = _D.lateral,
         topdown: bool = _D.topdown,
         topdown_kernel: int = _D.topdown_kernel,
-        lateral_channels: int = _D.lateral_channels,
         msff_blocks: Sequence[int] = _D.msff_blocks,
         fuse_levels: Sequence[int] = _D.fuse_levels,
-        embedding_dim: int = _D.embedding_dim,
     ) -> None:
         super().__init__()
-        if loss not in loss_names():  # the registered losses (torchreid_ext.losses.registry)
-            raise ValueError(f"Unsupported loss '{loss}'; valid losses: {', '.join(loss_names())}")
-        self.loss = loss
-        self.pyramid = bool(pyramid)
-        if self.pyramid:  # validate the switches before building anything
-            self.levels, self.built_levels = _check_pyramid(
-                lateral, topdown, topdown_kernel, lateral_channels, msff_blocks, fuse_levels
-            )
-        elif direct_fuse not in DIRECT_FUSE:
-            raise ValueError(f"direct_fuse = {direct_fuse!r} is not valid; choose one of {list(DIRECT_FUSE)}")
+        self.levels, self.built_levels = _check_pyramid(lateral, topdown, topdown_kernel, channels, msff_blocks,
+                                                        fuse_levels)
+        self.with_topdown = bool(topdown)
+        ch = int(channels)
+        # M2 lateral l_i = BN(Conv1x1(C_i -> ch)); without laterals only P5's entry projection.
+        self.lateral = nn.ModuleDict({
+            f"p{i}": _conv_bn(in_channels[i], ch, 1) for i in self.built_levels if lateral or i == 5
+        })
+        # M2 top-down: BN(Conv_k(Up(P_{i+1}))) producing P_i, for every built level below 5.
+        self.topdown = nn.ModuleDict({
+            f"p{i}": _conv_bn(ch, ch, int(topdown_kernel)) for i in self.built_levels if topdown and i < 5
+        })
+        # M3 MSFF: extra bottlenecks (ch in and out) on the fused levels.
+        blocks = dict(zip((2, 3, 4, 5), msff_blocks))
+        self.msff = nn.ModuleDict({
+            f"p{i}": nn.Sequential(*[Bottleneck(ch, ch // Bottleneck.expansion) for _ in range(blocks[i])])
+            for i in self.levels if blocks[i] > 0
+        })
+        self.out_channels = len(self.levels) * ch  # of the pooled, concatenated maps
 
+    def forward(self, c: Mapping[int, torch.Tensor]) -> List[torch.Tensor]:
+        p: Dict[int, torch.Tensor] = {}
+        for i in sorted(self.built_levels, reverse=True):
+            lat = self.lateral[f"p{i}"](c[i]) if f"p{i}" in self.lateral else None
+            if i == 5 or not self.with_topdown:
+                p[i] = lat
+                continue
+            # nearest upsampling to the lateral's size: exact x2 at 256x128, not at 250x120
+            up = F.interpolate(p[i + 1], size=c[i].shape[-2:], mode="nearest")
+            td = self.topdown[f"p{i}"](up)
+            p[i] = td if lat is None else lat + td
+        return [self.msff[f"p{i}"](p[i]) if f"p{i}" in self.msff else p[i] for i in self.levels]
+
+
+class StageSelect(nn.Module):
+    """No pyramid: the backbone stages of ``direct_fuse`` as they are (the baseline: C5; Table I's
+    direct fusion: C4 + C5 or C2..C5)."""
+
+    def __init__(self, direct_fuse: str = _D.direct_fuse, in_channels: Mapping[int, int] = STAGE_CHANNELS) -> None:
+        super().__init__()
+        if direct_fuse not in DIRECT_FUSE:
+            raise ValueError(f"direct_fuse = {direct_fuse!r} is not valid; choose one of {list(DIRECT_FUSE)}")
+        self.levels = DIRECT_FUSE[direct_fuse]
+        self.out_channels = sum(in_channels[i] for i in self.levels)
+
+    def forward(self, c: Mapping[int, torch.Tensor]) -> List[torch.Tensor]:
+        return [c[i] for i in self.levels]
+
+
+class MSFLResNet50(nn.Module):
+    """ResNet50 bottom-up path (M1), a neck (:class:`CSIP`, or :class:`StageSelect` for the
+    baseline family), global average pooling of the neck's maps and the M4 head.
+
+    Eval mode returns the embedding f (B x embedding_dim), Torchreid's convention (M8); train mode
+    returns ``(logits, f)`` with ``return_features`` (what a ranking loss needs), else logits.
+    """
+
+    def __init__(self, num_classes: int, neck: nn.Module, embedding_dim: int = _D.embedding_dim,
+                 return_features: bool = False) -> None:
+        super().__init__()
+        self.return_features = bool(return_features)
         # M1: torchvision's ResNet50 stem and stages under torchvision's names (M7 loading).
         resnet = torchvision.models.resnet50(weights=None)
         self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = (
             resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4,
         )
-
-        if self.pyramid:
-            self.lateral_on, self.topdown_on = bool(lateral), bool(topdown)
-            ch = int(lateral_channels)
-            # M2 lateral l_i = BN(Conv1x1(C_i -> ch)); without laterals only P5's entry projection.
-            self.lateral = nn.ModuleDict({
-                f"p{i}": _conv_bn(STAGE_CHANNELS[i], ch, 1)
-                for i in self.built_levels if lateral or i == 5
-            })
-            # M2 top-down: BN(Conv_k(Up(P_{i+1}))) producing P_i, for every built level below 5.
-            self.topdown = nn.ModuleDict({
-                f"p{i}": _conv_bn(ch, ch, int(topdown_kernel))
-                for i in self.built_levels if topdown and i < 5
-            })
-            # M3 MSFF: extra bottlenecks (ch in and out) on the fused levels.
-            blocks = dict(zip((2, 3, 4, 5), msff_blocks))
-            self.msff = nn.ModuleDict({
-                f"p{i}": nn.Sequential(*[Bottleneck(ch, ch // Bottleneck.expansion) for _ in range(blocks[i])])
-                for i in self.levels if blocks[i] > 0
-            })
-            head_in = len(self.levels) * ch
-        else:
-            self.levels = DIRECT_FUSE[direct_fuse]
-            head_in = sum(STAGE_CHANNELS[i] for i in self.levels)
-
+        self.neck = neck
+        head_in = neck.out_channels
         # M4 head: BN1d -> Linear -> ReLU gives f; the classifier is used in training only.
         self.head = nn.Sequential(
             nn.BatchNorm1d(head_in), nn.Linear(head_in, embedding_dim), nn.ReLU(inplace=True)
@@ -169,20 +194,6 @@ class MSFLResNet50(nn.Module):
         # (Kaiming fan_out would scale the logits with 1 / sqrt(num_classes)).
         nn.init.normal_(self.classifier.weight, 0, 0.01)
 
-    def _pyramid(self, c: Dict[int, torch.Tensor]) -> List[torch.Tensor]:
-        """M2 CSIP from the top down, then M3 MSFF on the fused levels."""
-        p: Dict[int, torch.Tensor] = {}
-        for i in sorted(self.built_levels, reverse=True):
-            lat = self.lateral[f"p{i}"](c[i]) if f"p{i}" in self.lateral else None
-            if i == 5 or not self.topdown_on:
-                p[i] = lat
-                continue
-            # nearest upsampling to the lateral's size: exact x2 at 256x128, not at 250x120
-            up = F.interpolate(p[i + 1], size=c[i].shape[-2:], mode="nearest")
-            td = self.topdown[f"p{i}"](up)
-            p[i] = td if lat is None else lat + td
-        return [self.msff[f"p{i}"](p[i]) if f"p{i}" in self.msff else p[i] for i in self.levels]
-
     def forward(
         self, x: torch.Tensor, return_stages: bool = False
     ) -> Union[Output, Tuple[Output, Dict[str, torch.Tensor]]]:
@@ -198,22 +209,16 @@ class MSFLResNet50(nn.Module):
         c4 = self.layer3(c3)
         c5 = self.layer4(c4)
         c = {2: c2, 3: c3, 4: c4, 5: c5}
-        maps = self._pyramid(c) if self.pyramid else [c[i] for i in self.levels]
-        v = torch.cat([F.adaptive_avg_pool2d(m, 1).flatten(1) for m in maps], dim=1)
-        out = self._outputs(self.head(v))
+        v = torch.cat([F.adaptive_avg_pool2d(m, 1).flatten(1) for m in self.neck(c)], dim=1)
+        f = self.head(v)
+        if not self.training:
+            out: Output = f
+        else:
+            logits = self.classifier(f)
+            out = (logits, f) if self.return_features else logits
         if return_stages:
             return out, {name: c[i] for i, name in zip((2, 3, 4, 5), STAGES)}
         return out
-
-    def _outputs(self, f: torch.Tensor) -> Output:
-        """Eval: f (B x D). Train: logits for a loss without features (softmax), else (logits, f)
-        (M4, M8)."""
-        if not self.training:
-            return f
-        logits = self.classifier(f)
-        if self.loss not in loss_names():
-            raise KeyError(f"Unsupported loss '{self.loss}'; valid losses: {', '.join(loss_names())}")
-        return (logits, f) if get_loss(self.loss).needs_features else logits
 
 
 def _conv_bn(in_ch: int, out_ch: int, kernel: int) -> nn.Module:
@@ -362,6 +367,14 @@ def _init_backbone(model: MSFLResNet50, pretrained: bool, backbone_weights: str)
 
 # ---------------------------------------------------------------- registered variants (M6)
 
+def _returns_features(loss: str) -> bool:
+    """Whether training mode must return ``(logits, f)`` for ``loss`` (a registered loss name):
+    the factories read the loss name once, the model only this flag."""
+    if loss not in loss_names():
+        raise ValueError(f"Unsupported loss '{loss}'; valid losses: {', '.join(loss_names())}")
+    return get_loss(loss).needs_features
+
+
 _COMMON = ("model.backbone_weights", "model.msfl.embedding_dim")
 _CSIP = (
     "model.msfl.lateral",
@@ -384,9 +397,7 @@ def resnet50_bnfc512(
     embedding_dim: int = _D.embedding_dim,
 ) -> MSFLResNet50:
     """Baseline R50 + BN-FC(512)-ReLU (M1, M4); ``direct_fuse`` 'c45' / 'c2345': Table I(b)/(c)."""
-    model = MSFLResNet50(
-        num_classes, loss, pyramid=False, direct_fuse=direct_fuse, embedding_dim=embedding_dim
-    )
+    model = MSFLResNet50(num_classes, StageSelect(direct_fuse), embedding_dim, _returns_features(loss))
     return _init_backbone(model, pretrained, backbone_weights)
 
 
@@ -406,11 +417,8 @@ def msfl_resnet50_csip(
     embedding_dim: int = _D.embedding_dim,
 ) -> MSFLResNet50:
     """R50 + CSIP pyramid (M1-M2, M4), no MSFF blocks: Table IV "+CSIP", Table I(d)/(e)."""
-    model = MSFLResNet50(
-        num_classes, loss, pyramid=True, lateral=lateral, topdown=topdown,
-        topdown_kernel=topdown_kernel, lateral_channels=lateral_channels,
-        msff_blocks=(0, 0, 0, 0), fuse_levels=fuse_levels, embedding_dim=embedding_dim,
-    )
+    neck = CSIP(STAGE_CHANNELS, lateral_channels, lateral, topdown, topdown_kernel, (0, 0, 0, 0), fuse_levels)
+    model = MSFLResNet50(num_classes, neck, embedding_dim, _returns_features(loss))
     return _init_backbone(model, pretrained, backbone_weights)
 
 
@@ -431,9 +439,6 @@ def msfl_resnet50(
     embedding_dim: int = _D.embedding_dim,
 ) -> MSFLResNet50:
     """Full MSFL-ResNet50 (M1-M4): Table IV "+MSFF", Table II(c)."""
-    model = MSFLResNet50(
-        num_classes, loss, pyramid=True, lateral=lateral, topdown=topdown,
-        topdown_kernel=topdown_kernel, lateral_channels=lateral_channels,
-        msff_blocks=msff_blocks, fuse_levels=fuse_levels, embedding_dim=embedding_dim,
-    )
+    neck = CSIP(STAGE_CHANNELS, lateral_channels, lateral, topdown, topdown_kernel, msff_blocks, fuse_levels)
+    model = MSFLResNet50(num_classes, neck, embedding_dim, _returns_features(loss))
     return _init_backbone(model, pretrained, backbone_weights)
