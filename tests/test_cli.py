@@ -384,8 +384,8 @@ def test_silencing_the_package_logger_quiets_the_console_not_the_log_file(tiny, 
 
 
 def test_a_failed_runs_log_records_the_error(tiny, tmp_path, capsys, monkeypatch):
-    bad = tmp_path / "weights.pth"
-    bad.write_bytes(b"not a checkpoint")
+    bad = tmp_path / "weights.pth"  # a readable checkpoint that fits no model: found after the log opens
+    torch.save({"state_dict": {"not_a_layer.weight": torch.zeros(3)}}, bad)
     save = str(tmp_path / "run")
     code, err = cli_exit(tiny(save_dir=save, **{"model.load_weights": str(bad)}), capsys)
     line = err.strip().replace(" (set TORCHREID_EXT_TRACEBACK=1 for the traceback)", "")

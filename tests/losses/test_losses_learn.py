@@ -1,12 +1,13 @@
 """Training with DRSL or SN alone (no cross-entropy) makes a tiny model retrieve better.
 
-Issue acceptance: on the generated dataset, a tiny model (Torchreid's osnet_x0_25, 64x32, from
-scratch) trained a fixed number of steps reaches a mAP clearly above the same model untrained.
-The run is seeded and single-process (workers 0), so the numbers are reproducible; the margin is
-about half the smaller gain measured when the test was written (untrained 6.2% mAP; after 225
-steps at lr 0.01 DRSL reaches 18.9% and SN 14.1%; ~20 s each on 2 CPU cores), so the test fails if
-the loss stops training the embedding (e.g. a sign error, a detached term, or gradients that
-vanish), not on noise.
+On the generated dataset, a tiny model (Torchreid's osnet_x0_25, 64x32, from scratch) trained a
+fixed number of steps reaches a mAP clearly above the same model untrained. The run is seeded,
+single-process (workers 0) and single-threaded (float sums in one order on every machine, and no
+OpenMP threads waiting for each other on a busy CPU), so the numbers are reproducible. Measured
+when the margins were set: untrained 6.2% mAP; after 225 steps at lr 0.01 DRSL 14.5%, SN 9.6%, and
+6.8% with the learning rate 0 (only the BatchNorm statistics move: the control for "the loss does
+not train"). Each margin is about half its loss's gain, above the control, so the test fails if the
+loss stops training the embedding (a sign error, a detached term, vanishing gradients).
 """
 import pytest
 import torch
@@ -15,7 +16,15 @@ from conftest import tiny_setup
 from torchreid_ext import build_engine, cli
 
 EPOCHS = 25  # x 9 batches of 4 identities x 4 images = 225 steps
-MARGIN = 0.04  # absolute mAP
+MARGIN = {"drsl": 0.04, "sn": 0.02}  # absolute mAP
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -37,5 +46,5 @@ def test_metric_loss_alone_improves_map(setup, loss, weight_key, tmp_path):
     untrained = engine.run(save_dir=str(tmp_path), test_only=True)["synthreid_small"]["mAP"]
     trained = engine.run(save_dir=str(tmp_path), max_epoch=EPOCHS, print_freq=1000)["synthreid_small"]
     assert engine.num_batches * EPOCHS == 225
-    assert trained["mAP"] > untrained + MARGIN, (loss, untrained, trained["mAP"])
+    assert trained["mAP"] > untrained + MARGIN[loss], (loss, untrained, trained["mAP"])
     assert trained["rank1"] > 0.0
