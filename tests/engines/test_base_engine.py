@@ -271,3 +271,61 @@ def test_full_disk_is_named_and_the_rolling_checkpoint_survives(tmp_path, monkey
     assert info.value.errno == errno.ENOSPC
     assert checkpoints(str(tmp_path)) == ["model.pth.tar-1"]  # no partial file, no temp file
     assert open(first, "rb").read() == before
+
+
+# ---------------------------------------------------------------- the run loop's hooks
+
+class _LoopEngine:
+    """What the hooks use of an engine, recording what they do."""
+
+    is_main_process = True
+
+    def __init__(self, start_epoch, max_epoch):
+        self.start_epoch, self.max_epoch, self.epoch = start_epoch, max_epoch, start_epoch
+        self.rank1, self.evaluated, self.history, self.calls = 0.0, False, [], []
+
+    def test(self, **kwargs):
+        self.calls.append(("test", self.epoch + 1))
+        self.history.append({"epoch": self.epoch + 1})
+        return 0.1 * (self.epoch + 1)
+
+    def save_model(self, epoch, rank1, save_dir, keep=True, state=None, note="saved to"):
+        self.calls.append(("save", epoch + 1, keep, round(rank1, 3), note))
+
+    def checkpoint_state(self, epoch, rank1):
+        return {"epoch": epoch + 1}
+
+
+def _drive(engine, hooks):
+    """ReIDEngine.run's loop without training."""
+    evaluation = hooks[0]
+    for engine.epoch in range(engine.start_epoch, engine.max_epoch):
+        for hook in hooks:
+            hook.after_epoch(engine, engine.epoch, last=engine.epoch + 1 == engine.max_epoch)
+    engine.epoch = engine.max_epoch - 1
+    for hook in hooks:
+        hook.before_final_test(engine)
+    rank1 = evaluation.final_test(engine)
+    for hook in hooks:
+        hook.after_final_test(engine, rank1)
+    return engine.calls
+
+
+def test_hooks_evaluate_and_checkpoint_on_the_documented_schedule():
+    from torchreid_ext.engines.hooks import CheckpointHook, EvaluationHook
+
+    calls = _drive(_LoopEngine(0, 5), [EvaluationHook(2, 0, {}), CheckpointHook(1, "unused")])
+    assert calls == [
+        ("save", 1, False, 0.0, "saved to"),  # rolling
+        ("test", 2), ("save", 2, True, 0.2, "saved to"),  # an evaluated epoch is kept
+        ("save", 3, False, 0.2, "saved to"),
+        ("test", 4), ("save", 4, True, 0.4, "saved to"),
+        ("save", 5, True, 0.4, "saved to"),  # the last epoch, before the final test
+        ("test", 5), ("save", 5, True, 0.5, "updated"),  # then updated with its rank-1
+    ]
+    # checkpoint_freq 0: evaluated epochs and the last only; a resumed run that had finished
+    # training (start = max) only evaluates and updates its checkpoint
+    calls = _drive(_LoopEngine(0, 3), [EvaluationHook(-1, 0, {}), CheckpointHook(0, "unused")])
+    assert calls == [("save", 3, True, 0.0, "saved to"), ("test", 3), ("save", 3, True, 0.3, "updated")]
+    calls = _drive(_LoopEngine(3, 3), [EvaluationHook(2, 0, {}), CheckpointHook(1, "unused")])
+    assert calls == [("test", 3), ("save", 3, True, 0.3, "updated")]

@@ -7,11 +7,12 @@ contract of ``forward_backward``. Replaced:
 * device: tensors go to ``self.device`` (never a hard-coded CUDA call);
 * evaluation: the fast evaluator (``test.evaluator: fast``, chunked, adds mINP) or
   Torchreid's (``torchreid``), a progress bar on feature extraction, ``Test/<ds>/mINP``;
-* checkpoints: atomic, weights-only-safe, with RNG state, every ``checkpoint_freq``
-  epochs (older rolling ones pruned, also the one a resumed run started from; evaluation
-  epochs and the last kept), so ``model.resume`` ends with the same weights as an
-  uninterrupted run. The last epoch's is written before the final evaluation (an evaluation
-  that fails loses no training: resuming it only evaluates) and updated with its rank-1;
+* checkpoints (:class:`~torchreid_ext.engines.hooks.CheckpointHook`): atomic, weights-only-safe,
+  with RNG state, every ``checkpoint_freq`` epochs (older rolling ones pruned, also the one a
+  resumed run started from; evaluation epochs and the last kept), so ``model.resume`` ends with
+  the same weights as an uninterrupted run. The last epoch's is written before the final
+  evaluation (an evaluation that fails loses no training: resuming it only evaluates) and
+  updated with its rank-1; evaluation epochs: :class:`~torchreid_ext.engines.hooks.EvaluationHook`;
 * ``metrics.json`` in the save dir: run info plus every evaluation's results
   (``metrics-test.json`` for evaluation-only runs);
 * scale-out (``train.amp``, ``train.channels_last``, DDP): :meth:`autocast` around the
@@ -46,6 +47,7 @@ from ..checkpoint import (
     seed_epoch,
 )
 from ..distributed import unwrap_model
+from .hooks import CheckpointHook, EngineHook, EvaluationHook
 from .options import AMP_DTYPES, EngineOptions
 
 __all__ = ["ReIDEngine", "EvalOptions", "AMP_DTYPES", "write_json_atomic"]
@@ -239,44 +241,38 @@ class ReIDEngine(torchreid().engine.Engine):
             time_start = time.time()
             self.start_epoch, self.max_epoch = start_epoch, max_epoch
             self._rolling_checkpoint = self._resumed_rolling_checkpoint(save_dir)
+            hooks = self.build_hooks(save_dir, eval_freq, start_eval, test_kwargs)
+            evaluation = next(h for h in hooks if isinstance(h, EvaluationHook))
             logger.info("=> Start training")
-            rank1 = 0.0
+            self.rank1, self.evaluated = 0.0, False
             for self.epoch in range(start_epoch, max_epoch):
                 t0 = time.time()
                 self.train(print_freq=print_freq, fixbase_epoch=fixbase_epoch, open_layers=open_layers)
                 self._train_seconds += time.time() - t0
                 self._train_images += (self.num_batches * self.train_loader.batch_size
                                        * distributed.get_world_size())
-                last = self.epoch + 1 == max_epoch
-                evaluate = (
-                    not last and eval_freq > 0 and self.epoch + 1 >= start_eval
-                    and (self.epoch + 1) % eval_freq == 0
-                )
-                if evaluate:
-                    rank1 = self.test(**test_kwargs)
-                periodic = self.checkpoint_freq > 0 and (self.epoch + 1) % self.checkpoint_freq == 0
-                if evaluate or (periodic and not last):
-                    self.save_model(self.epoch, rank1, save_dir, keep=evaluate)
+                for hook in hooks:
+                    hook.after_epoch(self, self.epoch, last=self.epoch + 1 == max_epoch)
             if max_epoch > 0:
                 self.epoch = max_epoch - 1
-                # saved before the final evaluation, so that its failure loses no training;
-                # a resumed run that had finished training (start_epoch = max_epoch) only evaluates
-                state = self.checkpoint_state(self.epoch, rank1) if self.is_main_process else None
-                if start_epoch < max_epoch:
-                    self.save_model(self.epoch, rank1, save_dir, keep=True, state=state)
+                for hook in hooks:
+                    hook.before_final_test(self)
                 logger.info("=> Final test")
-                # a re-evaluation replaces the earlier record of this epoch
-                self.history = [e for e in self.history if e.get("epoch") != max_epoch]
-                rank1 = self.test(**test_kwargs)
-                if state is not None:  # the last checkpoint records its evaluation (Torchreid's rank1)
-                    state.update(rank1=float(rank1), history=self.history)
-                    self.save_model(self.epoch, rank1, save_dir, keep=True, state=state, note="updated")
+                self.rank1 = evaluation.final_test(self)
+                for hook in hooks:
+                    hook.after_final_test(self, self.rank1)
             logger.info("Elapsed %s", datetime.timedelta(seconds=round(time.time() - time_start)))
             return self.last_results
         finally:
             if self.writer is not None:
                 self.writer.close()
                 self.writer = None
+
+    def build_hooks(self, save_dir: str, eval_freq: int, start_eval: int,
+                    test_kwargs: Dict[str, Any]) -> List[EngineHook]:
+        """The run loop's hooks (:mod:`torchreid_ext.engines.hooks`), in the order they act:
+        evaluation, then checkpointing (an evaluated epoch's checkpoint is kept). Override to add one."""
+        return [EvaluationHook(eval_freq, start_eval, test_kwargs), CheckpointHook(self.checkpoint_freq, save_dir)]
 
     def checkpoint_state(self, epoch: int, rank1: float) -> Dict[str, Any]:
         """Everything a resume needs after ``epoch`` (0-based), with ``max_epoch`` of the run."""
