@@ -154,17 +154,13 @@ class MSGREngine(ImageMetricEngine):
             return loss
 
         self.optimizer.zero_grad(set_to_none=True)
-        common = dict(q=self.msgr_q, squared=self.msgr_squared, grad_of=self.msgr_grad_of,
-                      loss_scale=self.loss_scale(), weight=float(self.msgr_interval))
-        eps = [self.msgr_eps[s] for s in self.msgr_stages]
-        if self.msgr_mode == "exact":
-            step = msgr.exact_step(self.model, forward, loss_fn, self.msgr_stages, eps, **common)
-        else:
-            step = msgr.fast_step(
-                self.model, forward, loss_fn, self.msgr_stages, eps, h=self.msgr_fast_h,
-                rel_step=self.msgr_fast_rel_step, freeze_kinks=self.msgr_freeze_kinks,
-                params=[p for group in self.optimizer.param_groups for p in group["params"]], **common,
-            )
+        step = msgr.msgr_backward(
+            self.model, forward, loss_fn, self.msgr_stages, [self.msgr_eps[s] for s in self.msgr_stages],
+            q=self.msgr_q, squared=self.msgr_squared, grad_of=self.msgr_grad_of, mode=self.msgr_mode,
+            h=self.msgr_fast_h, rel_step=self.msgr_fast_rel_step, freeze_kinks=self.msgr_freeze_kinks,
+            loss_scale=self.loss_scale(), weight=float(self.msgr_interval),
+            params=[p for group in self.optimizer.param_groups for p in group["params"]],
+        )
         self.step_optimizer()
 
         summary = dict(summaries[0])  # the unperturbed forward's terms

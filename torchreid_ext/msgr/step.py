@@ -50,7 +50,7 @@ outputs must not be modified in place downstream (checked).
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Union
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -141,11 +141,14 @@ def _detached(p: GradientPenalty) -> GradientPenalty:
                            p.stage_gnorm)
 
 
-def _check_weight(weight: float) -> float:
+def _checked(stages: Sequence[str], eps: Union[float, Sequence[float]], q: float, grad_of: str,
+             weight: float) -> Tuple[float, Dict[str, float], float]:
+    """The step functions' shared argument checks: ``(q, {stage: eps}, weight)``."""
+    check_grad_of(grad_of)
     weight = float(weight)
     if not weight > 0:
         raise ValueError(f"MSGR weight = {weight} must be > 0 (the factor of R in L_mean + weight * R)")
-    return weight
+    return check_q(q), expand_eps(eps, stages), weight
 
 
 def _captured_forward(cap: StageCapture, forward_fn: ForwardFn, loss_fn: LossFn, mode_ctx):
@@ -184,10 +187,7 @@ def exact_step(
     SyncBatchNorm (:func:`~.batchnorm.check_double_backward`). The caller zeroes gradients
     (or not: they accumulate) and steps the optimizer after.
     """
-    check_grad_of(grad_of)
-    q = check_q(q)
-    eps_map = expand_eps(eps, stages)
-    weight = _check_weight(weight)
+    q, eps_map, weight = _checked(stages, eps, q, grad_of, weight)
     scale = 1.0 if loss_scale is None else loss_scale
     mode_ctx = FusedBatchNormDoubleBackward() if fused_bn else contextlib.nullcontext()
     outputs, loss, feats, skipped = _captured_forward(StageCapture(model, stages), forward_fn, loss_fn, mode_ctx)
@@ -231,10 +231,7 @@ def fast_step(
     pass-1 gradients are rescaled (default ``model.parameters()``; give the optimizer's if the
     loss has parameters of its own).
     """
-    check_grad_of(grad_of)
-    q = check_q(q)
-    eps_map = expand_eps(eps, stages)
-    weight = _check_weight(weight)
+    q, eps_map, weight = _checked(stages, eps, q, grad_of, weight)
     scale = 1.0 if loss_scale is None else loss_scale
     rng = RNGSnapshot(_model_device(model))
     kinks = PiecewiseReplay() if freeze_kinks else None
@@ -289,26 +286,12 @@ def fast_step(
         deltas, h, rel = _perturbations(dirs, feats, eps_used, batch, h, rel_step)
         del dirs
         c = weight * a / h  # the second pass's factor (a/h, times R's weight)
-        # pass-1 gradients become (1 - c) dL_mean(x)/dtheta; earlier gradients are added back
-        now = [p.grad for p in params if p.grad is not None]
-        if now:
-            torch._foreach_mul_(now, 1.0 - c)
-        for p, old in zip(params, stash):
-            if old is not None:
-                p.grad = old if p.grad is None else p.grad.add_(old)
-        del stash, now
+        _rescale_first_pass(params, stash, 1.0 - c)
+        del stash
     # ---- backward 2 of c L_mean(x + delta): same RNG (dropout), no running-stat update;
     # the first stage's recomputed output is replaced by forward 1's (graph kept) + delta
-    cap2 = StageCapture(model, list(feats), deltas, on_output=arm,
-                        base={up_name: up_tensor} if up_name is not None else None)
-    with rng.replay(), frozen_running_stats(model):
-        with kinks.replay() if kinks is not None else contextlib.nullcontext():
-            with cap2:
-                outputs2 = forward_fn()
-            loss2 = loss_fn(outputs2)
-            if kinks is not None:
-                kinks.check_consumed()
-    cap2.check_unmodified()
+    loss2 = _perturbed_loss(model, forward_fn, loss_fn, list(feats), deltas, rng, kinks,
+                            {up_name: up_tensor} if up_name is not None else None)
     del kinks, deltas
     roots, seeds = [loss2 * (c * scale)], [None]
     if up_name is not None:  # forward 1's share of the gradient below the first stage
@@ -320,6 +303,37 @@ def fast_step(
         fd = fd / 2
     info = FastInfo(fd.to(pen.penalty.dtype), h, h * max(rel.values()))
     return MSGRStep(outputs, loss.detach(), pen, info, skipped)
+
+
+def _rescale_first_pass(params: Sequence[torch.Tensor], stash: Sequence[Optional[torch.Tensor]],
+                        factor: float) -> None:
+    """Pass-1 gradients become ``factor`` dL_mean(x)/dtheta; the gradients accumulated before the
+    step (``stash``) are added back."""
+    now = [p.grad for p in params if p.grad is not None]
+    if now:
+        torch._foreach_mul_(now, factor)
+    for p, old in zip(params, stash):
+        if old is not None:
+            p.grad = old if p.grad is None else p.grad.add_(old)
+
+
+def _perturbed_loss(model: nn.Module, forward_fn: ForwardFn, loss_fn: LossFn, stages: Sequence[str],
+                    deltas: Dict[str, torch.Tensor], rng: RNGSnapshot, kinks: Optional[PiecewiseReplay],
+                    base: Optional[Dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Forward 2, L_mean(x + delta): forward 1's RNG state (dropout), no running-stat update, the
+    first pass's pieces (``kinks``), and the first stage's output taken from forward 1 (``base``,
+    graph kept) plus its delta."""
+    arm = kinks.arm if kinks is not None else None
+    cap = StageCapture(model, stages, deltas, on_output=arm, base=base)
+    with rng.replay(), frozen_running_stats(model):
+        with kinks.replay() if kinks is not None else contextlib.nullcontext():
+            with cap:
+                outputs = forward_fn()
+            loss = loss_fn(outputs)
+            if kinks is not None:
+                kinks.check_consumed()
+    cap.check_unmodified()
+    return loss
 
 
 def _directions(grads: Dict[str, torch.Tensor], q: float, squared: bool) -> Dict[str, torch.Tensor]:
