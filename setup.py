@@ -39,7 +39,8 @@ setup(
         "tqdm",
         *TORCHREID_RUNTIME,
     ],
-    extras_require={"deploy": DEPLOY, "test": ["pytest>=7", "pytest-timeout", *DEPLOY]},
+    # pytest-xdist: the suite runs in two worker processes (pytest.ini), one torch thread each
+    extras_require={"deploy": DEPLOY, "test": ["pytest>=7", "pytest-timeout", "pytest-xdist", *DEPLOY]},
     # one console command per script (scripts/*.py are thin wrappers of the same functions)
     entry_points={"console_scripts": [
         "torchreid-ext=torchreid_ext.cli:main",  # train / evaluate (scripts/main.py)

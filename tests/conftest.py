@@ -9,6 +9,14 @@ from torchreid_ext.log import install_console_handler
 
 install_console_handler()  # the tests read the library's log lines as a command line's user does
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two workers share the machine's cores: one torch thread each (OpenMP threads of two processes
+    # waiting for each other on 2 cores are many times slower), and the same for their subprocesses
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Real re-ID data (CUHK03 pair 1, VIPeR, CUHK01, Torchreid model-zoo weights): CI has it next to the
 # checkout; elsewhere the tests that need it skip. TORCHREID_EXT_REAL_DATA points elsewhere.

@@ -160,12 +160,9 @@ def get_default_config() -> CN:
     # ---------------- upstream: test ----------------
     cfg.test = CN()
     cfg.test.batch_size = 100
-    cfg.test.ranks = [1, 5, 10, 20]
     cfg.test.evaluate = False
     cfg.test.eval_freq = -1
     cfg.test.start_eval = 0
-    cfg.test.visrank = False
-    cfg.test.visrank_topk = 10
     cfg.test.visactmap = False  # legacy upstream key, still present in its OSNet configs
 
     # ---------------- owned sections: model.msfl, msgr, dist, our data / train / test keys ----
@@ -356,9 +353,6 @@ def validate_config(cfg: CN) -> None:
         raise ConfigError(f"train.seed = {cfg.train.seed} is not valid; a seed is an integer in [0, 2**32 - 1]")
     if not cfg.train.lr >= 0:
         raise ConfigError(f"train.lr = {cfg.train.lr} is not valid; the learning rate must be >= 0")
-    if any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in cfg.test.ranks):
-        raise ConfigError(f"test.ranks = {list(cfg.test.ranks)} is not valid; ranks are integers >= 1 "
-                          "(Rank-1 is the top match)")
     k = cfg.sampler.num_instances
     if k < 1:
         raise ConfigError(f"sampler.num_instances = {k} is not valid; it must be >= 1 (the images per "

@@ -85,7 +85,7 @@ def test_from_config_reads_test_keys_and_names_bad_ones():
     opts = EvaluationOptions.from_config(cfg)
     assert opts == EvaluationOptions(dist_metric="cosine", use_metric_cuhk03=True, max_rank=60, rerank=True,
                                      rerank_k1=12, rerank_k2=4, rerank_lambda=0.5, flip=True, aqe=True,
-                                     aqe_k=7, aqe_alpha=2.0, aqe_rounds=2)
+                                     aqe_k=7, aqe_alpha=2.0, aqe_rounds=2, ranks=(1, 60))
     assert EvaluationOptions.from_config(cfg, progress=True).progress
     defaults = EvaluationOptions.from_config(load_config(None, []))
     assert (defaults.rerank_k1, defaults.rerank_k2, defaults.rerank_lambda) == (20, 6, 0.3)

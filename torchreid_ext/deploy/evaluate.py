@@ -90,13 +90,6 @@ def _check_pair(query: FeatureSet, gallery: FeatureSet) -> None:
                            gallery.meta.get(key))
 
 
-def _ranks(cfg) -> list:
-    ranks = [int(r) for r in cfg.test.ranks]
-    if not ranks or any(r < 1 for r in ranks):
-        raise ConfigError(f"test.ranks = {list(cfg.test.ranks)}: ranks start at 1")
-    return ranks
-
-
 def evaluate_saved(query: FeatureSet, gallery: FeatureSet, cfg: Optional[CN] = None,
                    progress: bool = False) -> Dict[str, Any]:
     """Metrics of saved features with ``cfg``'s test options (default: the query's saved config),
@@ -105,7 +98,6 @@ def evaluate_saved(query: FeatureSet, gallery: FeatureSet, cfg: Optional[CN] = N
 
     _check_pair(query, gallery)
     cfg = config_of(query) if cfg is None else cfg
-    ranks = _ranks(cfg)
     try:
         options = EvaluationOptions.from_config(cfg, progress=progress)
         options.check_sizes(query.features.shape[0], gallery.features.shape[0])
@@ -120,7 +112,7 @@ def evaluate_saved(query: FeatureSet, gallery: FeatureSet, cfg: Optional[CN] = N
     result = evaluate_test_features(
         torch.from_numpy(query.features).to(device), torch.from_numpy(gallery.features).to(device),
         query.pids, gallery.pids, query.camids, gallery.camids, options)
-    return results_dict(result, ranks)
+    return results_dict(result, list(options.ranks))
 
 
 def _metrics_path(out_dir: str) -> str:
@@ -154,7 +146,7 @@ def evaluate_files(query: str, gallery: str, opts: Sequence[str] = (), out_dir: 
     res = evaluate_saved(q, g, cfg, progress=progress)
     record = {
         "kind": KIND, "query": q.path, "gallery": g.path, "model": q.model_name,
-        "weights": q.meta.get("weights", ""), "overrides": list(opts), "ranks": _ranks(cfg),
+        "weights": q.meta.get("weights", ""), "overrides": list(opts), "ranks": list(EvaluationOptions.from_config(cfg).ranks),
         "options": EvaluationOptions.from_config(cfg).as_dict(), "num_query": int(q.features.shape[0]),
         "num_gallery": int(g.features.shape[0]), "results": res, "metrics_file": path,
     }

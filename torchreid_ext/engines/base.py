@@ -32,7 +32,7 @@ import logging
 import os
 import os.path as osp
 import time
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
@@ -50,7 +50,7 @@ from ..distributed import unwrap_model
 from .hooks import CheckpointHook, EngineHook, EvaluationHook
 from .options import AMP_DTYPES, EngineOptions
 
-__all__ = ["ReIDEngine", "EvalOptions", "AMP_DTYPES", "write_json_atomic"]
+__all__ = ["ReIDEngine", "AMP_DTYPES", "write_json_atomic"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,19 +71,6 @@ def _to_channels_last(model: torch.nn.Module) -> None:
                              "not channels-last; convert the model before wrapping it in DDP")
         return
     model.to(memory_format=torch.channels_last)
-
-
-class EvalOptions(NamedTuple):
-    """Arguments of :meth:`ReIDEngine.test` (Torchreid's names and defaults)."""
-
-    dist_metric: str = "euclidean"
-    normalize_feature: bool = False
-    visrank: bool = False
-    visrank_topk: int = 10
-    save_dir: str = ""
-    use_metric_cuhk03: bool = False
-    ranks: Sequence[int] = (1, 5, 10, 20)
-    rerank: bool = False
 
 
 class ReIDEngine(torchreid().engine.Engine):
@@ -224,11 +211,11 @@ class ReIDEngine(torchreid().engine.Engine):
         self.save_dir = save_dir
         # an evaluation-only run must not overwrite the training run's record
         self.metrics_file = "metrics-test.json" if test_only else "metrics.json"
-        test_kwargs = EvalOptions(
+        test_kwargs = dict(
             dist_metric=dist_metric, normalize_feature=normalize_feature, visrank=visrank,
             visrank_topk=visrank_topk, save_dir=save_dir, use_metric_cuhk03=use_metric_cuhk03,
             ranks=list(ranks), rerank=rerank,
-        )._asdict()
+        )
         if self.is_main_process and self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -348,25 +335,16 @@ class ReIDEngine(torchreid().engine.Engine):
     #: The Torchreid-named arguments of ``run`` / ``test`` (dist_metric, rerank, ...) override its fields.
     evaluation_options = None
 
-    def evaluation_options_for(self, opts: EvalOptions, **extra):
-        """The :class:`~torchreid_ext.metrics.EvaluationOptions` of one :meth:`test` call."""
+    def test(self, save_dir: str = "", **options) -> float:
+        """Evaluate on every target; log to TensorBoard and ``<save_dir>/metrics.json``; return rank-1.
+        ``options``: Torchreid's ``test`` arguments (dist_metric, normalize_feature, visrank,
+        visrank_topk, use_metric_cuhk03, ranks, rerank) or any other field of
+        :class:`~torchreid_ext.metrics.EvaluationOptions` (e.g. ``rerank_k1=10``, ``flip=True``),
+        over :attr:`evaluation_options`. Under DDP rank 0 evaluates; the others return 0."""
         from ..metrics import EvaluationOptions
 
-        base = self.evaluation_options or EvaluationOptions()
-        return base.replace(
-            dist_metric=opts.dist_metric, normalize_feature=bool(opts.normalize_feature),
-            use_metric_cuhk03=bool(opts.use_metric_cuhk03), max_rank=max([50, *opts.ranks]),
-            rerank=bool(opts.rerank), evaluator=self.evaluator, progress=True, **extra,
-        )
-
-    def test(self, **options) -> float:
-        """Evaluate on every target; log to TensorBoard and metrics.json; return rank-1.
-        ``options``: :class:`EvalOptions`, plus any field of
-        :class:`~torchreid_ext.metrics.EvaluationOptions` (e.g. ``rerank_k1=10``, ``flip=True``).
-        Under DDP rank 0 evaluates; the others return 0."""
-        extra = {k: options.pop(k) for k in list(options) if k not in EvalOptions._fields}
-        opts = EvalOptions(**options)
-        evaluation = self.evaluation_options_for(opts, **extra)
+        evaluation = (self.evaluation_options or EvaluationOptions()).for_call(
+            evaluator=self.evaluator, progress=True, **options)
         if not self.is_main_process:
             return 0.0
         self.set_model_mode("eval")
@@ -378,8 +356,8 @@ class ReIDEngine(torchreid().engine.Engine):
                 dataset_name=name,
                 query_loader=self.test_loader[name]["query"],
                 gallery_loader=self.test_loader[name]["gallery"],
-                opts=opts,
                 evaluation=evaluation,
+                save_dir=save_dir,
             )
             self.last_results[name] = res
             entry["results"][name] = res
@@ -390,8 +368,8 @@ class ReIDEngine(torchreid().engine.Engine):
         first = next(iter(entry["results"].values()), None)
         rank1 = first["rank1"] if first else 0.0
         self.history.append(entry)
-        if opts.save_dir:
-            self.write_metrics(opts.save_dir)
+        if save_dir:
+            self.write_metrics(save_dir)
         return rank1
 
     def metrics_summary(self) -> Dict[str, Any]:
@@ -422,14 +400,14 @@ class ReIDEngine(torchreid().engine.Engine):
                               channels_last=self.channels_last, desc=desc)
 
     @torch.no_grad()
-    def _evaluate(self, dataset_name: str, query_loader, gallery_loader, opts: EvalOptions,
-                  evaluation=None) -> Dict[str, Any]:
+    def _evaluate(self, dataset_name: str, query_loader, gallery_loader, evaluation,
+                  save_dir: str = "") -> Dict[str, Any]:
         """Extract, then :func:`torchreid_ext.metrics.evaluate_test_features` (the one evaluation from
-        features, also behind ``scripts/evaluate.py``); ``evaluation``: its options."""
+        features, also behind ``scripts/evaluate.py``) with ``evaluation``'s options."""
         from .. import metrics
 
-        ev = evaluation if evaluation is not None else self.evaluation_options_for(opts)
-        ranks = list(opts.ranks)
+        ev = evaluation
+        ranks = list(ev.ranks)
         t0 = time.time()
         qf, q_pids, q_camids = self.extract(query_loader, "query features", flip=ev.flip)
         gf, g_pids, g_camids = self.extract(gallery_loader, "gallery features", flip=ev.flip)
@@ -447,11 +425,11 @@ class ReIDEngine(torchreid().engine.Engine):
         logger.info(f"Evaluated with the {ev.evaluator} evaluator in {time.time() - t0:.2f} s")
         for line in metrics.format_results(res, ranks).splitlines():
             logger.info(line)
-        if opts.visrank:
+        if ev.visrank:
             distmat = metrics.evaluation_distance_matrix(qf, gf, ev)
             torchreid().utils.visualize_ranked_results(
                 distmat, self.datamanager.fetch_test_loaders(dataset_name), self.datamanager.data_type,
                 width=self.datamanager.width, height=self.datamanager.height,
-                save_dir=osp.join(opts.save_dir, "visrank_" + dataset_name), topk=opts.visrank_topk,
+                save_dir=osp.join(save_dir, "visrank_" + dataset_name), topk=ev.visrank_topk,
             )
         return res

@@ -16,7 +16,7 @@ it is carried here so that one object holds every test-time option.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Any, ClassVar, Dict, Optional, Sequence
+from typing import Any, Callable, ClassVar, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -35,6 +35,12 @@ __all__ = ["EVALUATORS", "EvaluationOptions", "evaluate_test_features", "evaluat
 EVALUATORS = ("fast", "torchreid")
 
 
+def _ranks(ranks: Sequence[Any]) -> Optional[str]:
+    if ranks and all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks):
+        return None
+    return "is not valid; ranks are integers >= 1 (Rank-1 is the top match)"
+
+
 @dataclass(frozen=True)
 class EvaluationOptions(ConfigOptions):
     """Test-time options: the ``test.*`` keys of the same names (and ``cuhk03.use_metric_cuhk03``);
@@ -44,6 +50,7 @@ class EvaluationOptions(ConfigOptions):
     KEYS: ClassVar[Dict[str, Optional[str]]] = {"use_metric_cuhk03": "cuhk03.use_metric_cuhk03", "max_rank": None,
                                                 "progress": None}
     CHOICES: ClassVar[Dict[str, Sequence[Any]]] = {"dist_metric": METRICS, "evaluator": EVALUATORS}
+    CHECKS: ClassVar[Dict[str, Callable[[Any], Optional[str]]]] = {"ranks": _ranks}
 
     dist_metric: str = "euclidean"
     normalize_feature: bool = False
@@ -60,14 +67,28 @@ class EvaluationOptions(ConfigOptions):
     aqe_alpha: float = 3.0
     aqe_rounds: int = 1
     progress: bool = False
+    # reported and drawn (upstream's keys)
+    ranks: Tuple[int, ...] = (1, 5, 10, 20)  # CMC ranks printed and recorded
+    visrank: bool = False  # rank lists drawn into the save dir
+    visrank_topk: int = 10
 
     @classmethod
     def from_config(cls, cfg, **overrides) -> "EvaluationOptions":
         """Options from a torchreid_ext config; a bad value raises :class:`ConfigError` naming its key."""
-        return super().from_config(cfg, **{"max_rank": max([50, *cfg.test.ranks]), **overrides})
+        ranks = list(cfg.test.ranks)
+        max_rank = max([50, *ranks]) if _ranks(ranks) is None else 50  # a bad test.ranks: its own error
+        return super().from_config(cfg, **{"max_rank": max_rank, **overrides})
 
     def replace(self, **changes) -> "EvaluationOptions":
         return replace(self, **changes)
+
+    def for_call(self, **torchreid_args) -> "EvaluationOptions":
+        """These options with the arguments of Torchreid's ``Engine.test`` / ``run`` (dist_metric,
+        normalize_feature, use_metric_cuhk03, ranks, rerank, visrank, visrank_topk) and any other
+        field given; ``max_rank`` follows ``ranks``."""
+        changes = {k: tuple(v) if k == "ranks" else v for k, v in torchreid_args.items()}
+        ranks = changes.get("ranks", self.ranks)
+        return replace(self, max_rank=max([50, *ranks]), **changes)
 
     def check(self) -> None:
         """The rules between options (re-ranking's k2 <= k1, ...), naming the config keys."""
