@@ -119,6 +119,7 @@ def main(argv: List[str] = None) -> None:
                         help="stop repeating a config after this many timed seconds (at least 3 repeats)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--json", default="", help="also write the results here (what tools/gpu_check.py reads)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -154,6 +155,12 @@ def main(argv: List[str] = None) -> None:
                   f"{r['median_s'] / ref['median_s']:>10.2f} {r['min_s'] / ref['min_s']:>10.2f} "
                   f"{r['peak_bytes'] / 2**20:>8.1f} {mem_ratio:>7.2f}")
     b_small, b_big = min(args.batch_sizes), max(args.batch_sizes)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device, "torch": torch.__version__, "rows": [
+                {**rows[name, b], "loss": name, "batch": b,
+                 "vs_triplet_median": rows[name, b]["median_s"] / rows["triplet", b]["median_s"]}
+                for b in args.batch_sizes for name in LOSSES]}, f, indent=2)
     for name in ("drsl", "sn"):
         ratio = rows[name, b_small]["median_s"] / rows["triplet", b_small]["median_s"]
         mem = rows[name, b_big]["peak_bytes"] / 2**30

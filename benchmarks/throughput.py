@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import time
 from types import SimpleNamespace
@@ -94,6 +95,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--json", default="", help="also write the results here (what tools/gpu_check.py reads)")
     args = p.parse_args(argv)
     gpu = args.device == "cuda"
     defaults = dict(size=[256, 128] if gpu else [64, 32], batch=64 if gpu else 8, steps=30 if gpu else 3,
@@ -109,7 +111,14 @@ def main(argv=None) -> None:
     name = torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"{args.model}, {args.size[0]}x{args.size[1]}, batch {args.batch}, {args.steps} steps x "
           f"{args.rounds} rounds (median), {name}, torch {torch.__version__}")
-    print(table(measure(args, device)))
+    ips = measure(args, device)
+    print(table(ips))
+    if args.json:
+        stock = statistics.median(ips[VARIANTS[0]])
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "device": name, "torch": torch.__version__,
+                       "images_per_second": {v: statistics.median(x) for v, x in ips.items()},
+                       "vs_torchreid": {v: statistics.median(x) / stock for v, x in ips.items()}}, f, indent=2)
 
 
 if __name__ == "__main__":
