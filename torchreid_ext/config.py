@@ -361,7 +361,7 @@ def validate_config(cfg: CN) -> None:
         owner.from_config(cfg)
     check_input_size(cfg.data.height, cfg.data.width, max(cfg.train.batch_size, cfg.test.batch_size),
                      cfg.data.max_image_side)
-    if cfg.sampler.train_sampler == "RandomIdentitySampler":
+    if cfg.sampler.train_sampler in IDENTITY_SAMPLERS:
         bs = cfg.train.batch_size
         if bs % k:
             raise ConfigError(

@@ -23,7 +23,7 @@ import os.path as osp
 import torch
 
 from .adapter import torchreid
-from .config import ConfigError
+from .config import IDENTITY_SAMPLERS, ConfigError
 from .checkpoint import load_checkpoint
 from .errors import CheckpointError, InputNotFound
 from .files import missing_file_reason
@@ -114,7 +114,7 @@ def check_datasets(cfg) -> None:
     sources = [scans[name] for name in cfg.data.sources]
     if sources and all(scan is not None for scan in sources):
         need, why = 2, " (re-ID learns to tell identities apart)"
-        if cfg.sampler.train_sampler == "RandomIdentitySampler":
+        if cfg.sampler.train_sampler in IDENTITY_SAMPLERS:
             p = cfg.train.batch_size // max(cfg.sampler.num_instances, 1)
             if p >= need:
                 need = p

@@ -7,7 +7,7 @@ name is a :class:`UnknownNameError` (a ``KeyError`` that prints cleanly) listing
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Generic, Iterator, List, Optional, TypeVar
+from typing import Any, Callable, Dict, Generic, Iterator, List, Optional, TypeVar
 
 from .errors import UnknownNameError
 
@@ -31,10 +31,13 @@ def same_object(a: Any, b: Any) -> bool:
 
 
 class Registry(Generic[T]):
-    """Names -> objects of one kind (``kind`` is used in messages: 'model', 'loss', ...)."""
+    """Names -> objects of one kind (``kind`` is used in messages: 'model', 'loss', ...), in
+    registration order. ``same(current, new)`` says when a taken name may be registered again
+    (default :func:`same_object`); the entry is then rebound to ``new``."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, same: Callable[[Any, Any], bool] = None):
         self.kind = kind
+        self.same = same or same_object  # when a name may be registered again (then it is rebound)
         self._items: Dict[str, T] = {}
 
     def register(self, name: str, obj: Optional[T] = None) -> Any:
@@ -48,7 +51,7 @@ class Registry(Generic[T]):
         if not isinstance(name, str) or not name:
             raise ValueError(f"a {self.kind} name must be a non-empty string, got {name!r}")
         current = self._items.get(name)
-        if current is not None and not same_object(current, obj):
+        if current is not None and not self.same(current, obj):
             raise ValueError(f"{self.kind} name '{name}' is already registered to {current!r}; "
                              f"cannot register {obj!r} under it")
         self._items[name] = obj

@@ -26,6 +26,7 @@ import yaml
 
 from ..config import CN, ConfigError, load_config
 from ..errors import HarnessError
+from ..options import is_int
 
 __all__ = ["HarnessError", "Run", "plan_runs", "read_spec", "final_epoch", "is_finished", "launch",
            "load_metrics", "check_seeds", "test_time_options", "test_time_runs", "PROTOCOL_KEYS"]
@@ -103,7 +104,7 @@ def check_seeds(seeds: Optional[Sequence[int]]) -> Optional[List[int]]:
     seeds = list(seeds)
     if not seeds:
         raise HarnessError("--seeds needs at least one integer seed, e.g. --seeds 1 2 3")
-    bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2 ** 32]
+    bad = [s for s in seeds if not is_int(s) or not 0 <= s < 2 ** 32]
     if bad:
         raise HarnessError(f"--seeds {' '.join(map(str, bad))}: a seed is an integer in [0, 2**32 - 1]")
     repeated = sorted({s for s in seeds if seeds.count(s) > 1})

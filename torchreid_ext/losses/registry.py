@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 import torch.nn as nn
 
 from ..errors import UnknownNameError
+from ..registry import Registry, same_object
 
 __all__ = [
     "LossSpec",
@@ -94,15 +95,9 @@ class UnknownLossError(UnknownNameError):
     """``loss.name`` names no registered loss."""
 
 
-_REGISTRY: Dict[str, LossSpec] = {}
 _BUILTIN = ("softmax", "triplet", "drsl", "sn")
-
-
-def _same_builder(a: Optional[Builder], b: Optional[Builder]) -> bool:
-    if a is b:
-        return True
-    key = lambda f: (getattr(f, "__module__", None), getattr(f, "__qualname__", None))  # noqa: E731
-    return a is not None and b is not None and key(a) == key(b)
+# A name may be registered again with the same builder (a re-imported plug-in): the spec is rebound.
+LOSSES: Registry = Registry("loss", same=lambda a, b: same_object(a.builder, b.builder))
 
 
 def _section_defaults(name: str, defaults: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
@@ -123,14 +118,7 @@ def _section_defaults(name: str, defaults: Optional[Mapping[str, Any]]) -> Dict[
 
 
 def _add(spec: LossSpec) -> LossSpec:
-    current = _REGISTRY.get(spec.name)
-    if current is not None and not _same_builder(current.builder, spec.builder):
-        raise ValueError(
-            f"loss name '{spec.name}' is already registered (builder {current.builder!r}); "
-            "choose another name or unregister_loss it first"
-        )
-    _REGISTRY[spec.name] = spec
-    return spec
+    return LOSSES.register(spec.name, spec)
 
 
 def register_loss(
@@ -159,7 +147,7 @@ def register_loss(
         raise ValueError(f"loss name {name!r} must be a Python identifier other than 'name'")
     if not callable(builder):
         raise TypeError(f"loss '{name}': builder must be callable(section) -> module, got {builder!r}")
-    if name in _BUILTIN and name in _REGISTRY and not _same_builder(_REGISTRY[name].builder, builder):
+    if name in _BUILTIN and name in LOSSES and not same_object(LOSSES[name].builder, builder):
         raise ValueError(f"loss name '{name}' is built in; register yours under another name")
     spec = LossSpec(
         name=name, builder=builder, defaults=_section_defaults(name, defaults),
@@ -172,24 +160,23 @@ def unregister_loss(name: str) -> None:
     """Remove a loss added with :func:`register_loss` (built-in losses stay)."""
     if name in _BUILTIN:
         raise ValueError(f"loss '{name}' is built in and cannot be unregistered")
-    _REGISTRY.pop(name, None)
+    LOSSES.unregister(name)
 
 
 def loss_names() -> List[str]:
     """Every registered name, in registration order (built-in ones first)."""
-    return list(_REGISTRY)
+    return list(LOSSES)
 
 
 def specs() -> List[LossSpec]:
     """Every registered loss, in registration order."""
-    return list(_REGISTRY.values())
+    return [spec for _, spec in LOSSES.items()]
 
 
 def get_loss(name: str) -> LossSpec:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise UnknownLossError(f"unknown loss {name!r}; registered losses: {loss_names()}") from None
+    if name not in LOSSES:
+        raise UnknownLossError(f"unknown loss {name!r}; registered losses: {loss_names()}")
+    return LOSSES[name]
 
 
 def build_loss(name: str, section) -> nn.Module:

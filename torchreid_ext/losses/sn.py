@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..options import is_int
 from .batch import check_inputs, compute_dtype, no_positive_result, pairwise_distance
 
 __all__ = ["SupportNeighborLoss", "support_neighbor_loss", "SQUEEZE_MODES"]
@@ -24,7 +25,7 @@ _SOFTPLUS_LINEAR = 50.0
 def _check_params(alpha: float, k: int, weight_squeeze: float, squeeze: str) -> None:
     if not alpha > 0:
         raise ValueError(f"Support Neighbor loss: alpha must be > 0, got {alpha}")
-    if isinstance(k, bool) or int(k) != k or k < 1:
+    if not is_int(k) or k < 1:
         raise ValueError(f"Support Neighbor loss: k must be an integer >= 1, got {k!r}")
     if not weight_squeeze >= 0:
         raise ValueError(f"Support Neighbor loss: weight_squeeze must be >= 0, got {weight_squeeze}")

@@ -15,10 +15,10 @@ from __future__ import annotations
 import math
 from typing import Optional, Tuple
 
-import numpy as np
 import torch
 from torch.nn import functional as F
 
+from ..options import is_int, is_number
 from .distance import ArrayLike, _as_features
 
 __all__ = ["alpha_query_expansion", "check_aqe_args"]
@@ -26,19 +26,15 @@ __all__ = ["alpha_query_expansion", "check_aqe_args"]
 _BLOCK_ELEMENTS = 1 << 24  # similarities per block (64 MB in float32)
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
 def check_aqe_args(k, alpha, rounds, names: Tuple[str, str, str] = ("k", "alpha", "rounds")) -> None:
     """Raise ``ValueError`` naming the bad value (``names``: how the caller calls them)."""
     nk, na, nr = names
-    if not _is_int(k) or k < 1:
+    if not is_int(k) or k < 1:
         raise ValueError(f"{nk} = {k!r} must be an integer >= 1 (neighbours averaged per feature)")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)) \
+    if not is_number(alpha) \
             or not math.isfinite(alpha) or alpha < 0:
         raise ValueError(f"{na} = {alpha!r} must be a finite number >= 0 (weights are similarity ** alpha)")
-    if not _is_int(rounds) or rounds < 1:
+    if not is_int(rounds) or rounds < 1:
         raise ValueError(f"{nr} = {rounds!r} must be an integer >= 1 (expansion rounds)")
 
 

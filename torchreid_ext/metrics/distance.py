@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from ..options import is_int
+
 __all__ = [
     "METRICS",
     "auto_chunk_rows",
@@ -152,7 +154,7 @@ def _blocks(q, g, qn, gn, rows: int) -> Iterator[Tuple[int, torch.Tensor]]:
 
 
 def _check_chunk(chunk_size: int) -> int:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+    if not is_int(chunk_size) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     return int(chunk_size)
 

@@ -66,6 +66,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from ..options import is_int
 from .distance import ArrayLike, _blocks, _check_chunk, _prepare, as_real_matrix, auto_chunk_rows, torch_threads
 
 __all__ = ["RankResult", "evaluate_features", "evaluate_rank"]
@@ -129,13 +130,13 @@ def _as_labels(x: LabelLike, name: str, length: int, device: torch.device) -> to
 
 def _check_threads(num_threads: Optional[int]) -> None:
     if num_threads is not None and (
-        isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) or num_threads < 1
+        not is_int(num_threads) or num_threads < 1
     ):
         raise ValueError(f"num_threads must be a positive integer or None, got {num_threads!r}")
 
 
 def _check_max_rank(max_rank: int) -> int:
-    if isinstance(max_rank, bool) or not isinstance(max_rank, (int, np.integer)) or max_rank < 1:
+    if not is_int(max_rank) or max_rank < 1:
         raise ValueError(f"max_rank must be an integer >= 1, got {max_rank!r}")
     return int(max_rank)
 

@@ -28,6 +28,7 @@ from typing import Iterator, Optional, Tuple
 import numpy as np
 import torch
 
+from ..options import is_int, is_number
 from .distance import ArrayLike, _block, _prepare, as_real_matrix, auto_chunk_rows, torch_threads
 from .knn import RunningTopK
 
@@ -39,19 +40,15 @@ _PAIR_BUDGET = 1 << 22  # Jaccard join: (query entry, gallery entry) pairs per b
 _GATHER_BUDGET = 1 << 15  # feature pairs per chunk when gathering distances of index pairs
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
 def check_rerank_args(k1, k2, lambda_value, num_items: Optional[int] = None,
                       names: Tuple[str, str, str] = ("k1", "k2", "lambda_value")) -> None:
     """Raise ``ValueError`` naming the bad value; ``names`` are the caller's names for them."""
     n1, n2, nl = names
-    if not _is_int(k1) or k1 < 1:
+    if not is_int(k1) or k1 < 1:
         raise ValueError(f"{n1} = {k1!r} must be an integer >= 1")
-    if not _is_int(k2) or k2 < 1 or k2 > k1:
+    if not is_int(k2) or k2 < 1 or k2 > k1:
         raise ValueError(f"{n2} = {k2!r} must be an integer in [1, {n1} = {k1}]")
-    if isinstance(lambda_value, bool) or not isinstance(lambda_value, (int, float, np.integer, np.floating)) \
+    if not is_number(lambda_value) \
             or not (0.0 <= float(lambda_value) <= 1.0):
         raise ValueError(f"{nl} = {lambda_value!r} must be a number in [0, 1]")
     if num_items is not None and num_items < k1 + 1:
@@ -425,7 +422,7 @@ def reranked_distance_blocks(
     (default 1)."""
     q, g, qn, gn = _prepare(qf, gf, metric, normalize)
     check_rerank_args(k1, k2, lambda_value, q.shape[0] + g.shape[0])
-    if chunk_size is not None and (not _is_int(chunk_size) or chunk_size < 1):
+    if chunk_size is not None and (not is_int(chunk_size) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     return _reranked(_FeatureSource(q, g, qn, gn), k1, k2, float(lambda_value), chunk_size, progress, num_threads)
 
