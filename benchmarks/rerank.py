@@ -21,7 +21,11 @@ take 27 GB; Torchreid's cost there is estimated, not run: time scaled from the M
 (N_msmt / N_market)^2 (its loops and sorts grow at least that fast) and memory as Market's bytes per
 element of the (Q + G)^2 matrix times MSMT17's (Q + G)^2.
 
-Usage: ``python benchmarks/rerank.py [--shapes market msmt17] [--repeats 2]``.
+``--device cuda`` runs ``ours-features`` on the GPU (features moved there before timing; Torchreid's
+baseline and the drop-in stay on the CPU, as Torchreid's engine computes them); ``--json PATH``
+writes the rows (what ``tools/gpu_check.py`` reads).
+
+Usage: ``python benchmarks/rerank.py [--shapes market msmt17] [--repeats 2] [--device cuda] [--json F]``.
 """
 from __future__ import annotations
 
@@ -107,11 +111,22 @@ def run_child(args) -> Dict:
             out["max_abs_diff"] = float(np.max(np.abs(result - np.load(ref_path, mmap_mode="r"))))
         return out
 
-    q, g = torch.from_numpy(qf), torch.from_numpy(gf)  # the engine passes torch tensors
-    res = timed(lambda: evaluate_features(q, g, *labels, max_rank=MAX_RANK, rerank=True), args.repeats)
+    device = torch.device(args.device)
+    q, g = torch.from_numpy(qf).to(device), torch.from_numpy(gf).to(device)  # the engine passes torch tensors
+    out["device"] = args.device
+
+    def synced(fn):
+        def call():
+            result = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return result
+        return call
+
+    res = timed(synced(lambda: evaluate_features(q, g, *labels, max_rank=MAX_RANK, rerank=True)), args.repeats)
     out["metrics"] = _metrics(res)
     t = time.perf_counter()
-    evaluate_features(q, g, *labels, max_rank=MAX_RANK)
+    synced(lambda: evaluate_features(q, g, *labels, max_rank=MAX_RANK))()
     out["plain_seconds"] = time.perf_counter() - t
     if os.path.exists(ref_path):
         ref = np.load(ref_path, mmap_mode="r")
@@ -124,9 +139,9 @@ def run_child(args) -> Dict:
 # parent
 
 
-def _child(method: str, shape: str, data: str, workdir: str, repeats: int) -> Dict:
+def _child(method: str, shape: str, data: str, workdir: str, repeats: int, device: str) -> Dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", method, "--shape", shape, "--data", data,
-           "--workdir", workdir, "--repeats", str(repeats)]
+           "--workdir", workdir, "--repeats", str(repeats), "--device", device]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"method": method, "shape": shape, "error": proc.stderr.strip().splitlines()[-1:]}
@@ -162,6 +177,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--repeats", type=int, default=2, help="timed calls of our methods (best is reported)")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where ours-features runs")
+    p.add_argument("--json", default="", help="also write the rows here (what tools/gpu_check.py reads)")
     p.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     p.add_argument("--shape", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -182,7 +199,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             for method in args.methods:
                 if method != "ours-features" and not small:
                     continue
-                r = _child(method, shape, path, workdir, args.repeats)
+                r = _child(method, shape, path, workdir, args.repeats, args.device)
                 results[method] = r
                 print(f"# {shape} {method}: " + (f"{r['seconds']:.1f} s, peak {_gb(r['peak'])} GB"
                                                    if "error" not in r else f"failed {r['error']}"), flush=True)
@@ -212,6 +229,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         if base is None:
             base = next((x for x in rows if x["shape"] == r["shape"] and x.get("estimated")), None)
         print(_row(r, base))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
     threads = {r.get("torch_threads") for r in rows if "torch_threads" in r}
     print(f"\ntorch threads: {sorted(threads)}; Python {sys.version.split()[0]}")
 

@@ -12,8 +12,9 @@ with its own timeout; a step that hangs is killed with its children):
 4. ``msgr``: benchmarks/msgr.py (GPU defaults: B = 64 at 256x128);
 5. ``evaluation``: benchmarks/evaluation.py ``--device cuda`` at the Market and MSMT17 shapes;
 6. ``losses``: benchmarks/losses.py ``--device cuda``;
-7. ``rerank``: ``evaluate_features(..., rerank=True)`` on the device at the Market and MSMT17
-   shapes (benchmarks/evaluation.py's synthetic features), Market checked against the CPU;
+7. ``rerank``: benchmarks/rerank.py ``--device cuda --methods ours-features`` (re-ranking from the
+   features on the device) at the Market and MSMT17 shapes; the device-vs-CPU agreement is
+   tests/cuda's;
 8. ``train``: scripts/main.py, 2 epochs of bf16 + channels-last training on SynthReID, then
    its evaluation (checkpoints are left out of OUT_DIR);
 9. ``pytest_other``: the suite's other CUDA-only tests (``-k 'gpu or cuda'`` in three files).
@@ -166,13 +167,9 @@ def rerank_keys(step: Step, log: str) -> str:
     rows = _read_json(step.outputs[0])
     if not rows:
         return ""
-    parts = []
-    for r in rows:
-        s = f"{r['shape']} on {r['device']}: {r['seconds']:.2f} s (plain {r['plain_seconds']:.2f} s, mAP {r['mAP']:.4f})"
-        if r.get("cpu_seconds") is not None:
-            s += f", CPU {r['cpu_seconds']:.1f} s, max |metric diff| {r['max_metric_diff']:.1e}"
-        parts.append(s)
-    return "; ".join(parts)
+    return "; ".join(f"{r['shape']} on {r.get('device', 'cpu')}: {r['seconds']:.2f} s (plain "
+                     f"{r['plain_seconds']:.2f} s, mAP {r['metrics']['mAP']:.4f})"
+                     for r in rows if "error" not in r and not r.get("estimated"))
 
 
 def train_keys(step: Step, log: str) -> str:
@@ -205,9 +202,9 @@ def build_steps(out: str, gpu: bool, data_root: str, train_dir: str) -> List[Ste
             ("losses", "benchmarks/losses.py --device cuda", [
                 _script("benchmarks", "losses.py"), "--device", "cuda", "--json", j("losses.json")],
              180, losses_keys, [j("losses.json")]),
-            ("rerank", "re-ranking, features path on CUDA", [
-                osp.abspath(__file__), "--rerank-child", j("rerank.json"), "--device", "cuda",
-                "--shapes", "market", "msmt17", "--cpu-check", "market"], 240, rerank_keys, [j("rerank.json")]),
+            ("rerank", "benchmarks/rerank.py: re-ranking, features path on CUDA", [
+                _script("benchmarks", "rerank.py"), "--device", "cuda", "--methods", "ours-features",
+                "--shapes", "market", "msmt17", "--json", j("rerank.json")], 240, rerank_keys, [j("rerank.json")]),
         ]
         train = ["model.name", "resnet50_bnfc512", "data.height", "256", "data.width", "128",
                  "train.batch_size", "64", "data.workers", "4", "test.batch_size", "256"]
@@ -228,9 +225,10 @@ def build_steps(out: str, gpu: bool, data_root: str, train_dir: str) -> List[Ste
             ("losses", "benchmarks/losses.py (CPU-sized: B = 64)", [
                 _script("benchmarks", "losses.py"), "--device", "cpu", "--batch-sizes", "64", "--repeats", "3",
                 "--warmup", "1", "--budget-s", "1", "--json", j("losses.json")], 400, losses_keys, [j("losses.json")]),
-            ("rerank", "re-ranking, features path (CPU-sized: tiny shape)", [
-                osp.abspath(__file__), "--rerank-child", j("rerank.json"), "--device", "cpu", "--shapes", "tiny"],
-             400, rerank_keys, [j("rerank.json")]),
+            ("rerank", "benchmarks/rerank.py: re-ranking, features path (CPU-sized: tiny shape)", [
+                _script("benchmarks", "rerank.py"), "--device", "cpu", "--methods", "ours-features",
+                "--shapes", "tiny", "--repeats", "1", "--json", j("rerank.json")], 400, rerank_keys,
+             [j("rerank.json")]),
         ]
         # synthreid_small: bf16 autocast is several times slower than float32 on most CPUs
         train = ["data.sources", "[synthreid_small]", "data.targets", "[synthreid_small]", "train.batch_size", "16",
@@ -467,62 +465,6 @@ def check(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
-# re-ranking on the device (benchmarks/rerank.py has no device option)
-
-
-def _timed(fn, device: str, repeats: int = 1):
-    """(best seconds, result) of ``repeats`` calls; the results are numpy, so a call has synchronised."""
-    import torch
-
-    best, res = float("inf"), None
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        res = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, res
-
-
-def _rerank_shape(shape: str, device: str, cpu_check: bool) -> Dict:
-    import numpy as np
-    import torch
-
-    sys.path.insert(0, osp.join(REPO, "benchmarks"))
-    from evaluation import make_data  # benchmarks/evaluation.py: synthetic trained-looking features
-
-    from torchreid_ext.metrics import evaluate_features
-
-    d = make_data(shape, 512, 0)
-    labels = (d["q_pids"], d["g_pids"], d["q_camids"], d["g_camids"])
-    q, g = torch.from_numpy(d["qf"]).to(device), torch.from_numpy(d["gf"]).to(device)
-    secs, res = _timed(lambda: evaluate_features(q, g, *labels, rerank=True), device, 2 if device == "cuda" else 1)
-    plain, _ = _timed(lambda: evaluate_features(q, g, *labels), device)
-    row = {"shape": shape, "device": device, "num_q": len(d["qf"]), "num_g": len(d["gf"]), "seconds": secs,
-           "plain_seconds": plain, "rank1": float(res.cmc[0]), "mAP": float(res.mAP), "mINP": float(res.mINP),
-           "cpu_seconds": None}
-    if cpu_check and device != "cpu":
-        row["cpu_seconds"], ref = _timed(lambda: evaluate_features(d["qf"], d["gf"], *labels, rerank=True), "cpu")
-        row["max_metric_diff"] = float(max(np.max(np.abs(ref.cmc - res.cmc)), abs(ref.mAP - res.mAP),
-                                           abs(ref.mINP - res.mINP)))
-    return row
-
-
-def rerank_child(args) -> int:
-    """``evaluate_features(..., rerank=True)`` on ``--device`` for each shape; JSON rows to the file."""
-    rows = []
-    for shape in args.shapes:
-        rows.append(_rerank_shape(shape, args.device, shape in (args.cpu_check or [])))
-        print(json.dumps(rows[-1]), flush=True)
-    with open(args.rerank_child, "w") as f:
-        json.dump(rows, f, indent=1)
-    bad = [r for r in rows if r.get("max_metric_diff", 0) > 1e-4]
-    if bad:
-        print(f"device vs CPU re-ranked metrics differ: {bad}", file=sys.stderr)
-    return 1 if bad else 0
-
-
-# ------------------------------------------------------------------------------------------------
 # wheels for a machine without the package registry
 
 
@@ -562,10 +504,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--fetch-wheels", nargs="?", const=WHEELS, default=None, metavar="DIR",
                    help="download / build the wheels a bare PyTorch machine needs into DIR (default .whl) and exit")
     p.add_argument("--env", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--rerank-child", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help=argparse.SUPPRESS)
-    p.add_argument("--shapes", nargs="+", default=["tiny"], help=argparse.SUPPRESS)
-    p.add_argument("--cpu-check", nargs="*", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.budget_s is not None and not args.budget_s > 0:
         p.error(f"--budget-s {args.budget_s}: must be > 0")
@@ -574,8 +512,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.env:
         print_env()
         return 0
-    if args.rerank_child:
-        return rerank_child(args)
     return check(args)
 
 
