@@ -251,13 +251,14 @@ def test_a_killed_exports_temporary_file_is_removed_by_the_next_export(env, caps
 def test_ctrl_c_during_extraction_is_one_line_exit_130_and_no_file(env, tmp_path):
     out = tmp_path / "f.h5"
     argv = [sys.executable, osp.join(REPO, "scripts", "extract.py"), *_extract(env, "--out", str(out)),
-            "data.height", "256", "data.width", "128", "test.batch_size", "8"]
+            "data.height", "512", "data.width", "256", "test.batch_size", "1", "test.flip", "True"]
+    # One image a batch, flipped, at 512x256: extraction takes seconds even on a fast machine, and the
+    # signal goes as soon as the log says it has begun (a fixed sleep raced a fast extraction).
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=SUBPROCESS_ENV)
     started = time.time()
     for line in proc.stdout:  # wait until extraction has begun
         if "Extracting" in line or time.time() - started > 300:
             break
-    time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err
