@@ -16,6 +16,7 @@ from scipy import stats as sps
 from torchreid_ext.config import load_config
 from torchreid_ext.experiments import compare as compare_mod
 from torchreid_ext.experiments import HarnessError, method_label, plan_runs, published_for
+from torchreid_ext.experiments.published import METHOD_LABELS, ROWS, render_table, render_tables
 from torchreid_ext.experiments.compare import compare
 
 from conftest import REPO, tiny_opts
@@ -202,29 +203,53 @@ def test_published_numbers_and_labels():
     assert method_label("msfl_resnet50", "softmax", True) == "+MSGR (MSFL+MSGR)"
     assert published_for("+MSGR (MSFL+MSGR)", "market1501")[:2] == (93.7, 83.6)
     assert published_for("R50", "msmt17")[:2] == (None, 38.9)
+    assert published_for("R50+MSGR", "market1501") == (91.7, 80.1, "MSFL paper Table III")
     assert published_for("R50", "cuhk03", cuhk03_detected_new=False) is None
     assert published_for("R50+DRSL", "market1501") is None  # our formulation: nothing published
     # an MSFL ablation variant is not the Table IV row of its model
     assert method_label("resnet50_bnfc512", "softmax", False, variant=True) != "R50"
+    # every label of a comparison table with a published row names exactly one row per source
+    labelled = [r for r in ROWS if r.label is not None]
+    assert {r.label for r in labelled} <= set(METHOD_LABELS.values())
+    assert len({(r.label, r.source) for r in labelled}) == len(labelled)
 
 
-@pytest.mark.parametrize("dataset", ["dukemtmcreid", "msmt17", "cuhk03"])
-def test_config_comments_match_the_published_table(dataset):
-    """Each per-dataset leaf's first line quotes the numbers the table in code holds."""
-    for path in sorted(glob.glob(osp.join(REPO, "configs", dataset, "*.yaml"))):
-        first = open(path).readline()
-        cfg = load_config(path)
-        assert list(cfg.data.targets) == [dataset]
-        label = method_label(cfg.model.name, cfg.loss.name, cfg.msgr.enabled)
-        paper = published_for(label, dataset, not cfg.cuhk03.labeled_images and not cfg.cuhk03.classic_split)
-        both = re.search(r"(\d+\.\d+) / (\d+\.\d+)", first)
-        only_map = re.search(r"mAP (\d+\.\d+) \(rank-1 not given\)", first)
-        if both:
-            assert paper[:2] == (float(both[1]), float(both[2])), path
-        elif only_map:
-            assert paper[:2] == (None, float(only_map[1])), path
-        else:
-            assert "no published number" in first and paper is None, path
+def test_published_tables_in_the_docs_are_generated_from_the_one_table():
+    """docs/methods.md carries every published table as ``render_table`` writes it, and stating a
+    number anywhere else in the page's tables would have to go through published.py."""
+    page = open(osp.join(REPO, "docs", "methods.md"), encoding="utf-8").read()
+    assert render_tables(page) == page, "docs/methods.md is stale: run python tools/published_tables.py"
+    blocks = re.findall(r"<!-- published: ([^>]+?) -->", page)
+    assert sorted(blocks) == sorted({r.source for r in ROWS})
+    # a changed number changes the page: the check can fail
+    table = render_table("MSFL paper Table IV")
+    assert "| +MSGR (= MSFL+MSGR) | 93.7 / 83.6 | 86.8 / 76.9 | 67.7 / 63.3 | 71.3 / 45.3 |" in table
+    assert "| ResNet-50 (BN-FC(512)-ReLU) | 90.4 / 78.3 | 82.9 / 70.6 | 63.4 / 58.3 | - / 38.9 |" in table
+    assert render_table("SN paper (single query)").splitlines()[3] == "| SN loss | 88.27 | 73.43 |"
+    with pytest.raises(KeyError, match="no published table 'Table V'"):
+        render_table("Table V")
+
+
+NUMBER_PAIR = re.compile(r"\d+\.\d+ */ *\d+\.\d+|mAP \d+\.\d+")
+
+
+def test_configs_name_their_published_row_and_quote_no_number():
+    """Published numbers live only in published.py: a config's comments point to docs/methods.md,
+    and a per-dataset leaf says 'published numbers' exactly when the table has a row for it."""
+    for path in sorted(glob.glob(osp.join(REPO, "configs", "**", "*.yaml"), recursive=True)):
+        comments = "".join(line for line in open(path) if line.lstrip().startswith("#"))
+        assert not NUMBER_PAIR.search(comments), path
+    for dataset in ("dukemtmcreid", "msmt17", "cuhk03"):
+        for path in sorted(glob.glob(osp.join(REPO, "configs", dataset, "*.yaml"))):
+            first = open(path).readline()
+            cfg = load_config(path)
+            assert list(cfg.data.targets) == [dataset]
+            label = method_label(cfg.model.name, cfg.loss.name, cfg.msgr.enabled)
+            paper = published_for(label, dataset, not cfg.cuhk03.labeled_images and not cfg.cuhk03.classic_split)
+            if "published numbers" in first:
+                assert paper is not None and "docs/methods.md R" in first, path
+            else:
+                assert "no published number" in first and paper is None, path
 
 
 def test_readme_shows_existing_comparison_pngs():

@@ -1,19 +1,36 @@
-"""Published rank-1 / mAP (%) that our configs aim at (docs/methods.md R, S5), and method labels.
+"""Published rank-1 / mAP (%): the one place they are written (docs/methods.md R, G3, S5).
 
-One table, keyed by (method, dataset). A method is identified by what a run records in its
-``metrics.json``: model name, loss name and whether MSGR is on.
+Each :class:`PaperRow` is a row of a published table, with its numbers per dataset. From them come
+:data:`PUBLISHED`, the numbers the comparison tables print beside ours (keyed by method label and
+dataset), and the tables of docs/methods.md, which :func:`render_tables` writes
+(``python tools/published_tables.py``; a test checks the page is current). Configs name the row
+they aim at, never its numbers.
+
+A method is identified by what a run records in its ``metrics.json``: model name, loss name and
+whether MSGR is on (:data:`METHOD_LABELS`).
 """
 from __future__ import annotations
 
-from typing import Dict, NamedTuple, Optional, Tuple
+import re
+from typing import Dict, Mapping, NamedTuple, Optional, Tuple
 
-__all__ = ["Published", "PUBLISHED", "METHOD_LABELS", "method_label", "published_for"]
+__all__ = ["Published", "PaperRow", "ROWS", "PUBLISHED", "METHOD_LABELS", "method_label", "published_for",
+           "render_table", "render_tables"]
+
+Pair = Tuple[Optional[float], Optional[float]]  # (rank-1, mAP), percent; None where not given
 
 
 class Published(NamedTuple):
     rank1: Optional[float]  # percent; None where the source gives only mAP
     mAP: float  # percent
     source: str
+
+
+class PaperRow(NamedTuple):
+    source: str  # the table, e.g. "MSFL paper Table IV"
+    row: str  # the row as our notes name it
+    numbers: Mapping[str, Pair]  # Torchreid dataset name -> (rank-1, mAP)
+    label: Optional[str] = None  # method label of our runs that this row is the target of
 
 
 # (model, loss, msgr enabled) -> label used in tables and plots
@@ -29,32 +46,52 @@ METHOD_LABELS: Dict[Tuple[str, str, bool], str] = {
     ("resnet50", "sn", False): "R50+SN",
 }
 
-_T4 = "MSFL paper Table IV"
-_ZOO = "Torchreid model zoo"
-# (label, Torchreid dataset name) -> published numbers. cuhk03 = detected boxes, new protocol.
+T1, T2, T3, T4 = (f"MSFL paper Table {n}" for n in ("I", "II", "III", "IV"))
+ZOO = "Torchreid model zoo"
+SN = "SN paper (single query)"
+M, D, C, S = "market1501", "dukemtmcreid", "cuhk03", "msmt17"  # cuhk03: detected boxes, new protocol
+
+ROWS: Tuple[PaperRow, ...] = (
+    PaperRow(T4, "ResNet-50 (BN-FC(512)-ReLU)", {M: (90.4, 78.3), D: (82.9, 70.6), C: (63.4, 58.3),
+                                                  S: (None, 38.9)}, "R50"),
+    PaperRow(T4, "+CSIP", {M: (91.5, 79.3), D: (84.1, 74.5), C: (65.6, 60.4), S: (69.3, 40.2)}, "R50+CSIP"),
+    PaperRow(T4, "+MSFF (= MSFL)", {M: (92.3, 81.9), D: (85.7, 75.4), C: (65.1, 61.2), S: (70.1, 40.8)},
+             "+MSFF (MSFL)"),
+    PaperRow(T4, "+MSGR (= MSFL+MSGR)", {M: (93.7, 83.6), D: (86.8, 76.9), C: (67.7, 63.3), S: (71.3, 45.3)},
+             "+MSGR (MSFL+MSGR)"),
+    PaperRow(T4, "+re-ranking", {M: (94.4, 89.5), D: (89.6, 89.0), C: (71.3, 68.6), S: (78.4, 51.7)}),
+    PaperRow(T1, "(a) ResNet-50", {M: (90.4, 78.3)}),
+    PaperRow(T1, "(b) direct fuse C4 + C5", {M: (90.7, 78.6)}),
+    PaperRow(T1, "(c) direct fuse C2..C5", {M: (87.1, 75.9)}),
+    PaperRow(T1, "(d) fuse P2..P5 without laterals", {M: (90.3, 78.3)}),
+    PaperRow(T1, "(e) fuse P2..P5 with laterals (CSIP)", {M: (91.5, 79.8)}),
+    PaperRow(T1, "(f) full MSFL", {M: (92.3, 81.9)}),
+    PaperRow(T2, "(a) ResNet-50 baseline, 24.56 M, 2.6 G", {M: (90.4, 78.3)}),
+    PaperRow(T2, "(b) ResNet-50, last stride 1, 24.56 M, 4.1 G", {M: (91.3, 79.8)}),
+    PaperRow(T2, "(c) MSFL (fuse P2..P5), 27 M, 5.9 G", {M: (92.3, 81.9)}),
+    PaperRow(T3, "(a) R50 baseline, no MSGR", {M: (90.4, 78.3)}),
+    PaperRow(T3, "(b) q = 1, eps = 1e-2", {M: (85.1, 70.1)}),
+    PaperRow(T3, "(c) q = 2, eps = 1e-2", {M: (91.7, 80.1)}, "R50+MSGR"),
+    PaperRow(T3, "(d) q = inf, eps = 1e-2", {M: (88.2, 72.2)}),
+    PaperRow(T3, "(e) q = 2, eps = 1e-1", {M: (90.7, 79.4)}),
+    PaperRow(T3, "(f) q = 2, eps = 1e-3", {M: (91.2, 80.0)}),
+    *(PaperRow(T3, f"({r}) stage choice, q = 2, eps = 1e-2", {M: v})
+      for r, v in zip("ghijkl", ((92.1, 80.4), (90.2, 78.3), (92.5, 80.3), (92.7, 80.1), (92.5, 80.1),
+                                 (92.4, 79.8)))),
+    PaperRow(ZOO, "osnet_x1_0", {M: (94.2, 82.6), D: (87.0, 70.2), S: (74.9, 43.8)}, "OSNet"),
+    PaperRow(ZOO, "resnet50", {M: (87.9, 70.4)}),
+    PaperRow(ZOO, "resnet50_fc512", {M: (90.8, 75.3)}),
+    PaperRow(SN, "TriNet (their baseline)", {M: (84.92, 69.14)}),
+    PaperRow(SN, "SN loss", {M: (88.27, 73.43)}, "R50+SN"),
+    PaperRow(SN, "SN loss + re-ranking", {M: (89.90, 86.16)}),
+)
+
 PUBLISHED: Dict[Tuple[str, str], Published] = {
-    ("R50", "market1501"): Published(90.4, 78.3, _T4),
-    ("R50+CSIP", "market1501"): Published(91.5, 79.3, _T4),
-    ("+MSFF (MSFL)", "market1501"): Published(92.3, 81.9, _T4),
-    ("+MSGR (MSFL+MSGR)", "market1501"): Published(93.7, 83.6, _T4),
-    ("R50", "cuhk03"): Published(63.4, 58.3, _T4),
-    ("R50+CSIP", "cuhk03"): Published(65.6, 60.4, _T4),
-    ("+MSFF (MSFL)", "cuhk03"): Published(65.1, 61.2, _T4),
-    ("+MSGR (MSFL+MSGR)", "cuhk03"): Published(67.7, 63.3, _T4),
-    ("R50", "dukemtmcreid"): Published(82.9, 70.6, _T4),
-    ("R50+CSIP", "dukemtmcreid"): Published(84.1, 74.5, _T4),
-    ("+MSFF (MSFL)", "dukemtmcreid"): Published(85.7, 75.4, _T4),
-    ("+MSGR (MSFL+MSGR)", "dukemtmcreid"): Published(86.8, 76.9, _T4),
-    ("R50", "msmt17"): Published(None, 38.9, _T4),
-    ("R50+CSIP", "msmt17"): Published(None, 40.2, _T4),
-    ("+MSFF (MSFL)", "msmt17"): Published(None, 40.8, _T4),
-    ("+MSGR (MSFL+MSGR)", "msmt17"): Published(71.3, 45.3, _T4),
-    ("R50+MSGR", "market1501"): Published(91.7, 80.1, "MSFL paper Table III"),
-    ("OSNet", "market1501"): Published(94.2, 82.6, _ZOO),
-    ("OSNet", "dukemtmcreid"): Published(87.0, 70.2, _ZOO),
-    ("OSNet", "msmt17"): Published(74.9, 43.8, _ZOO),
-    ("R50+SN", "market1501"): Published(88.27, 73.43, "SN paper (single query)"),
+    (r.label, ds): Published(r1, mAP, r.source)
+    for r in ROWS if r.label is not None for ds, (r1, mAP) in r.numbers.items()
 }
+
+DATASET_TITLES = {M: "Market-1501", D: "DukeMTMC-reID", C: "CUHK03 detected (767/700)", S: "MSMT17"}
 
 
 def method_label(model: str, loss: str, msgr: bool, variant: bool = False) -> str:
@@ -71,3 +108,36 @@ def published_for(label: str, dataset: str, cuhk03_detected_new: bool = True) ->
     if dataset == "cuhk03" and not cuhk03_detected_new:
         return None
     return PUBLISHED.get((label, dataset))
+
+
+def _number(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.1f}" if round(x, 1) == x else f"{x:.2f}"
+
+
+def render_table(source: str) -> str:
+    """The markdown table of one source: a rank-1 and an mAP column for one dataset, else a
+    "rank-1 / mAP" column per dataset."""
+    rows = [r for r in ROWS if r.source == source]
+    if not rows:
+        raise KeyError(f"no published table {source!r}; known: {sorted({r.source for r in ROWS})}")
+    datasets = [d for d in DATASET_TITLES if any(d in r.numbers for r in rows)]
+    if len(datasets) == 1:
+        (d,) = datasets
+        lines = [f"| row ({DATASET_TITLES[d]}) | rank-1 | mAP |", "| --- | --- | --- |"]
+        lines += [f"| {r.row} | {_number(r.numbers[d][0])} | {_number(r.numbers[d][1])} |" for r in rows]
+    else:
+        lines = ["| row | " + " | ".join(DATASET_TITLES[d] for d in datasets) + " |",
+                 "| --- |" + " --- |" * len(datasets)]
+        for r in rows:
+            cells = [" / ".join(map(_number, r.numbers[d])) if d in r.numbers else "" for d in datasets]
+            lines.append(f"| {r.row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+_BLOCK = re.compile(r"(<!-- published: (?P<source>[^>]+?) -->\n)(?P<body>.*?)(\n<!-- end published -->)", re.S)
+
+
+def render_tables(page: str) -> str:
+    """``page`` with every ``<!-- published: SOURCE -->`` ... ``<!-- end published -->`` block
+    replaced by :func:`render_table` of that source."""
+    return _BLOCK.sub(lambda m: m.group(1) + render_table(m.group("source")) + m.group(4), page)
