@@ -50,7 +50,7 @@ def test_drsl_engine_in_torchreid_run_loop(upstream, tmp_path):
                              label_smooth=True)
     assert engine.weight_x == 1.0 and list(engine.metric_losses) == ["drsl"]
     drsl = engine.metric_losses["drsl"][1]
-    assert isinstance(drsl, DRSLoss) and (drsl.tau_rel, drsl.lambda_sort) == (0.05, 0.0)  # the config defaults
+    assert isinstance(drsl, DRSLoss) and (drsl.tau_rel, drsl.lambda_sort) == (0.05, 1.0)  # the config defaults
     save = str(tmp_path / "run")
     # upstream README: engine.run(save_dir=..., max_epoch=60, eval_freq=10, print_freq=10, test_only=False)
     results = engine.run(save_dir=save, max_epoch=1, eval_freq=-1, print_freq=10, test_only=False)

@@ -233,7 +233,7 @@ def test_builtin_entries():
     assert triplet.weight_keys == ("weight_t", "weight_x") and triplet.summary_key == "loss_t"
     assert dict(triplet.defaults) == {"margin": 0.3, "weight_t": 1.0, "weight_x": 0.0}  # upstream's section
     assert drsl.weight_keys == ("weight", "weight_x", "weight_t") and drsl.summary_key == "loss_drsl"
-    assert dict(drsl.defaults) == {"tau_rel": 0.05, "lambda_sort": 0.0, "weight": 1.0, "weight_x": 1.0,
+    assert dict(drsl.defaults) == {"tau_rel": 0.05, "lambda_sort": 1.0, "weight": 1.0, "weight_x": 1.0,
                                    "weight_t": 0.0}
     assert dict(sn.defaults) == {"alpha": 50.0, "k": 10, "weight_squeeze": 0.1, "squeeze": "spread",
                                  "weight": 1.0, "weight_x": 0.0, "weight_t": 0.0}

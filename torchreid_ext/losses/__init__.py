@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from ..adapter import torchreid
 from .base import BaseMetricLoss, MetricLoss
-from .drsl import DRSLoss, drsl_loss
+from .drsl import LAMBDA_SORT, TAU_REL, DRSLoss, drsl_loss
 from .registry import (
     LossSpec,
     UnknownLossError,
@@ -76,7 +76,7 @@ _add(LossSpec("softmax", None, {"label_smooth": True}, term_key=None, ce_key=Non
 _add(LossSpec("triplet", _triplet, {"margin": 0.3, "weight_t": 1.0, "weight_x": 0.0},
               term_key="weight_t", triplet_key=None, summary_name="loss_t"))
 # docs/methods.md D5: CE + DRSL by default.
-register_loss("drsl", _drsl, {"tau_rel": 0.05, "lambda_sort": 0.0})  # 0: docs/studies.md "DRSL study"
+register_loss("drsl", _drsl, {"tau_rel": TAU_REL, "lambda_sort": LAMBDA_SORT})
 # docs/methods.md S4-S5: the authors train with SN alone (weight_x 0).
 register_loss("sn", _sn, {"alpha": 50.0, "k": 10, "weight_squeeze": 0.1, "squeeze": "spread", "weight_x": 0.0},
               min_batch_size=_sn_min_batch)

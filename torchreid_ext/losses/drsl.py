@@ -14,7 +14,12 @@ import torch.nn.functional as F
 
 from .batch import check_inputs, compute_dtype, no_positive_result, pairwise_distance
 
-__all__ = ["DRSLoss", "drsl_loss"]
+__all__ = ["DRSLoss", "drsl_loss", "TAU_REL", "LAMBDA_SORT"]
+
+TAU_REL = 0.05  # D1
+# D5: both terms. The real-data study (docs/studies.md "Real data") found the sort term raising
+# in-domain mAP over five seeds; the SynthReID proxy had pointed the other way.
+LAMBDA_SORT = 1.0
 
 def _gather_positives(pos_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Each row's positive columns first, padded to K = max positives: (A x K indices, A x K mask)."""
@@ -28,8 +33,8 @@ def _gather_positives(pos_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tenso
 def drsl_loss(
     features: torch.Tensor,
     targets: torch.Tensor,
-    tau_rel: float = 0.05,
-    lambda_sort: float = 0.0,
+    tau_rel: float = TAU_REL,
+    lambda_sort: float = LAMBDA_SORT,
     tau: Optional[float] = None,
 ) -> Tuple[torch.Tensor, Dict[str, float]]:
     """DRSL of a batch (D1-D6) and its diagnostics (D7).
@@ -118,9 +123,8 @@ class DRSLoss(nn.Module):
     if none has one the loss is a graph-connected zero and ``skipped`` equals the batch size.
     fp16/bf16 inputs and autocast are computed in float32 (D6).
 
-    ``lambda_sort`` defaults to 0 (the retrieval term alone): in the DRSL study on the proxy
-    benchmark (docs/studies.md "DRSL study", docs/methods.md D5) CE + L_R beat CE and CE + L_R + L_S did not.
-    ``loss_S`` is still computed and logged.
+    ``lambda_sort`` defaults to 1 (both terms; docs/methods.md D5 says why); with 0, ``loss_S`` is
+    still computed and logged.
 
     ``last_stats`` (D7): loss_R, loss_S, ap (smoothed batch AP = mean of rank+/rank = 1 - loss_R),
     d_pos, d_neg (mean positive / negative pair distance over the batch), skipped (anchors without a
@@ -128,7 +132,7 @@ class DRSLoss(nn.Module):
     loss is the graph-connected zero, else 0.0).
     """
 
-    def __init__(self, tau_rel: float = 0.05, lambda_sort: float = 0.0):
+    def __init__(self, tau_rel: float = TAU_REL, lambda_sort: float = LAMBDA_SORT):
         super().__init__()
         if not tau_rel > 0:
             raise ValueError(f"DRSL: tau_rel must be > 0, got {tau_rel}")
