@@ -21,6 +21,7 @@ TAU_REL = 0.05  # D1
 # in-domain mAP over five seeds; the SynthReID proxy had pointed the other way.
 LAMBDA_SORT = 1.0
 
+
 def _gather_positives(pos_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Each row's positive columns first, padded to K = max positives: (A x K indices, A x K mask)."""
     n_pos = pos_mask.sum(1)
