@@ -31,6 +31,7 @@ from .errors import ConfigError, yaml_problem
 from .metrics.evaluation import EvaluationOptions
 from .models.msfl import MSFLOptions
 from .msgr.options import MSGROptions
+from .options import is_int, is_number
 from .torchrun import env_world_size
 from .losses import registry as loss_registry
 
@@ -60,7 +61,7 @@ OWNERS = (DataOptions, MSFLOptions, EngineOptions, MSGROptions, DistOptions, Eva
 
 
 def _set(cfg: CN, key: str, value: Any) -> None:
-    node, *_ = cfg, None
+    node = cfg
     parts = key.split(".")
     for part in parts[:-1]:
         if part not in node:
@@ -218,7 +219,7 @@ def _coerce(value: Any, original: Any, full_key: str, where: str) -> Any:
         if isinstance(value, bool):
             return value
     elif isinstance(original, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if is_number(value):
             return float(value)
         if isinstance(value, str):
             try:
@@ -226,7 +227,7 @@ def _coerce(value: Any, original: Any, full_key: str, where: str) -> Any:
             except ValueError:
                 pass
     elif isinstance(original, int):
-        if isinstance(value, int) and not isinstance(value, bool):
+        if is_int(value):
             return value
     elif isinstance(original, str):
         if isinstance(value, str):
@@ -234,7 +235,7 @@ def _coerce(value: Any, original: Any, full_key: str, where: str) -> Any:
     elif isinstance(original, (list, tuple)):
         if isinstance(value, (list, tuple)):
             return type(original)(value)
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, str) or is_number(value):
             return type(original)([value])
     elif original is None:
         return value

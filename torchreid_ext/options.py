@@ -57,6 +57,11 @@ def _plain(value: Any) -> Any:
     return tuple(_plain(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
+def _shown(value: Any) -> Any:
+    """A field's value as the config wrote it (tuples were lists there)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
 class ConfigOptions:
     """Base of a component's options dataclass (see the module docstring)."""
 
@@ -109,14 +114,12 @@ class ConfigOptions:
         for name, allowed in self.CHOICES.items():
             value = getattr(self, name)
             if value not in allowed:
-                shown = list(value) if isinstance(value, tuple) else value
-                raise ConfigError(f"{self.describe(name)} = {shown!r} is not valid; choose one of {list(allowed)}")
+                raise ConfigError(f"{self.describe(name)} = {_shown(value)!r} is not valid; choose one of {list(allowed)}")
         for name, check in self.CHECKS.items():
             value = getattr(self, name)
             problem = check(value)
             if problem:
-                shown = list(value) if isinstance(value, tuple) else value
-                raise ConfigError(f"{self.describe(name)} = {shown!r} {problem}")
+                raise ConfigError(f"{self.describe(name)} = {_shown(value)!r} {problem}")
         self.check()
 
     def check(self) -> None:

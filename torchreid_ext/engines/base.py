@@ -356,7 +356,7 @@ class ReIDEngine(torchreid().engine.Engine):
                 dataset_name=name,
                 query_loader=self.test_loader[name]["query"],
                 gallery_loader=self.test_loader[name]["gallery"],
-                evaluation=evaluation,
+                ev=evaluation,
                 save_dir=save_dir,
             )
             self.last_results[name] = res
@@ -400,13 +400,13 @@ class ReIDEngine(torchreid().engine.Engine):
                               channels_last=self.channels_last, desc=desc)
 
     @torch.no_grad()
-    def _evaluate(self, dataset_name: str, query_loader, gallery_loader, evaluation,
+    def _evaluate(self, dataset_name: str, query_loader, gallery_loader, ev,
                   save_dir: str = "") -> Dict[str, Any]:
         """Extract, then :func:`torchreid_ext.metrics.evaluate_test_features` (the one evaluation from
-        features, also behind ``scripts/evaluate.py``) with ``evaluation``'s options."""
+        features, also behind ``scripts/evaluate.py``) with ``ev``, its
+        :class:`~torchreid_ext.metrics.EvaluationOptions`."""
         from .. import metrics
 
-        ev = evaluation
         ranks = list(ev.ranks)
         t0 = time.time()
         qf, q_pids, q_camids = self.extract(query_loader, "query features", flip=ev.flip)

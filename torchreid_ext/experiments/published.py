@@ -49,41 +49,41 @@ METHOD_LABELS: Dict[Tuple[str, str, bool], str] = {
 T1, T2, T3, T4 = (f"MSFL paper Table {n}" for n in ("I", "II", "III", "IV"))
 ZOO = "Torchreid model zoo"
 SN = "SN paper (single query)"
-M, D, C, S = "market1501", "dukemtmcreid", "cuhk03", "msmt17"  # cuhk03: detected boxes, new protocol
+_M, _D, _C, _S = "market1501", "dukemtmcreid", "cuhk03", "msmt17"  # cuhk03: detected boxes, new protocol
 
 ROWS: Tuple[PaperRow, ...] = (
-    PaperRow(T4, "ResNet-50 (BN-FC(512)-ReLU)", {M: (90.4, 78.3), D: (82.9, 70.6), C: (63.4, 58.3),
-                                                  S: (None, 38.9)}, "R50"),
-    PaperRow(T4, "+CSIP", {M: (91.5, 79.3), D: (84.1, 74.5), C: (65.6, 60.4), S: (69.3, 40.2)}, "R50+CSIP"),
-    PaperRow(T4, "+MSFF (= MSFL)", {M: (92.3, 81.9), D: (85.7, 75.4), C: (65.1, 61.2), S: (70.1, 40.8)},
+    PaperRow(T4, "ResNet-50 (BN-FC(512)-ReLU)", {_M: (90.4, 78.3), _D: (82.9, 70.6), _C: (63.4, 58.3),
+                                                  _S: (None, 38.9)}, "R50"),
+    PaperRow(T4, "+CSIP", {_M: (91.5, 79.3), _D: (84.1, 74.5), _C: (65.6, 60.4), _S: (69.3, 40.2)}, "R50+CSIP"),
+    PaperRow(T4, "+MSFF (= MSFL)", {_M: (92.3, 81.9), _D: (85.7, 75.4), _C: (65.1, 61.2), _S: (70.1, 40.8)},
              "+MSFF (MSFL)"),
-    PaperRow(T4, "+MSGR (= MSFL+MSGR)", {M: (93.7, 83.6), D: (86.8, 76.9), C: (67.7, 63.3), S: (71.3, 45.3)},
+    PaperRow(T4, "+MSGR (= MSFL+MSGR)", {_M: (93.7, 83.6), _D: (86.8, 76.9), _C: (67.7, 63.3), _S: (71.3, 45.3)},
              "+MSGR (MSFL+MSGR)"),
-    PaperRow(T4, "+re-ranking", {M: (94.4, 89.5), D: (89.6, 89.0), C: (71.3, 68.6), S: (78.4, 51.7)}),
-    PaperRow(T1, "(a) ResNet-50", {M: (90.4, 78.3)}),
-    PaperRow(T1, "(b) direct fuse C4 + C5", {M: (90.7, 78.6)}),
-    PaperRow(T1, "(c) direct fuse C2..C5", {M: (87.1, 75.9)}),
-    PaperRow(T1, "(d) fuse P2..P5 without laterals", {M: (90.3, 78.3)}),
-    PaperRow(T1, "(e) fuse P2..P5 with laterals (CSIP)", {M: (91.5, 79.8)}),
-    PaperRow(T1, "(f) full MSFL", {M: (92.3, 81.9)}),
-    PaperRow(T2, "(a) ResNet-50 baseline, 24.56 M, 2.6 G", {M: (90.4, 78.3)}),
-    PaperRow(T2, "(b) ResNet-50, last stride 1, 24.56 M, 4.1 G", {M: (91.3, 79.8)}),
-    PaperRow(T2, "(c) MSFL (fuse P2..P5), 27 M, 5.9 G", {M: (92.3, 81.9)}),
-    PaperRow(T3, "(a) R50 baseline, no MSGR", {M: (90.4, 78.3)}),
-    PaperRow(T3, "(b) q = 1, eps = 1e-2", {M: (85.1, 70.1)}),
-    PaperRow(T3, "(c) q = 2, eps = 1e-2", {M: (91.7, 80.1)}, "R50+MSGR"),
-    PaperRow(T3, "(d) q = inf, eps = 1e-2", {M: (88.2, 72.2)}),
-    PaperRow(T3, "(e) q = 2, eps = 1e-1", {M: (90.7, 79.4)}),
-    PaperRow(T3, "(f) q = 2, eps = 1e-3", {M: (91.2, 80.0)}),
-    *(PaperRow(T3, f"({r}) stage choice, q = 2, eps = 1e-2", {M: v})
+    PaperRow(T4, "+re-ranking", {_M: (94.4, 89.5), _D: (89.6, 89.0), _C: (71.3, 68.6), _S: (78.4, 51.7)}),
+    PaperRow(T1, "(a) ResNet-50", {_M: (90.4, 78.3)}),
+    PaperRow(T1, "(b) direct fuse C4 + C5", {_M: (90.7, 78.6)}),
+    PaperRow(T1, "(c) direct fuse C2..C5", {_M: (87.1, 75.9)}),
+    PaperRow(T1, "(d) fuse P2..P5 without laterals", {_M: (90.3, 78.3)}),
+    PaperRow(T1, "(e) fuse P2..P5 with laterals (CSIP)", {_M: (91.5, 79.8)}),
+    PaperRow(T1, "(f) full MSFL", {_M: (92.3, 81.9)}),
+    PaperRow(T2, "(a) ResNet-50 baseline, 24.56 M, 2.6 G", {_M: (90.4, 78.3)}),
+    PaperRow(T2, "(b) ResNet-50, last stride 1, 24.56 M, 4.1 G", {_M: (91.3, 79.8)}),
+    PaperRow(T2, "(c) MSFL (fuse P2..P5), 27 M, 5.9 G", {_M: (92.3, 81.9)}),
+    PaperRow(T3, "(a) R50 baseline, no MSGR", {_M: (90.4, 78.3)}),
+    PaperRow(T3, "(b) q = 1, eps = 1e-2", {_M: (85.1, 70.1)}),
+    PaperRow(T3, "(c) q = 2, eps = 1e-2", {_M: (91.7, 80.1)}, "R50+MSGR"),
+    PaperRow(T3, "(d) q = inf, eps = 1e-2", {_M: (88.2, 72.2)}),
+    PaperRow(T3, "(e) q = 2, eps = 1e-1", {_M: (90.7, 79.4)}),
+    PaperRow(T3, "(f) q = 2, eps = 1e-3", {_M: (91.2, 80.0)}),
+    *(PaperRow(T3, f"({r}) stage choice, q = 2, eps = 1e-2", {_M: v})
       for r, v in zip("ghijkl", ((92.1, 80.4), (90.2, 78.3), (92.5, 80.3), (92.7, 80.1), (92.5, 80.1),
                                  (92.4, 79.8)))),
-    PaperRow(ZOO, "osnet_x1_0", {M: (94.2, 82.6), D: (87.0, 70.2), S: (74.9, 43.8)}, "OSNet"),
-    PaperRow(ZOO, "resnet50", {M: (87.9, 70.4)}),
-    PaperRow(ZOO, "resnet50_fc512", {M: (90.8, 75.3)}),
-    PaperRow(SN, "TriNet (their baseline)", {M: (84.92, 69.14)}),
-    PaperRow(SN, "SN loss", {M: (88.27, 73.43)}, "R50+SN"),
-    PaperRow(SN, "SN loss + re-ranking", {M: (89.90, 86.16)}),
+    PaperRow(ZOO, "osnet_x1_0", {_M: (94.2, 82.6), _D: (87.0, 70.2), _S: (74.9, 43.8)}, "OSNet"),
+    PaperRow(ZOO, "resnet50", {_M: (87.9, 70.4)}),
+    PaperRow(ZOO, "resnet50_fc512", {_M: (90.8, 75.3)}),
+    PaperRow(SN, "TriNet (their baseline)", {_M: (84.92, 69.14)}),
+    PaperRow(SN, "SN loss", {_M: (88.27, 73.43)}, "R50+SN"),
+    PaperRow(SN, "SN loss + re-ranking", {_M: (89.90, 86.16)}),
 )
 
 PUBLISHED: Dict[Tuple[str, str], Published] = {
@@ -91,7 +91,7 @@ PUBLISHED: Dict[Tuple[str, str], Published] = {
     for r in ROWS if r.label is not None for ds, (r1, mAP) in r.numbers.items()
 }
 
-DATASET_TITLES = {M: "Market-1501", D: "DukeMTMC-reID", C: "CUHK03 detected (767/700)", S: "MSMT17"}
+DATASET_TITLES = {_M: "Market-1501", _D: "DukeMTMC-reID", _C: "CUHK03 detected (767/700)", _S: "MSMT17"}
 
 
 def method_label(model: str, loss: str, msgr: bool, variant: bool = False) -> str:

@@ -23,7 +23,7 @@ import torch
 from torch.nn import functional as F
 
 from ..errors import ConfigError
-from ..options import ConfigOptions
+from ..options import ConfigOptions, is_int
 from .aqe import alpha_query_expansion, check_aqe_args
 from .distance import METRICS, ArrayLike, _as_features
 from .rank import LabelLike, RankResult, _check_max_rank, evaluate_features
@@ -36,7 +36,7 @@ EVALUATORS = ("fast", "torchreid")
 
 
 def _ranks(ranks: Sequence[Any]) -> Optional[str]:
-    if ranks and all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks):
+    if ranks and all(is_int(r) and r >= 1 for r in ranks):
         return None
     return "is not valid; ranks are integers >= 1 (Rank-1 is the top match)"
 
@@ -90,14 +90,17 @@ class EvaluationOptions(ConfigOptions):
         ranks = changes.get("ranks", self.ranks)
         return replace(self, max_rank=max([50, *ranks]), **changes)
 
+    @property
+    def _rerank_keys(self) -> Tuple[str, ...]:
+        return tuple(map(self.describe, ("rerank_k1", "rerank_k2", "rerank_lambda")))
+
     def check(self) -> None:
         """The rules between options (re-ranking's k2 <= k1, ...), naming the config keys."""
         try:
             _check_max_rank(self.max_rank)
-            check_rerank_args(self.rerank_k1, self.rerank_k2, self.rerank_lambda,
-                              names=tuple(self.describe(n) for n in ("rerank_k1", "rerank_k2", "rerank_lambda")))
+            check_rerank_args(self.rerank_k1, self.rerank_k2, self.rerank_lambda, names=self._rerank_keys)
             check_aqe_args(self.aqe_k, self.aqe_alpha, self.aqe_rounds,
-                           names=tuple(self.describe(n) for n in ("aqe_k", "aqe_alpha", "aqe_rounds")))
+                           names=tuple(map(self.describe, ("aqe_k", "aqe_alpha", "aqe_rounds"))))
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
 
@@ -110,9 +113,9 @@ class EvaluationOptions(ConfigOptions):
         n = num_query + num_gallery
         if self.rerank:
             check_rerank_args(self.rerank_k1, self.rerank_k2, self.rerank_lambda, num_items=n,
-                              names=("test.rerank_k1", "test.rerank_k2", "test.rerank_lambda"))
+                              names=self._rerank_keys)
         if self.aqe and self.aqe_k > n:
-            raise ValueError(f"test.aqe_k = {self.aqe_k} exceeds the number of query + gallery features "
+            raise ValueError(f"{self.describe('aqe_k')} = {self.aqe_k} exceeds the number of query + gallery features "
                              f"({num_query} + {num_gallery} = {n})")
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Dict, Optional, Sequence, Tuple
 
 from ..errors import ConfigError
-from ..options import ConfigOptions, is_number
+from ..options import ConfigOptions, is_int, is_number
 
 __all__ = ["MSGROptions", "MODES", "GRAD_OF", "Q_VALUES"]
 
@@ -35,8 +35,7 @@ def _eps(eps: Sequence[Any]) -> Optional[str]:
 
 
 def _interval(n: Any) -> Optional[str]:
-    ok = isinstance(n, int) and not isinstance(n, bool) and n >= 1
-    return None if ok else "is not valid; apply R every N-th step with an integer N >= 1 (1: every step)"
+    return None if is_int(n) and n >= 1 else "is not valid; apply R every N-th step with an integer N >= 1 (1: every step)"
 
 
 def _fast_h(h: Any) -> Optional[str]:
