@@ -11,7 +11,6 @@ Run ``dump`` with the checkout's own package first on the path (``PYTHONPATH=<ch
 import argparse
 import glob
 import json
-import os
 import os.path as osp
 import sys
 

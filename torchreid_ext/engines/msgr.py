@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Sequence, Union
 
 from .. import msgr
 from ..msgr import MSGROptions
@@ -64,7 +64,7 @@ class MSGREngine(ImageMetricEngine):
     """ImageMetricEngine + MSGR (docs/methods.md G1-G7).
 
     ``stages``: module names (``model.get_submodule``); ``eps``: one value or one per stage;
-    ``q``: 1, 2 or inf; ``squared``: penalise ||g||_q ** 2; ``grad_of``: 'sum' (L_grad =
+    ``q``: a norm order >= 1 (inf allowed); ``squared``: penalise ||g||_q ** 2; ``grad_of``: 'sum' (L_grad =
     B * L_mean, each sample's own gradient, G2) or 'mean'; ``mode``: 'exact' or 'fast';
     ``fast_h``: G5's step (delta = h eps_s v / B), or <= 0 for automatic: per batch, the largest
     stage perturbation is ``fast_rel_step`` of the stage output (L2), which suits float32;
@@ -92,19 +92,22 @@ class MSGREngine(ImageMetricEngine):
         eps = (eps,) if isinstance(eps, (int, float)) else tuple(eps)
         self.msgr_options = MSGROptions(enabled=True, mode=mode, stages=tuple(stages), eps=eps, q=q,
                                         squared=bool(squared), grad_of=grad_of, fast_h=fast_h, interval=interval)
-        opts, model = self.msgr_options, self.model
-        self.msgr_mode, self.msgr_grad_of, self.msgr_q = opts.mode, opts.grad_of, float(opts.q)
-        self.msgr_stages: List[str] = list(opts.stages)
-        msgr.stage_modules(model, self.msgr_stages)  # unknown names fail here, listing the children
-        self.msgr_eps: Dict[str, float] = msgr.expand_eps(list(opts.eps), self.msgr_stages)
-        self.msgr_squared = opts.squared
-        self.msgr_fast_h: Optional[float] = opts.step_h
+        self.msgr_stages: List[str] = list(stages)
+        msgr.stage_modules(self.model, self.msgr_stages)  # unknown names fail here, listing the children
+        self.msgr_eps: Dict[str, float] = msgr.expand_eps(list(eps), self.msgr_stages)
         self.msgr_fast_rel_step = float(fast_rel_step)
         self.msgr_freeze_kinks = bool(freeze_kinks)
-        self.msgr_interval = opts.interval
-        if opts.mode == "exact":
-            msgr.check_double_backward(model)
+        if mode == "exact":
+            msgr.check_double_backward(self.model)
         self._msgr_notes: Dict[str, int] = {}
+
+    # the settings, read from msgr_options (one copy)
+    msgr_mode = property(lambda self: self.msgr_options.mode)
+    msgr_grad_of = property(lambda self: self.msgr_options.grad_of)
+    msgr_q = property(lambda self: float(self.msgr_options.q))
+    msgr_squared = property(lambda self: self.msgr_options.squared)
+    msgr_interval = property(lambda self: self.msgr_options.interval)
+    msgr_fast_h = property(lambda self: self.msgr_options.step_h, doc="G5's step h, or None: automatic")
 
     @classmethod
     def from_config(cls, cfg, datamanager, model, optimizer, scheduler=None, **engine_kwargs) -> "MSGREngine":
