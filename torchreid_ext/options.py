@@ -108,18 +108,23 @@ class ConfigOptions:
         """How a message names field ``name``: its config key, else the field name."""
         return self.key_of(name) or name
 
+    @classmethod
+    def check_value(cls, name: str, value: Any, label: Optional[str] = None, error: type = ValueError) -> Any:
+        """``value`` if field ``name`` allows it (``CHOICES``, ``CHECKS``), else ``error`` naming it
+        as ``label`` (default: the field name). Library functions check their arguments with it."""
+        label = label or name
+        if name in cls.CHOICES and value not in cls.CHOICES[name]:
+            raise error(f"{label} = {_shown(value)!r} is not valid; choose one of {list(cls.CHOICES[name])}")
+        problem = cls.CHECKS[name](value) if name in cls.CHECKS else None
+        if problem:
+            raise error(f"{label} = {_shown(value)!r} {problem}")
+        return value
+
     def validate(self) -> None:
-        """Raise :class:`ConfigError` on the first value outside ``CHOICES`` or failing ``CHECKS``,
-        then run :meth:`check` (rules between fields)."""
-        for name, allowed in self.CHOICES.items():
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ConfigError(f"{self.describe(name)} = {_shown(value)!r} is not valid; choose one of {list(allowed)}")
-        for name, check in self.CHECKS.items():
-            value = getattr(self, name)
-            problem = check(value)
-            if problem:
-                raise ConfigError(f"{self.describe(name)} = {_shown(value)!r} {problem}")
+        """Raise :class:`ConfigError` on the first value outside ``CHOICES`` (then failing ``CHECKS``),
+        naming its config key, then run :meth:`check` (rules between fields)."""
+        for name in (*self.CHOICES, *self.CHECKS):
+            self.check_value(name, getattr(self, name), self.describe(name), ConfigError)
         self.check()
 
     def check(self) -> None:

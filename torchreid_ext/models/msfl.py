@@ -149,9 +149,7 @@ class StageSelect(nn.Module):
 
     def __init__(self, direct_fuse: str = _D.direct_fuse, in_channels: Mapping[int, int] = STAGE_CHANNELS) -> None:
         super().__init__()
-        if direct_fuse not in DIRECT_FUSE:
-            raise ValueError(f"direct_fuse = {direct_fuse!r} is not valid; choose one of {list(DIRECT_FUSE)}")
-        self.levels = DIRECT_FUSE[direct_fuse]
+        self.levels = DIRECT_FUSE[MSFLOptions.check_value("direct_fuse", direct_fuse)]
         self.out_channels = sum(in_channels[i] for i in self.levels)
 
     def forward(self, c: Mapping[int, torch.Tensor]) -> List[torch.Tensor]:

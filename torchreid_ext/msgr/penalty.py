@@ -38,19 +38,13 @@ Scale = Union[float, torch.Tensor]
 
 def check_q(q: float) -> float:
     """``q`` as a float if :class:`~.options.MSGROptions` allows it (a norm order >= 1), else a ValueError."""
-    problem = MSGROptions.CHECKS["q"](q)
-    if problem:
-        raise ValueError(f"q = {q!r} {problem}")
-    return float(q)
+    return float(MSGROptions.check_value("q", q))
 
 
 def check_grad_of(grad_of: str) -> str:
     """``grad_of`` if :class:`~.options.MSGROptions` allows it ('sum': L_grad = B * L_mean, 'mean':
     L_grad = L_mean), else a ValueError."""
-    allowed = MSGROptions.CHOICES["grad_of"]
-    if grad_of not in allowed:
-        raise ValueError(f"grad_of = {grad_of!r} is not valid; choose one of {list(allowed)}")
-    return grad_of
+    return MSGROptions.check_value("grad_of", grad_of)
 
 
 class GradientPenalty(NamedTuple):

@@ -78,10 +78,7 @@ LossFn = Callable[[object], torch.Tensor]
 
 def check_mode(mode: str) -> str:
     """``mode`` if :class:`~.options.MSGROptions` allows it ('exact', G4; 'fast', G5), else a ValueError."""
-    allowed = MSGROptions.CHOICES["mode"]
-    if mode not in allowed:
-        raise ValueError(f"mode = {mode!r} is not valid; choose one of {list(allowed)}")
-    return mode
+    return MSGROptions.check_value("mode", mode)
 
 
 class FastInfo(NamedTuple):
