@@ -118,7 +118,8 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tiny, finished, tmp_pat
     assert osp.exists(ckpt2)
     assert not osp.exists(osp.join(killed, "model", "model.pth.tar-3")), "killed too late"
 
-    subprocess.run(main_cmd(tiny(save_dir=killed, **common)), env=env, check=True, capture_output=True)
+    resumed = subprocess.run(main_cmd(tiny(save_dir=killed, **common)), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = final_weights(straight, 3), final_weights(killed, 3)
     assert a.keys() == b.keys()
     for k in a:

@@ -77,6 +77,36 @@ def test_lock_of_a_dead_run_is_taken_over(tmp_path):
     lock.release()
 
 
+HOLDER_WITH_A_CHILD = """
+import os, sys, time
+from torchreid_ext.savedir import SaveDirLock
+SaveDirLock(sys.argv[1]).acquire()
+child = os.fork()
+if child == 0:  # stands for a DataLoader worker: outlives its parent for a while
+    time.sleep(120)
+    os._exit(0)
+print(child, flush=True)
+time.sleep(600)
+"""
+
+
+def test_lock_of_a_killed_run_is_free_while_its_forked_child_lives(tmp_path):
+    """A run SIGKILLed with a DataLoader worker still alive: the worker must not keep the save
+    dir locked against the run that resumes it (CI saw the resume refused with exit 2)."""
+    save = str(tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER_WITH_A_CHILD, save], stdout=subprocess.PIPE, text=True)
+    child = int(holder.stdout.readline())
+    try:
+        holder.kill()
+        holder.wait()
+        assert pid_alive(child)
+        lock = SaveDirLock(save).acquire()
+        assert lock.taken_over["pid"] == holder.pid
+        lock.release()
+    finally:
+        os.kill(child, 9)
+
+
 def test_lock_file_of_a_live_run_refuses_even_without_its_flock(tmp_path, sleeper):
     """A file system that ignores flock: the recorded pid, alive on this host, still wins."""
     save = tmp_path / "run"

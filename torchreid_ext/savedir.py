@@ -2,8 +2,10 @@
 the rules for continuing what it holds.
 
 * :class:`SaveDirLock`: ``<save_dir>/run.lock`` holds the pid and host of the run using the
-  folder, under an exclusive ``flock`` that the kernel drops when that process dies. A second
-  run refuses, naming the first one's pid; a lock file left by a killed run is taken over.
+  folder, under an exclusive ``flock`` that the kernel drops when that process dies (forked
+  children such as DataLoader workers close their copy, so an orphaned worker of a killed run
+  does not hold it). A second run refuses, naming the first one's pid; a lock file left by a
+  killed run is taken over.
 * :func:`check_writable`: the save dir and its ``model/`` folder can be created and written
   (not a file, not read-only), checked before any long work.
 * :func:`remove_stale_temp_files`: a run killed while saving leaves ``<file>.tmp-<pid>``
@@ -41,6 +43,23 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = "run.lock"
+
+# fds of the locks this process holds. A forked child (a DataLoader worker) closes its copies:
+# flock belongs to the open file, so a worker that outlives a killed run would otherwise keep
+# the save dir locked against the run that resumes it.
+_HELD_FDS: set = set()
+
+
+def _close_held_in_child() -> None:
+    for fd in _HELD_FDS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
 
 
 def _hostname() -> str:
@@ -119,6 +138,7 @@ class SaveDirLock:
             os.write(fd, json.dumps(info).encode())
             os.fsync(fd)
             self._fd = fd
+            _HELD_FDS.add(fd)
             if previous.get("pid") and not mine:
                 self.taken_over = previous
                 logger.info("Took over the lock in '%s' left by pid %s on host '%s' (no longer running)",
@@ -138,6 +158,7 @@ class SaveDirLock:
         except FileNotFoundError:
             pass
         finally:
+            _HELD_FDS.discard(self._fd)
             os.close(self._fd)
             self._fd = None
         if remove_created and self.created:
