@@ -47,7 +47,7 @@ LOCK_NAME = "run.lock"
 # fds of the locks this process holds. A forked child (a DataLoader worker) closes its copies:
 # flock belongs to the open file, so a worker that outlives a killed run would otherwise keep
 # the save dir locked against the run that resumes it.
-_HELD_FDS: set = set()
+_HELD_FDS: "set[int]" = set()
 
 
 def _close_held_in_child() -> None:
