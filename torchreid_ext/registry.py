@@ -35,7 +35,7 @@ class Registry(Generic[T]):
     registration order. ``same(current, new)`` says when a taken name may be registered again
     (default :func:`same_object`); the entry is then rebound to ``new``."""
 
-    def __init__(self, kind: str, same: Callable[[Any, Any], bool] = None):
+    def __init__(self, kind: str, same: Optional[Callable[[Any, Any], bool]] = None):
         self.kind = kind
         self.same = same or same_object  # when a name may be registered again (then it is rebound)
         self._items: Dict[str, T] = {}

@@ -144,10 +144,11 @@ def evaluate_files(query: str, gallery: str, opts: Sequence[str] = (), out_dir: 
     cfg = config_of(q, opts)
     path = _metrics_path(osp.abspath(out_dir or osp.dirname(q.path))) if write else ""
     res = evaluate_saved(q, g, cfg, progress=progress)
+    options = EvaluationOptions.from_config(cfg)
     record = {
         "kind": KIND, "query": q.path, "gallery": g.path, "model": q.model_name,
-        "weights": q.meta.get("weights", ""), "overrides": list(opts), "ranks": list(EvaluationOptions.from_config(cfg).ranks),
-        "options": EvaluationOptions.from_config(cfg).as_dict(), "num_query": int(q.features.shape[0]),
+        "weights": q.meta.get("weights", ""), "overrides": list(opts), "ranks": list(options.ranks),
+        "options": options.as_dict(), "num_query": int(q.features.shape[0]),
         "num_gallery": int(g.features.shape[0]), "results": res, "metrics_file": path,
     }
     replaced = bool(path) and osp.exists(path)
