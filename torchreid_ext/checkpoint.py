@@ -260,6 +260,13 @@ def load_model_weights(model: torch.nn.Module, path: str, strict: bool = False,
             matched[key] = value
         else:
             skipped.append(key)
+    # a model made of a pretrained backbone and new parts (MSFL) picks what it takes from the file
+    # (a backbone's file fills the backbone only, all of it) and says what is new
+    select = getattr(unwrap_model(model), "select_loaded_weights", None)
+    parts = ""
+    if select is not None:
+        matched, parts = select(matched, state_dict, path)
+        skipped = [k for k in state_dict if k not in matched]
     if not matched:
         first = next(iter(state_dict), None)
         why = ("it holds no tensors" if first is None else
@@ -291,6 +298,8 @@ def load_model_weights(model: torch.nn.Module, path: str, strict: bool = False,
                      + (" ..." if len(reshaped) > 4 else ""))
     if absent:
         notes.append(f"ignored {len(absent)} the model does not have: {absent[:5]}" + (" ..." if len(absent) > 5 else ""))
+    if parts:  # the model's own account replaces the generic one
+        notes = [parts]
     logger.info("Loaded %d of %d tensors from '%s'%s", len(matched), len(state_dict), path,
                 "; " + "; ".join(notes) if notes else "")
     return {"loaded": list(matched), "skipped": skipped, "reinitialised": reshaped}

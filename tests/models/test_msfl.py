@@ -16,7 +16,7 @@ from torchreid_ext.config import load_config
 from torchreid_ext.losses import get_loss
 from torchreid_ext.models import MODEL_OPTIONS, build_model, build_model_from_config
 from torchreid_ext.models.complexity import count_macs, count_params
-from torchreid_ext.models.msfl import BackboneWeightsError, MSFLResNet50, msfl_resnet50_csip
+from torchreid_ext.models.msfl import BackboneWeightsError, MSFLNet, msfl_resnet50_csip
 
 from conftest import REPO  # noqa: E402
 
@@ -350,7 +350,7 @@ def test_registered_in_torchreid_factory():
     assert torchreid_ext.__version__
     model = torchreid().models.build_model(
         "msfl_resnet50", num_classes=10, loss="softmax", pretrained=False, use_gpu=False)
-    assert isinstance(model, MSFLResNet50) and len(model.neck.msff) == 3
+    assert isinstance(model, MSFLNet) and len(model.neck.msff) == 3
 
 
 CONFIGS = sorted(glob.glob(osp.join(REPO, "configs", "ablation", "*.yaml"))) + [

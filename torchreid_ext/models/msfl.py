@@ -1,60 +1,63 @@
-"""MSFL-ResNet50 (Wang, arXiv 2012.14061) and its ablation variants, as Torchreid models.
+"""MSFL (Wang, arXiv 2012.14061) and its ablation variants on any backbone with stages, as
+Torchreid models.
 
-docs/methods.md M1-M8. :class:`MSFLResNet50` composes the ResNet50 backbone, a neck and the M4
-head, like torchvision's models compose an FPN: the neck is :class:`CSIP` (the feature pyramid,
-M2, with the MSFF blocks, M3) or :class:`StageSelect` (no pyramid). Its training output is set by
-``return_features``; the factories translate Torchreid's ``loss`` argument into it once. Three
-registered names cover every Table I / Table IV row:
+docs/methods.md M1-M9. :class:`MSFLNet` composes a backbone (:mod:`.backbones`: torchvision's
+ResNet50 or Torchreid's OSNet, cut at C2..C5), a neck and the M4 head, like torchvision's models
+compose an FPN: the neck is :class:`CSIP` (the feature pyramid, M2, with the MSFF blocks, M3) or
+:class:`StageSelect` (no pyramid). One private builder, :func:`_build`, makes every registered
+variant from a backbone name, a neck kind and an :class:`MSFLOptions`. Per backbone, three names
+cover every Table I / Table IV row:
 
-* ``resnet50_bnfc512``: the paper's baseline, M1 + GAP(C5) + M4 head. Its ``direct_fuse``
-  switch gives Table I(b)/(c): GAP of the raw stages concatenated, no CSIP, head input
-  ``'c45'`` 1024 + 2048 = 3072-d, ``'c2345'`` 256 + 512 + 1024 + 2048 = 3840-d.
-* ``msfl_resnet50_csip``: M1-M2 (CSIP), no MSFF blocks (Table IV "+CSIP", Table I(d)/(e)).
-* ``msfl_resnet50``: M1-M4 (Table IV "+MSFF", Table II(c)).
+* ``resnet50_bnfc512`` / ``osnet_<w>_bnfc512``: the baseline, GAP(C5) + M4 head. Its
+  ``direct_fuse`` switch gives Table I(b)/(c): GAP of the raw stages concatenated, no CSIP
+  (ResNet50: ``'c45'`` 1024 + 2048 = 3072-d, ``'c2345'`` 256 + 512 + 1024 + 2048 = 3840-d).
+* ``msfl_resnet50_csip`` / ``msfl_osnet_<w>_csip``: CSIP, no MSFF blocks (Table IV "+CSIP",
+  Table I(d)/(e)).
+* ``msfl_resnet50`` / ``msfl_osnet_<w>``: CSIP + MSFF (Table IV "+MSFF", Table II(c)).
+
+``<w>`` is one of OSNet's widths x1_0, x0_75, x0_5, x0_25.
 
 Pyramid switches (M2, M6):
 
 * ``lateral=False`` (Table I(d)): no lateral connection merges C2..C4 into the top-down
-  path. P5 = BN(Conv1x1(C5 -> 512)) is kept (the entry of the 512-d top-down path; module
+  path. P5 = BN(Conv1x1(C5 -> width)) is kept (the entry of the top-down path; module
   ``neck.lateral.p5``) and P_i = BN(Conv_k(Up(P_{i+1}))) for i = 4, 3, 2, so the shallow levels
   are decoded from C5 alone.
 * ``topdown=False``: P_i = l_i (each level its own lateral, no information from above).
 * ``lateral=False`` and ``topdown=False`` together leave no pyramid (use ``direct_fuse``).
 * ``fuse_levels``: the levels pooled and concatenated (head input = len x lateral_channels);
   levels below the lowest fused one are not built; MSFF blocks on an unfused level are not built.
+* ``lateral_channels``: the neck's width; null takes the backbone's default (ResNet50 512, the
+  paper's; OSNet its C5 width, M9).
 
-Module names (for ``train.new_layers`` / ``open_layers``): backbone ``conv1``, ``bn1``,
-``layer1``..``layer4`` (torchvision's names, so C2..C5 are the outputs of ``layer1``..``layer4``
-and forward hooks on them see, and may replace, the stage outputs: M8); new layers ``neck``
+Module names (for ``train.new_layers`` / ``open_layers`` and ``msgr.stages``): the backbone's
+own (ResNet50 ``conv1``, ``bn1``, ``layer1``..``layer4``; OSNet ``conv1``, ``conv2``..``conv5``),
+so forward hooks on the stage modules see, and may replace, C2..C5 (M8); new layers ``neck``
 (``neck.lateral``, ``neck.topdown``, ``neck.msff``), ``head``, ``classifier``. Without hooks,
-``model(x, return_stages=True)`` also returns ``{'layer1': C2, ..., 'layer4': C5}``.
+``model(x, return_stages=True)`` also returns ``{stage name: C_i}``.
 """
 from __future__ import annotations
 
 import logging
-import os
-import urllib.error
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, List, Mapping, Sequence, Tuple, Union
-from urllib.parse import urlparse
+from typing import Any, ClassVar, Collection, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from torchvision.models.resnet import Bottleneck
 from torchvision.ops.misc import Conv2dNormActivation
 
-from ..checkpoint import strip_module_prefix
 from ..errors import BackboneWeightsError
-from ..options import ConfigOptions
 from ..losses import get_loss, loss_names
+from ..options import ConfigOptions, is_int
+from .backbones import BACKBONES, OSNET_CHANNELS, Backbone, read_state_dict
 from .registry import register_model
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "MSFLResNet50",
+    "MSFLNet",
     "MSFLOptions",
     "CSIP",
     "StageSelect",
@@ -65,32 +68,34 @@ __all__ = [
     "msfl_resnet50",
 ]
 
-BACKBONE = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
-STAGES = ("layer1", "layer2", "layer3", "layer4")  # outputs C2, C3, C4, C5 (M1)
-STAGE_CHANNELS = {2: 256, 3: 512, 4: 1024, 5: 2048}
+LEVELS = (2, 3, 4, 5)
 DIRECT_FUSE = {"": (5,), "c45": (4, 5), "c2345": (2, 3, 4, 5)}
 Output = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]  # f | logits | (logits, f)
 
 
+def _lateral_channels(x: Any) -> Optional[str]:
+    if x is None or (is_int(x) and x >= 1):
+        return None
+    return "must be an integer >= 1, or null for the backbone's default"
+
+
 @dataclass(frozen=True)
 class MSFLOptions(ConfigOptions):
-    """MSFL-ResNet50's switches (the ``model.msfl`` section; docs/methods.md M2-M6), declared once:
-    the factories' defaults, the config's defaults and its check of ``direct_fuse``."""
+    """MSFL's switches (the ``model.msfl`` section; docs/methods.md M2-M6, M9), declared once:
+    the factories' defaults, the config's defaults and its checks."""
 
     SECTION: ClassVar[str] = "model.msfl"
     CHOICES: ClassVar[Dict[str, Sequence[Any]]] = {"direct_fuse": tuple(DIRECT_FUSE)}
+    CHECKS: ClassVar[Dict[str, Any]] = {"lateral_channels": _lateral_channels}
 
     lateral: bool = True  # Table I "no lateral" row: False
     topdown: bool = True  # Table I "no top-down" row: False
     topdown_kernel: int = 1  # M5: 1 matches Table II's compute; the paper's text says 3
-    lateral_channels: int = 512
+    lateral_channels: Optional[int] = None  # None: the backbone's default (ResNet50 512; M9)
     msff_blocks: Tuple[int, ...] = (3, 2, 1, 0)  # extra bottlenecks on P2, P3, P4, P5
     fuse_levels: Tuple[int, ...] = (2, 3, 4, 5)  # pyramid levels pooled and concatenated
     direct_fuse: str = ""  # "" | "c45" | "c2345": Table I direct-fusion rows
     embedding_dim: int = 512
-
-
-_D = MSFLOptions  # the defaults below
 
 
 class CSIP(nn.Module):
@@ -100,13 +105,14 @@ class CSIP(nn.Module):
 
     def __init__(
         self,
-        in_channels: Mapping[int, int] = STAGE_CHANNELS,
-        channels: int = _D.lateral_channels,
-        lateral: bool = _D.lateral,
-        topdown: bool = _D.topdown,
-        topdown_kernel: int = _D.topdown_kernel,
-        msff_blocks: Sequence[int] = _D.msff_blocks,
-        fuse_levels: Sequence[int] = _D.fuse_levels,
+        *,
+        in_channels: Mapping[int, int],
+        channels: int,
+        lateral: bool = True,
+        topdown: bool = True,
+        topdown_kernel: int = 1,
+        msff_blocks: Sequence[int] = (0, 0, 0, 0),
+        fuse_levels: Sequence[int] = LEVELS,
     ) -> None:
         super().__init__()
         self.levels, self.built_levels = _check_pyramid(lateral, topdown, topdown_kernel, channels, msff_blocks,
@@ -122,7 +128,7 @@ class CSIP(nn.Module):
             f"p{i}": _conv_bn(ch, ch, int(topdown_kernel)) for i in self.built_levels if topdown and i < 5
         })
         # M3 MSFF: extra bottlenecks (ch in and out) on the fused levels.
-        blocks = dict(zip((2, 3, 4, 5), msff_blocks))
+        blocks = dict(zip(LEVELS, msff_blocks))
         self.msff = nn.ModuleDict({
             f"p{i}": nn.Sequential(*[Bottleneck(ch, ch // Bottleneck.expansion) for _ in range(blocks[i])])
             for i in self.levels if blocks[i] > 0
@@ -136,7 +142,8 @@ class CSIP(nn.Module):
             if i == 5 or not self.with_topdown:
                 p[i] = lat
                 continue
-            # nearest upsampling to the lateral's size: exact x2 at 256x128, not at 250x120
+            # nearest resizing to the lateral's size: x2 at 256x128 on ResNet50, not at 250x120;
+            # the identity where two stages share a resolution (OSNet's C3..C5, M9)
             up = F.interpolate(p[i + 1], size=c[i].shape[-2:], mode="nearest")
             td = self.topdown[f"p{i}"](up)
             p[i] = td if lat is None else lat + td
@@ -147,7 +154,7 @@ class StageSelect(nn.Module):
     """No pyramid: the backbone stages of ``direct_fuse`` as they are (the baseline: C5; Table I's
     direct fusion: C4 + C5 or C2..C5)."""
 
-    def __init__(self, direct_fuse: str = _D.direct_fuse, in_channels: Mapping[int, int] = STAGE_CHANNELS) -> None:
+    def __init__(self, *, in_channels: Mapping[int, int], direct_fuse: str = "") -> None:
         super().__init__()
         self.levels = DIRECT_FUSE[MSFLOptions.check_value("direct_fuse", direct_fuse)]
         self.out_channels = sum(in_channels[i] for i in self.levels)
@@ -156,24 +163,27 @@ class StageSelect(nn.Module):
         return [c[i] for i in self.levels]
 
 
-class MSFLResNet50(nn.Module):
-    """ResNet50 bottom-up path (M1), a neck (:class:`CSIP`, or :class:`StageSelect` for the
+class MSFLNet(nn.Module):
+    """A backbone's layers (M1 / M9), a neck (:class:`CSIP`, or :class:`StageSelect` for the
     baseline family), global average pooling of the neck's maps and the M4 head.
 
     Eval mode returns the embedding f (B x embedding_dim), Torchreid's convention (M8); train mode
     returns ``(logits, f)`` with ``return_features`` (what a ranking loss needs), else logits.
     """
 
-    def __init__(self, num_classes: int, neck: nn.Module, embedding_dim: int = _D.embedding_dim,
+    def __init__(self, num_classes: int, backbone: Backbone, neck: nn.Module, embedding_dim: int = 512,
                  return_features: bool = False) -> None:
         super().__init__()
         self.return_features = bool(return_features)
-        # M1: torchvision's ResNet50 stem and stages under torchvision's names (M7 loading).
-        resnet = torchvision.models.resnet50(weights=None)
-        self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
-        self.layer1, self.layer2, self.layer3, self.layer4 = (
-            resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4,
-        )
+        # The backbone's layers become top-level modules under their own names (state-dict keys
+        # of the backbone's weights files; MSGR's stage names).
+        for name, layer in backbone.build():
+            self.add_module(name, layer)
+        self.backbone_name = backbone.name
+        self.backbone_layers = backbone.layer_names
+        self.backbone_file_extras = backbone.file_extras
+        self.stage_names = backbone.stages
+        self._stage_level = dict(zip(backbone.stages, LEVELS))
         self.neck = neck
         head_in = neck.out_channels
         # M4 head: BN1d -> Linear -> ReLU gives f; the classifier is used in training only.
@@ -183,10 +193,9 @@ class MSFLResNet50(nn.Module):
         self.classifier = nn.Linear(embedding_dim, num_classes)
         self.feature_dim = embedding_dim
         self.head_in_features = head_in
-        self.stage_names = STAGES
 
         for name, module in self.named_children():
-            if name not in BACKBONE:  # the backbone keeps torchvision's init or ImageNet weights
+            if name not in self.backbone_layers:  # the backbone keeps its own init or weights
                 _kaiming_init(module)
         # Torchreid's classifier init: near-uniform softmax at the start whatever num_classes
         # (Kaiming fan_out would scale the logits with 1 / sqrt(num_classes)).
@@ -196,17 +205,16 @@ class MSFLResNet50(nn.Module):
         self, x: torch.Tensor, return_stages: bool = False
     ) -> Union[Output, Tuple[Output, Dict[str, torch.Tensor]]]:
         """Torchreid's outputs (see the class); ``return_stages=True`` returns
-        ``(outputs, {'layer1': C2, ..., 'layer4': C5})`` from the same pass (M8, no hooks).
+        ``(outputs, {stage name: C_i})`` from the same pass (M8, no hooks).
 
-        The stage maps are what ``layer1``..``layer4`` return *after* their forward hooks,
-        so a hook that replaces a stage output (MSGR's perturbation) is seen downstream.
+        The stage maps are what the stage modules return *after* their forward hooks, so a hook
+        that replaces a stage output (MSGR's perturbation) is seen downstream.
         """
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        c2 = self.layer1(x)  # stage outputs must come from these calls (hooks, M8)
-        c3 = self.layer2(c2)
-        c4 = self.layer3(c3)
-        c5 = self.layer4(c4)
-        c = {2: c2, 3: c3, 4: c4, 5: c5}
+        c: Dict[int, torch.Tensor] = {}
+        for name in self.backbone_layers:
+            x = self._modules[name](x)  # stage outputs must come from these calls (hooks, M8)
+            if name in self._stage_level:
+                c[self._stage_level[name]] = x
         v = torch.cat([F.adaptive_avg_pool2d(m, 1).flatten(1) for m in self.neck(c)], dim=1)
         f = self.head(v)
         if not self.training:
@@ -215,8 +223,46 @@ class MSFLResNet50(nn.Module):
             logits = self.classifier(f)
             out = (logits, f) if self.return_features else logits
         if return_stages:
-            return out, {name: c[i] for i, name in zip((2, 3, 4, 5), STAGES)}
+            return out, {name: c[i] for name, i in self._stage_level.items()}
         return out
+
+    def backbone_keys(self) -> List[str]:
+        """The state-dict keys of the backbone's layers."""
+        return [k for k in self.state_dict() if k.split(".", 1)[0] in self.backbone_layers]
+
+    def select_loaded_weights(self, matched: Mapping[str, torch.Tensor], state: Mapping[str, Any],
+                              source: str) -> Tuple[Dict[str, torch.Tensor], str]:
+        """What ``model.load_weights`` takes from ``source``: all of ``matched`` (the tensors that fit
+        by name and shape) from a file of this model; from a backbone's own file (a Torchreid OSNet
+        or torchvision ResNet50 file: it has no ``neck`` / ``head`` keys) the backbone only, whose
+        every tensor must be there (a :class:`BackboneWeightsError` otherwise, e.g. weights of
+        another backbone). Returns ``(tensors to load, what the log says of the parts)``."""
+        backbone = self.backbone_keys()
+        missing = [k for k in backbone if k not in matched]
+        if missing:
+            got = len(backbone) - len(missing)
+            raise BackboneWeightsError(
+                f"Weights file '{source}' does not fit the {self.backbone_name} backbone: "
+                f"{got} of its {len(backbone)} tensors found, first missing '{missing[0]}'"
+                + (" (weights of another backbone?)" if got == 0 else ""))
+        own = any(k.split(".", 1)[0] in ("neck", "head") for k in state)
+        take = dict(matched) if own else {k: matched[k] for k in backbone}
+        ignored: Dict[str, int] = {}
+        for k in state:
+            if k not in take:
+                ignored[k.split(".", 1)[0]] = ignored.get(k.split(".", 1)[0], 0) + 1
+        new: Dict[str, int] = {}
+        for k in self.state_dict():
+            if k not in take:
+                new[k.split(".", 1)[0]] = new.get(k.split(".", 1)[0], 0) + 1
+
+        def counts(d: Dict[str, int]) -> str:
+            return ", ".join(f"{p} {n}" for p, n in d.items())
+
+        note = f"backbone {self.backbone_name}: all {len(backbone)} tensors loaded"
+        note += f"; ignored from the file: {counts(ignored)}" if ignored else ""
+        note += f"; new, kept as built: {counts(new)}" if new else ""
+        return take, note
 
 
 def _conv_bn(in_ch: int, out_ch: int, kernel: int) -> nn.Module:
@@ -238,10 +284,10 @@ def _check_pyramid(
     if not lateral and not topdown:
         raise ValueError(
             "lateral=False and topdown=False leave no pyramid; for GAP of the raw stages use "
-            "resnet50_bnfc512 with direct_fuse 'c45' or 'c2345'"
+            "a *_bnfc512 model with direct_fuse 'c45' or 'c2345'"
         )
     levels = tuple(sorted(int(i) for i in fuse_levels))
-    if not levels or len(set(levels)) != len(levels) or not set(levels) <= set(STAGE_CHANNELS):
+    if not levels or len(set(levels)) != len(levels) or not set(levels) <= set(LEVELS):
         raise ValueError(f"fuse_levels = {list(fuse_levels)} must be distinct levels from [2, 3, 4, 5]")
     if len(msff_blocks) != 4 or any(int(n) < 0 for n in msff_blocks):
         raise ValueError(
@@ -267,73 +313,30 @@ def _kaiming_init(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-# ---------------------------------------------------------------- ImageNet weights (M7)
+# ---------------------------------------------------------------- backbone weights (M7)
 
-# Torchreid's resnet50 caches ImageNet weights under this name (torchvision's first ResNet50
-# release, the same tensor names); a Torchreid user's cache holds it, not torchvision's file.
-TORCHREID_RESNET50_FILE = "resnet50-19c8e357.pth"
-
-
-def _imagenet_state_dict() -> Tuple[Mapping[str, torch.Tensor], str]:
-    """ImageNet ResNet50 from torch hub's cache: torchvision's IMAGENET1K_V1 file, else
-    Torchreid's; with neither, torchvision's is downloaded."""
-    weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V1
-    hub = os.path.join(torch.hub.get_dir(), "checkpoints")
-    cached = os.path.join(hub, os.path.basename(urlparse(weights.url).path))
-    for path in (cached, os.path.join(hub, TORCHREID_RESNET50_FILE)):
-        if os.path.isfile(path):
-            return _read_state_dict(path, what="cached ImageNet weights"), path
-    try:
-        state = weights.get_state_dict(progress=True, check_hash=True)
-    except (OSError, urllib.error.URLError) as exc:  # offline: DNS / connection / HTTP errors
-        raise BackboneWeightsError(
-            f"Could not download the ImageNet ResNet50 weights from {weights.url} ({exc}). "
-            f"This machine may be offline: put the file at '{cached}', or point at a local "
-            "torchvision ResNet50 state dict with `model.backbone_weights <path>`, or train "
-            "from scratch with `model.pretrained False`."
-        ) from exc
-    return state, cached
-
-
-def _read_state_dict(path: str, what: str = "model.backbone_weights") -> Mapping[str, torch.Tensor]:
-    """A local state dict (through the safe loader): raw or under 'state_dict'; 'module.'
-    prefixes stripped. ``what`` names the file in errors."""
-    from ..checkpoint import CheckpointError, load_checkpoint
-
-    path = os.path.expanduser(path)
-    if not os.path.isfile(path):
-        raise BackboneWeightsError(f"{what}: file '{path}' does not exist")
-    try:
-        obj = load_checkpoint(path)
-    except CheckpointError as exc:
-        raise BackboneWeightsError(f"{what}: cannot read '{path}' ({exc})") from exc
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping):
-        raise BackboneWeightsError(
-            f"{what}: '{path}' holds a {type(obj).__name__}, not a state dict"
-        )
-    return dict(strip_module_prefix(obj))
-
-
-def load_backbone_weights(model: MSFLResNet50, state: Mapping[str, torch.Tensor], source: str) -> int:
-    """Copy a torchvision ResNet50 state dict into the backbone (M7); return the tensor count.
+def load_backbone_weights(model: MSFLNet, state: Mapping[str, torch.Tensor], source: str) -> int:
+    """Copy a backbone state dict (torchvision ResNet50, Torchreid OSNet) into the model's
+    backbone (M7); return the tensor count.
 
     Every backbone tensor must be present (BN ``num_batches_tracked`` counters may be absent,
-    as in torchvision's own file); ``fc.*`` is ignored; any other key is an error.
+    as in torchvision's own file); the family's head keys (ResNet ``fc.*``; OSNet ``fc.*``,
+    ``classifier.*``) are ignored; any other key is an error.
     """
-    target = {k: v for k, v in model.state_dict().items() if k.split(".", 1)[0] in BACKBONE}
-    ignored = sorted(k for k in state if k.startswith("fc."))
-    unexpected = sorted(k for k in state if k not in target and not k.startswith("fc."))
+    target = {k: v for k, v in model.state_dict().items() if k.split(".", 1)[0] in model.backbone_layers}
+    extras = tuple(model.backbone_file_extras)
+    ignored = sorted(k for k in state if k.startswith(extras))
+    unexpected = sorted(k for k in state if k not in target and not k.startswith(extras))
     missing = [k for k in target if k not in state and not k.endswith("num_batches_tracked")]
+    family = model.backbone_name
     if missing:
         raise BackboneWeightsError(
             f"{source} lacks {len(missing)} backbone tensor(s): {', '.join(missing[:8])}"
-            f"{' ...' if len(missing) > 8 else ''} (not a torchvision ResNet50 state dict?)"
+            f"{' ...' if len(missing) > 8 else ''} (not a {family} state dict?)"
         )
     if unexpected:
         raise BackboneWeightsError(
-            f"{source} has keys a torchvision ResNet50 lacks: {', '.join(unexpected[:8])}"
+            f"{source} has keys a {family} backbone lacks: {', '.join(unexpected[:8])}"
             f"{' ...' if len(unexpected) > 8 else ''}"
         )
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in target.items()
@@ -343,27 +346,37 @@ def load_backbone_weights(model: MSFLResNet50, state: Mapping[str, torch.Tensor]
     model.load_state_dict({k: state[k] for k in target if k in state}, strict=False)
     loaded = [k for k in target if k in state]
     values = sum(state[k].numel() for k in loaded)
+    shown = ", ".join(ignored) if len(ignored) <= 4 else f"{len(ignored)} tensors ({', '.join(extras)})"
     logger.info(
-        f"Loaded ImageNet backbone: {len(loaded)} tensors ({values / 1e6:.2f} M values) from {source}"
-        f"{'; ignored ' + ', '.join(ignored) if ignored else ''}"
+        f"Loaded {family} backbone: {len(loaded)} tensors ({values / 1e6:.2f} M values) from {source}"
+        f"{'; ignored ' + shown if ignored else ''}"
     )
     return len(loaded)
 
 
-def _init_backbone(model: MSFLResNet50, pretrained: bool, backbone_weights: str) -> MSFLResNet50:
+def _init_backbone(model: MSFLNet, backbone: Backbone, pretrained: bool, backbone_weights: str) -> MSFLNet:
     if not pretrained:
         if backbone_weights:
             logger.warning(f"model.pretrained is False: backbone_weights '{backbone_weights}' not loaded")
         return model
     if backbone_weights:
-        state, source = _read_state_dict(backbone_weights), backbone_weights
+        state, source = read_state_dict(backbone_weights), backbone_weights
     else:
-        state, source = _imagenet_state_dict()
+        state, source = backbone.imagenet()
     load_backbone_weights(model, state, source)
     return model
 
 
-# ---------------------------------------------------------------- registered variants (M6)
+# ---------------------------------------------------------------- the builder and variants (M6)
+
+# The options each neck kind takes (the rest of MSFLOptions does not apply to it).
+NECK_OPTIONS = {
+    "direct": ("direct_fuse", "embedding_dim"),
+    "csip": ("lateral", "topdown", "topdown_kernel", "lateral_channels", "fuse_levels", "embedding_dim"),
+    "msfl": ("lateral", "topdown", "topdown_kernel", "lateral_channels", "msff_blocks", "fuse_levels",
+             "embedding_dim"),
+}
+
 
 def _returns_features(loss: str) -> bool:
     """Whether training mode must return ``(logits, f)`` for ``loss`` (a registered loss name):
@@ -373,70 +386,72 @@ def _returns_features(loss: str) -> bool:
     return get_loss(loss).needs_features
 
 
-_COMMON = ("model.backbone_weights", "model.msfl.embedding_dim")
-_CSIP = (
-    "model.msfl.lateral",
-    "model.msfl.topdown",
-    "model.msfl.topdown_kernel",
-    "model.msfl.lateral_channels",
-    "model.msfl.fuse_levels",
-)
+def _build(backbone_name: str, neck_kind: str, num_classes: int, loss: str, pretrained: bool,
+           backbone_weights: str, options: MSFLOptions) -> MSFLNet:
+    """Every registered variant: backbone ``backbone_name`` (:data:`.backbones.BACKBONES`), neck
+    ``neck_kind`` (``direct`` | ``csip`` | ``msfl``), the M4 head, and the backbone's weights."""
+    backbone = BACKBONES[backbone_name]()  # a description; the model builds its layers
+    if neck_kind == "direct":
+        neck: nn.Module = StageSelect(in_channels=backbone.channels, direct_fuse=options.direct_fuse)
+    else:
+        neck = CSIP(
+            in_channels=backbone.channels,
+            channels=options.lateral_channels or backbone.lateral_channels,
+            lateral=options.lateral,
+            topdown=options.topdown,
+            topdown_kernel=options.topdown_kernel,
+            msff_blocks=options.msff_blocks if neck_kind == "msfl" else (0, 0, 0, 0),
+            fuse_levels=options.fuse_levels,
+        )
+    model = MSFLNet(num_classes, backbone, neck, options.embedding_dim, _returns_features(loss))
+    return _init_backbone(model, backbone, pretrained, backbone_weights)
 
 
-@register_model("resnet50_bnfc512", options=_COMMON + ("model.msfl.direct_fuse",))
-def resnet50_bnfc512(
-    num_classes: int,
-    loss: str = "softmax",
-    pretrained: bool = True,
-    use_gpu: bool = True,
-    *,
-    backbone_weights: str = "",
-    direct_fuse: str = _D.direct_fuse,
-    embedding_dim: int = _D.embedding_dim,
-) -> MSFLResNet50:
-    """Baseline R50 + BN-FC(512)-ReLU (M1, M4); ``direct_fuse`` 'c45' / 'c2345': Table I(b)/(c)."""
-    model = MSFLResNet50(num_classes, StageSelect(direct_fuse), embedding_dim, _returns_features(loss))
-    return _init_backbone(model, pretrained, backbone_weights)
+def _factory(name: str, backbone_name: str, neck_kind: str, doc: str):
+    """Register ``name``: Torchreid's factory signature, plus ``backbone_weights`` and the
+    keyword options of its neck kind (an option of another kind is a TypeError)."""
+    allowed = NECK_OPTIONS[neck_kind]
+
+    def factory(num_classes: int, loss: str = "softmax", pretrained: bool = True, use_gpu: bool = True,
+                *, backbone_weights: str = "", **options: Any) -> MSFLNet:
+        extra = sorted(set(options) - set(allowed))
+        if extra:
+            raise TypeError(f"{name}() got unexpected option(s) {extra}; it takes {list(allowed)}")
+        plain = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+        return _build(backbone_name, neck_kind, num_classes, loss, pretrained, backbone_weights,
+                      MSFLOptions(**plain))
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = doc
+    keys = ("model.backbone_weights",) + tuple(f"model.msfl.{o}" for o in allowed)
+    return register_model(name, options=keys)(factory)
 
 
-@register_model("msfl_resnet50_csip", options=_COMMON + _CSIP)
-def msfl_resnet50_csip(
-    num_classes: int,
-    loss: str = "softmax",
-    pretrained: bool = True,
-    use_gpu: bool = True,
-    *,
-    backbone_weights: str = "",
-    lateral: bool = _D.lateral,
-    topdown: bool = _D.topdown,
-    topdown_kernel: int = _D.topdown_kernel,
-    lateral_channels: int = _D.lateral_channels,
-    fuse_levels: Sequence[int] = _D.fuse_levels,
-    embedding_dim: int = _D.embedding_dim,
-) -> MSFLResNet50:
-    """R50 + CSIP pyramid (M1-M2, M4), no MSFF blocks: Table IV "+CSIP", Table I(d)/(e)."""
-    neck = CSIP(STAGE_CHANNELS, lateral_channels, lateral, topdown, topdown_kernel, (0, 0, 0, 0), fuse_levels)
-    model = MSFLResNet50(num_classes, neck, embedding_dim, _returns_features(loss))
-    return _init_backbone(model, pretrained, backbone_weights)
+_DOCS = {
+    "direct": "Baseline {b} + BN-FC(512)-ReLU (M1, M4); ``direct_fuse`` 'c45' / 'c2345': Table I(b)/(c).",
+    "csip": "{b} + CSIP pyramid (M2, M4), no MSFF blocks: Table IV \"+CSIP\", Table I(d)/(e).",
+    "msfl": "Full MSFL on {b} (M1-M4): Table IV \"+MSFF\", Table II(c).",
+}
 
 
-@register_model("msfl_resnet50", options=_COMMON + _CSIP + ("model.msfl.msff_blocks",))
-def msfl_resnet50(
-    num_classes: int,
-    loss: str = "softmax",
-    pretrained: bool = True,
-    use_gpu: bool = True,
-    *,
-    backbone_weights: str = "",
-    lateral: bool = _D.lateral,
-    topdown: bool = _D.topdown,
-    topdown_kernel: int = _D.topdown_kernel,
-    lateral_channels: int = _D.lateral_channels,
-    msff_blocks: Sequence[int] = _D.msff_blocks,
-    fuse_levels: Sequence[int] = _D.fuse_levels,
-    embedding_dim: int = _D.embedding_dim,
-) -> MSFLResNet50:
-    """Full MSFL-ResNet50 (M1-M4): Table IV "+MSFF", Table II(c)."""
-    neck = CSIP(STAGE_CHANNELS, lateral_channels, lateral, topdown, topdown_kernel, msff_blocks, fuse_levels)
-    model = MSFLResNet50(num_classes, neck, embedding_dim, _returns_features(loss))
-    return _init_backbone(model, pretrained, backbone_weights)
+def _names(backbone_name: str) -> Dict[str, str]:
+    """The three registered names of a backbone: ``<b>_bnfc512``, ``msfl_<b>_csip``, ``msfl_<b>``."""
+    return {"direct": f"{backbone_name}_bnfc512", "csip": f"msfl_{backbone_name}_csip",
+            "msfl": f"msfl_{backbone_name}"}
+
+
+VARIANTS: Dict[str, Tuple[str, str]] = {}  # registered name -> (backbone, neck kind)
+
+
+def _register(backbone_name: str, neck_kind: str):
+    name = _names(backbone_name)[neck_kind]
+    VARIANTS[name] = (backbone_name, neck_kind)
+    return _factory(name, backbone_name, neck_kind, _DOCS[neck_kind].format(b=backbone_name))
+
+
+resnet50_bnfc512 = _register("resnet50", "direct")
+msfl_resnet50_csip = _register("resnet50", "csip")
+msfl_resnet50 = _register("resnet50", "msfl")
+for _width in OSNET_CHANNELS:  # osnet_<w>_bnfc512, msfl_osnet_<w>_csip, msfl_osnet_<w>
+    for _kind in NECK_OPTIONS:
+        _register(f"osnet_{_width}", _kind)
