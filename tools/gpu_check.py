@@ -15,6 +15,8 @@ with its own timeout; a step that hangs is killed with its children):
 7. ``rerank``: benchmarks/rerank.py ``--device cuda --methods ours-features`` (re-ranking from the
    features on the device) at the Market and MSMT17 shapes; the device-vs-CPU agreement is
    tests/cuda's;
+7b. ``msfl_cost``: benchmarks/msfl_cost.py ``--device cuda`` (MSFL vs its base: parameters, MACs,
+   inference latency at batch 1 / 64, one training step);
 8. ``train``: scripts/main.py, 2 epochs of bf16 + channels-last training on SynthReID, then
    its evaluation (checkpoints are left out of OUT_DIR);
 9. ``pytest_other``: the suite's other CUDA-only tests (``-k 'gpu or cuda'`` in three files).
@@ -172,6 +174,14 @@ def rerank_keys(step: Step, log: str) -> str:
                      for r in rows if "error" not in r and not r.get("estimated"))
 
 
+def msfl_cost_keys(step: Step, log: str) -> str:
+    data = _read_json(step.outputs[0])
+    if not data:
+        return ""
+    return "; ".join(f"{pair}: " + ", ".join(f"{k} {v:.2f}x" for k, v in r.items() if k.startswith(("macs", "infer")))
+                     for pair, r in data.get("ratios", {}).items())
+
+
 def train_keys(step: Step, log: str) -> str:
     data = _read_json(step.outputs[0])
     if not data:
@@ -205,6 +215,9 @@ def build_steps(out: str, gpu: bool, data_root: str, train_dir: str) -> List[Ste
             ("rerank", "benchmarks/rerank.py: re-ranking, features path on CUDA", [
                 _script("benchmarks", "rerank.py"), "--device", "cuda", "--methods", "ours-features",
                 "--shapes", "market", "msmt17", "--json", j("rerank.json")], 240, rerank_keys, [j("rerank.json")]),
+            ("msfl_cost", "benchmarks/msfl_cost.py --device cuda: MSFL vs its base, test time and a training step", [
+                _script("benchmarks", "msfl_cost.py"), "--device", "cuda", "--repeats", "10", "--warmup", "3",
+                "--json", j("msfl_cost.json")], 120, msfl_cost_keys, [j("msfl_cost.json")]),
         ]
         train = ["model.name", "resnet50_bnfc512", "data.height", "256", "data.width", "128",
                  "train.batch_size", "64", "data.workers", "4", "test.batch_size", "256"]
@@ -229,6 +242,10 @@ def build_steps(out: str, gpu: bool, data_root: str, train_dir: str) -> List[Ste
                 _script("benchmarks", "rerank.py"), "--device", "cpu", "--methods", "ours-features",
                 "--shapes", "tiny", "--repeats", "1", "--json", j("rerank.json")], 400, rerank_keys,
              [j("rerank.json")]),
+            ("msfl_cost", "benchmarks/msfl_cost.py (CPU-sized: 64x32, batch 1 and 2)", [
+                _script("benchmarks", "msfl_cost.py"), "--device", "cpu", "--sizes", "64x32", "--batches", "1", "2",
+                "--train-batch", "2", "--repeats", "1", "--warmup", "0", "--json", j("msfl_cost.json")],
+             300, msfl_cost_keys, [j("msfl_cost.json")]),
         ]
         # synthreid_small: bf16 autocast is several times slower than float32 on most CPUs
         train = ["data.sources", "[synthreid_small]", "data.targets", "[synthreid_small]", "train.batch_size", "16",
