@@ -14,7 +14,11 @@ every command line imports it first, so its losses exist in ``scripts/main.py``,
 """
 from __future__ import annotations
 
-# registry first: its built-in entries (softmax, triplet), then drsl and sn register in this order
+# drsl.py and sn.py register themselves on import, after registry.py's softmax and triplet
+from .base import AnchorLosses, BaseMetricLoss, MetricLoss
+from .distances import DISTANCES, CosineDistance, EuclideanDistance
+from .drsl import DRSLoss, drsl_loss
+from .reducers import MeanReducer
 from .registry import (
     LossSpec,
     UnknownLossError,
@@ -26,10 +30,6 @@ from .registry import (
     register_loss,
     unregister_loss,
 )
-from .base import AnchorLosses, BaseMetricLoss, MetricLoss
-from .distances import DISTANCES, CosineDistance, EuclideanDistance
-from .reducers import MeanReducer
-from .drsl import DRSLoss, drsl_loss
 from .sn import SupportNeighborLoss, support_neighbor_loss
 
 __all__ = [

@@ -6,7 +6,7 @@ written down in docs/methods.md D; it is not the paper's equations.
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
