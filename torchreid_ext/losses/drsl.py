@@ -33,6 +33,21 @@ def _gather_positives(pos_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tenso
     return order, valid
 
 
+def _smoothed_ranks(
+    d_ap: torch.Tensor, dist_a: torch.Tensor, neg_a: torch.Tensor, valid: torch.Tensor, tau: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """D2 from the anchors' positive distances (A x K), all their distances (A x B) and negative
+    mask: N_FP (A x K), h(p') (A x K x K, 0 off the valid pairs), the valid-pair mask and rank+."""
+    # Non-negatives get distance +inf, so their H_tau is exactly 0 (and so is its gradient): no
+    # separate A x K x B mask tensor.
+    dist_neg = dist_a.masked_fill(~neg_a, float("inf"))
+    n_fp = torch.sigmoid((d_ap[:, :, None] - dist_neg[:, None, :]) / tau).sum(2)
+    kk = d_ap.size(1)
+    pair = valid[:, :, None] & valid[:, None, :] & ~torch.eye(kk, dtype=torch.bool, device=d_ap.device)
+    h_pp = torch.sigmoid((d_ap[:, :, None] - d_ap[:, None, :]) / tau) * pair
+    return n_fp, h_pp, pair, 1.0 + h_pp.sum(2)
+
+
 def _per_anchor(x: torch.Tensor, valid: torch.Tensor, n_pos: torch.Tensor) -> torch.Tensor:
     """A x K values over each anchor's positives -> their mean per anchor (D3)."""
     return (x * valid).sum(1) / n_pos
@@ -124,7 +139,6 @@ class DRSLoss(BaseMetricLoss):
         idx, valid = _gather_positives(pos_mask[anchors])  # A x K
         n_pos = valid.sum(1).to(f.dtype)
         d_ap = dist_a.gather(1, idx)  # A x K
-        neg_a = ~same[anchors]
 
         # D1: tau relative to the mean positive distance, detached.
         d_pos = d_ap.detach()[valid].mean()
@@ -133,15 +147,7 @@ class DRSLoss(BaseMetricLoss):
         else:
             tau_t = torch.as_tensor(self.tau, dtype=f.dtype, device=f.device)
 
-        # D2: negatives ranked above each positive. Non-negatives get distance +inf, so their
-        # H_tau is exactly 0 (and so is its gradient): no separate A x K x B mask tensor.
-        dist_neg = dist_a.masked_fill(~neg_a, float("inf"))
-        n_fp = torch.sigmoid((d_ap[:, :, None] - dist_neg[:, None, :]) / tau_t).sum(2)  # A x K
-        kk = idx.size(1)
-        pair = valid[:, :, None] & valid[:, None, :] & ~torch.eye(kk, dtype=torch.bool, device=f.device)
-        h_pp = torch.sigmoid((d_ap[:, :, None] - d_ap[:, None, :]) / tau_t) * pair  # A x K x K: h(p')
-        rank_pos = 1.0 + h_pp.sum(2)
-
+        n_fp, h_pp, pair, rank_pos = _smoothed_ranks(d_ap, dist_a, ~same[anchors], valid, tau_t)  # D2
         retrieval = _per_anchor(n_fp / (rank_pos + n_fp), valid, n_pos)  # D3
         sort = _per_anchor(_sort_error(f, anchors, idx, h_pp, pair, rank_pos), valid, n_pos)  # D4
 
