@@ -417,7 +417,7 @@ def _validate_losses(cfg: CN) -> None:
     names = loss_registry.loss_names()
     name = cfg.loss.name
     if name not in names:
-        raise ConfigError(f"loss.name = {name!r} is not valid; choose one of {names}")
+        raise ConfigError(f"loss.name = {name!r} is unknown; choose one of {names}")
     if name not in cfg.loss:
         raise ConfigError(f"loss.name = {name!r} was registered after this config was built (it has no "
                           f"loss.{name} section); call register_loss before get_default_config / load_config")

@@ -3,7 +3,9 @@
 A :class:`Registry` maps names to objects. The rule for a duplicate name is the same for every
 kind: registering the same object again (or a re-imported copy of it: same module and qualified
 name) is harmless, anything else under a taken name is a ``ValueError`` naming both. An unknown
-name is a :class:`UnknownNameError` (a ``KeyError`` that prints cleanly) listing what is there.
+name is a :class:`UnknownNameError` (a ``UserError`` and a ``KeyError`` that prints cleanly):
+``<key> = '<name>' is unknown; choose one of [...]``, the key being the config key or argument
+that named it (the registry's kind if the caller does not say).
 """
 from __future__ import annotations
 
@@ -60,11 +62,13 @@ class Registry(Generic[T]):
     def unregister(self, name: str) -> None:
         self._items.pop(name, None)
 
-    def get(self, name: str) -> T:
+    def get(self, name: str, key: Optional[str] = None) -> T:
+        """The object under ``name``; an unknown name is an :class:`UnknownNameError` naming ``key``
+        (the config key or argument that gave the name; default: the kind)."""
         try:
             return self._items[name]
         except KeyError:
-            raise UnknownNameError(f"{self.kind} '{name}' is unknown; choose one of {self.names()}") from None
+            raise UnknownNameError(f"{key or self.kind} = {name!r} is unknown; choose one of {self.names()}") from None
 
     def names(self) -> List[str]:
         return sorted(self._items)

@@ -1,11 +1,11 @@
-"""DRSL (docs/methods.md D1-D7) against a plain float64 loop implementation, gradcheck, the exact-AP limit,
-edge cases; and ``build_loss`` from config sections."""
+"""DRSL (docs/methods.md D1-D7) against a plain float64 loop implementation (Euclidean and cosine
+distances), gradcheck, the exact-AP limit, edge cases; and ``build_loss`` from config sections."""
 import pytest
 import torch
 
 from torchreid_ext.adapter import torchreid
 from torchreid_ext.config import get_default_config
-from torchreid_ext.losses import DRSLoss, build_loss, drsl_loss, loss_names
+from torchreid_ext.losses import CosineDistance, DRSLoss, build_loss, drsl_loss, loss_names
 from loss_batches import pk_labels, unequal_labels
 from loss_batches import features as _features
 
@@ -14,13 +14,18 @@ def features(n, d, seed, dtype=torch.float64):
     return _features(n, d, seed, dtype, scale=3.0)
 
 
-def ref_drsl(f, y, tau_rel=0.05, lambda_sort=1.0, tau=None):
-    """D1-D5 written out pair by pair (float64 torch scalars, so autograd gives reference gradients)."""
+def euclidean(u, v):
+    return torch.sqrt(((u - v) ** 2).sum())
+
+
+def ref_drsl(f, y, tau_rel=0.05, lambda_sort=1.0, tau=None, distance=euclidean):
+    """D1-D5 written out pair by pair (float64 torch scalars, so autograd gives reference gradients);
+    ``distance(u, v)`` of two feature vectors (D1's Euclidean by default)."""
     y = y.tolist()
     b = len(y)
 
     def dist(i, j):
-        return torch.sqrt(((f[i] - f[j]) ** 2).sum())
+        return distance(f[i], f[j])
 
     def rel(i, j):
         return (1 + torch.dot(f[i], f[j]) / (f[i].norm() * f[j].norm())) / 2
@@ -85,6 +90,24 @@ def test_matches_loop_reference(kind, seed, tau_rel, lambda_sort):
     assert loss_fn.last_stats["d_pos"] == pytest.approx(sum(pos) / len(pos), rel=1e-6)
     assert loss_fn.last_stats["d_neg"] == pytest.approx(sum(neg) / len(neg), rel=1e-6)
     assert loss_fn.last_stats["tau"] == pytest.approx(tau_rel * sum(pos) / len(pos), rel=1e-6)
+
+
+@pytest.mark.parametrize("kind,seed", CASES)
+def test_cosine_distance_matches_loop_reference(kind, seed):
+    y = pk_labels(4, 4) if kind == "pk" else unequal_labels(seed)
+    f = features(len(y), 8, seed).requires_grad_()
+    loss_fn = DRSLoss(0.1, 1.0, distance=CosineDistance())
+    loss = loss_fn(f, y)
+    (grad,) = torch.autograd.grad(loss, f)
+    f_ref = f.detach().clone().requires_grad_()
+    ref, ref_r, ref_s = ref_drsl(f_ref, y, 0.1, 1.0, distance=lambda u, v: 1 - torch.dot(u, v) / (u.norm() * v.norm()))
+    (grad_ref,) = torch.autograd.grad(ref, f_ref)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert loss_fn.last_stats["loss_R"] == pytest.approx(ref_r.item(), rel=1e-6)
+    assert loss_fn.last_stats["loss_S"] == pytest.approx(ref_s.item(), rel=1e-6, abs=1e-12)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-6, atol=1e-9)
+    # a different loss from the Euclidean one on the same batch
+    assert abs(loss.item() - DRSLoss(0.1, 1.0)(f, y).item()) > 1e-3
 
 
 def test_equal_relevance_counts_as_deserving():

@@ -1,7 +1,7 @@
 """The loss registry: a loss registered from outside the package is selectable by ``loss.name``
 in ``cli.main``, ``build_engine`` and ``scripts/compare.py`` and trains with its term in the loss
 summary; the registration rules; what the registry says about the built-in losses; the
-metric-loss protocol and base class."""
+base class and what a builder must return."""
 import glob
 import os
 import os.path as osp
@@ -18,7 +18,8 @@ from torchreid_ext.config import ConfigError, get_default_config, load_config, v
 from torchreid_ext.losses import (
     BaseMetricLoss,
     DRSLoss,
-    MetricLoss,
+    EuclideanDistance,
+    MeanReducer,
     SupportNeighborLoss,
     get_loss,
     loss_names,
@@ -233,10 +234,10 @@ def test_builtin_entries():
     assert triplet.weight_keys == ("weight_t", "weight_x") and triplet.summary_key == "loss_t"
     assert dict(triplet.defaults) == {"margin": 0.3, "weight_t": 1.0, "weight_x": 0.0}  # upstream's section
     assert drsl.weight_keys == ("weight", "weight_x", "weight_t") and drsl.summary_key == "loss_drsl"
-    assert dict(drsl.defaults) == {"tau_rel": 0.05, "lambda_sort": 1.0, "weight": 1.0, "weight_x": 1.0,
-                                   "weight_t": 0.0}
+    assert dict(drsl.defaults) == {"tau_rel": 0.05, "lambda_sort": 1.0, "distance": "euclidean", "weight": 1.0,
+                                   "weight_x": 1.0, "weight_t": 0.0}
     assert dict(sn.defaults) == {"alpha": 50.0, "k": 10, "weight_squeeze": 0.1, "squeeze": "spread",
-                                 "weight": 1.0, "weight_x": 0.0, "weight_t": 0.0}
+                                 "distance": "euclidean", "weight": 1.0, "weight_x": 0.0, "weight_t": 0.0}
     cfg = get_default_config()
     assert sn.min_batch_size(cfg.loss.sn)[0] == 12
     assert drsl.weights(cfg.loss.drsl) == (1.0, {"drsl": 1.0, "triplet": 0.0})
@@ -257,9 +258,21 @@ def test_models_return_features_for_a_registered_loss(toy, name):
             assert out[0].shape == (2, 3) and out[1].dim() == 2
 
 
-def test_metric_loss_protocol_and_base_class():
-    for loss in (DRSLoss(), SupportNeighborLoss(k=2), torchreid().losses.TripletLoss()):
-        assert isinstance(loss, MetricLoss)
+def test_our_losses_share_the_base_class_and_a_builder_must_return_a_module():
+    for loss in (DRSLoss(), SupportNeighborLoss(k=2)):
+        assert isinstance(loss, BaseMetricLoss)
+        assert isinstance(loss.distance, EuclideanDistance) and isinstance(loss.reducer, MeanReducer)
+    assert not isinstance(torchreid().losses.TripletLoss(), BaseMetricLoss)  # a plain module: allowed too
+    register_loss("not_a_module", lambda section: (lambda features, targets: features.sum()))
+    try:
+        cfg = get_default_config()
+        with pytest.raises(TypeError, match=r"builder of loss 'not_a_module' returned function, not an nn\.Module"):
+            validate_config(cfg)  # every builder runs here, before any work
+    finally:
+        unregister_loss("not_a_module")
+
+
+def test_base_class_with_compute_overridden():
     toy = CentreSpread(2.0)
     f = torch.tensor([[0.0, 0.0], [2.0, 0.0], [5.0, 5.0], [5.0, 7.0]], requires_grad=True)
     value = toy(f, torch.tensor([0, 0, 1, 1]))

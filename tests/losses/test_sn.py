@@ -1,21 +1,27 @@
-"""Support Neighbor loss (docs/methods.md S1-S4) against a plain float64 loop implementation, gradcheck,
-edge cases and bad input (the contract shared with DRSL: test_loss_contract.py)."""
+"""Support Neighbor loss (docs/methods.md S1-S4) against a plain float64 loop implementation (Euclidean
+and cosine distances), gradcheck, edge cases and bad input (the contract shared with DRSL:
+test_loss_contract.py)."""
 
 import pytest
 import torch
 
-from torchreid_ext.losses import SupportNeighborLoss
+from torchreid_ext.losses import CosineDistance, SupportNeighborLoss
 from loss_batches import pk_labels, unequal_labels, features
 
 
-def ref_sn(f, y, alpha=50.0, k=10, w=0.1, squeeze="spread"):
-    """S1-S4 written out anchor by anchor, with plain exp/log (float64 torch scalars)."""
+def euclidean(u, v):
+    return torch.sqrt(((u - v) ** 2).sum())
+
+
+def ref_sn(f, y, alpha=50.0, k=10, w=0.1, squeeze="spread", distance=euclidean):
+    """S1-S4 written out anchor by anchor, with plain exp/log (float64 torch scalars);
+    ``distance(u, v)`` of two normalised features (Euclidean by default)."""
     y = y.tolist()
     b = len(y)
     fn = f / f.norm(dim=1, keepdim=True)
 
     def dist(i, j):
-        return torch.sqrt(((fn[i] - fn[j]) ** 2).sum())
+        return distance(fn[i], fn[j])
 
     terms, sizes, thresholds = [], [], []
     for a in range(b):
@@ -68,6 +74,26 @@ def test_matches_loop_reference(kind, seed, squeeze, alpha, k):
     assert loss_fn.last_stats["s_pos"] == pytest.approx(mean_pos)
     assert loss_fn.last_stats["s_neg"] == pytest.approx(mean_neg)
     assert loss_fn.last_stats["threshold"] == pytest.approx(mean_t, rel=1e-6)
+
+
+@pytest.mark.parametrize("kind,seed", CASES)
+@pytest.mark.parametrize("squeeze", ["spread", "nearest"])
+def test_cosine_distance_matches_loop_reference(kind, seed, squeeze):
+    y = pk_labels(5, 4) if kind == "pk" else unequal_labels(seed)
+    f = features(len(y), 6, seed).requires_grad_()
+    loss_fn = SupportNeighborLoss(alpha=20.0, k=5, weight_squeeze=0.3, squeeze=squeeze, distance=CosineDistance())
+    loss = loss_fn(f, y)
+    (grad,) = torch.autograd.grad(loss, f)
+    f_ref = f.detach().clone().requires_grad_()
+    ref, mean_pos, mean_neg, mean_t = ref_sn(f_ref, y, 20.0, 5, 0.3, squeeze, distance=lambda u, v: 1 - torch.dot(u, v))
+    (grad_ref,) = torch.autograd.grad(ref, f_ref)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-6, atol=1e-9)
+    assert loss_fn.last_stats["threshold"] == pytest.approx(mean_t, rel=1e-6)
+    assert (loss_fn.last_stats["s_pos"], loss_fn.last_stats["s_neg"]) == pytest.approx((mean_pos, mean_neg))
+    # a different loss from the Euclidean one on the same batch
+    euclid = SupportNeighborLoss(alpha=20.0, k=5, weight_squeeze=0.3, squeeze=squeeze)(f, y)
+    assert abs(loss.item() - euclid.item()) > 1e-3
 
 
 @pytest.mark.parametrize("squeeze", ["spread", "nearest"])

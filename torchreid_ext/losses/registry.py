@@ -1,13 +1,13 @@
 """The loss registry: every ``loss.name`` a config can choose, and what each one needs.
 
 One entry (:class:`LossSpec`) per loss says: its name; its builder (``builder(section)`` gets
-``cfg.loss.<name>`` and returns a :class:`~torchreid_ext.losses.base.MetricLoss`, or is ``None``
-for cross-entropy alone); its config section with defaults; which keys of that section weight
-which terms; whether the model must return features in training mode; whether the batch must
-hold positives (same-identity pairs); and the smallest batch it accepts. The config
-(``get_default_config``, ``validate_config``), the engines (``build_engine``) and the models
-(what training mode returns) all read this registry, so a loss registered here, after
-``import torchreid_ext`` and before the config is built, works everywhere ``loss.name`` does.
+``cfg.loss.<name>`` and returns the loss module, or is ``None`` for cross-entropy alone); its
+config section with defaults; which keys of that section weight which terms; whether the model
+must return features in training mode; whether the batch must hold positives (same-identity
+pairs); and the smallest batch it accepts. The config (``get_default_config``,
+``validate_config``), the engines (``build_engine``) and the models (what training mode returns)
+all read this registry, so a loss registered here, after ``import torchreid_ext`` and before the
+config is built, works everywhere ``loss.name`` does.
 
 Terms of ``loss.name = N`` (section ``s = cfg.loss.N``): cross-entropy weighted by ``s.weight_x``
 (1 for ``softmax``), N's own term weighted by ``s.weight`` (``s.weight_t`` for ``triplet``, whose
@@ -22,7 +22,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch.nn as nn
 
-from ..errors import UnknownNameError
+from ..adapter import torchreid
+from ..errors import ConfigError, UnknownNameError
 from ..registry import Registry, same_object
 
 __all__ = [
@@ -174,20 +175,29 @@ def specs() -> List[LossSpec]:
 
 
 def get_loss(name: str) -> LossSpec:
+    """The entry of ``loss.name`` = ``name``; an unknown name is an :class:`UnknownLossError`."""
     if name not in LOSSES:
-        raise UnknownLossError(f"unknown loss {name!r}; registered losses: {loss_names()}")
+        raise UnknownLossError(f"loss.name = {name!r} is unknown; choose one of {loss_names()}")
     return LOSSES[name]
 
 
 def build_loss(name: str, section) -> nn.Module:
-    """The module of loss ``name`` built from its section ``cfg.loss.<name>``."""
+    """The module of loss ``name`` built from its section ``cfg.loss.<name>``. A value of the
+    section the loss refuses is a :class:`~torchreid_ext.errors.ConfigError` naming the section
+    (an unknown name, e.g. ``loss.drsl.distance``, one naming its key)."""
     spec = get_loss(name)
     if spec.builder is None:
         raise ValueError(f"loss '{name}' is cross-entropy only; it has no metric-loss module")
     try:
-        return spec.builder(section)
+        module = spec.builder(section)
+    except UnknownNameError as exc:
+        raise ConfigError(str(exc)) from exc
     except ValueError as exc:  # a constructor's value check: say which section
-        raise ValueError(f"loss.{name}: {exc}") from exc
+        raise ConfigError(f"loss.{name}: {exc}") from exc
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"the builder of loss '{name}' returned {type(module).__name__}, not an nn.Module "
+                        "called as loss(features, targets)")
+    return module
 
 
 def check_loss_weights(weights: Mapping[str, float], require_positive: bool = True) -> None:
@@ -209,17 +219,35 @@ def section_weights(name: str, section) -> Dict[str, float]:
 
 def loss_terms(cfg) -> Tuple[float, Dict[str, float]]:
     """(cross-entropy weight, {term name: weight}) of ``cfg.loss.name``, weights checked
-    (ValueError naming the config key); terms with weight 0 are left out."""
+    (:class:`~torchreid_ext.errors.ConfigError` naming the config key); terms with weight 0 are
+    left out."""
     name = cfg.loss.name
     spec = get_loss(name)
     keyed = section_weights(name, cfg.loss[name])
-    check_loss_weights(keyed if keyed else {"cross-entropy (loss.name softmax)": 1.0})
+    try:
+        check_loss_weights(keyed if keyed else {"cross-entropy (loss.name softmax)": 1.0})
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     weight_x, terms = spec.weights(cfg.loss[name])
     return weight_x, {term: w for term, w in terms.items() if w > 0}
 
 
 def build_loss_terms(cfg) -> Tuple[float, Dict[str, Tuple[float, nn.Module]]]:
     """(cross-entropy weight, {term name: (weight, module)}) for ``cfg.loss.name``: the loss
-    terms a run trains with. Raises ValueError naming the config key of a bad value."""
+    terms a run trains with. Raises ConfigError naming the config key of a bad value."""
     weight_x, terms = loss_terms(cfg)
     return weight_x, {term: (w, build_loss(term, cfg.loss[term])) for term, w in terms.items()}
+
+
+def _triplet(section) -> nn.Module:
+    return torchreid().losses.TripletLoss(margin=section.margin)
+
+
+# Torchreid's own losses, whose sections are upstream's (hence their own weight keys); ours register
+# themselves in drsl.py and sn.py.
+# Cross-entropy alone: no metric term, the model returns logits only.
+_add(LossSpec("softmax", None, {"label_smooth": True}, term_key=None, ce_key=None, triplet_key=None,
+              needs_positives=False))
+# Upstream Torchreid's section, unchanged: its term is weighted by weight_t, CE by weight_x.
+_add(LossSpec("triplet", _triplet, {"margin": 0.3, "weight_t": 1.0, "weight_x": 0.0},
+              term_key="weight_t", triplet_key=None, summary_name="loss_t"))
