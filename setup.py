@@ -48,6 +48,7 @@ setup(
         "torchreid-ext-extract=torchreid_ext.deploy.commands:extract_main",
         "torchreid-ext-evaluate=torchreid_ext.deploy.commands:evaluate_main",
         "torchreid-ext-export=torchreid_ext.deploy.commands:export_main",
+        "torchreid-ext-search=torchreid_ext.deploy.commands:search_main",
         "torchreid-ext-visualize=torchreid_ext.experiments.ranks:main",
     ]},
 )
