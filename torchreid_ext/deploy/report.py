@@ -63,6 +63,7 @@ figure img, figure .missing { display: block; height: %(h)dpx; border: 4px solid
 figure .missing { width: %(w)dpx; background: #ccc; overflow: hidden; word-break: break-all; }
 .query img, .query .missing { border-color: #1565c0; }
 figcaption { max-width: 140px; overflow-wrap: anywhere; }
+.name { color: #666; }
 .arrow { align-self: center; font-size: 20px; color: #888; }
 """
 
@@ -114,7 +115,8 @@ def render_pages(rows: Sequence[QueryRow], per_page: int = 20, title: str = "Sea
                              "query", height=height), '<div class="arrow">&rarr;</div>']
             for rank, (path, distance, decision) in enumerate(row.matches, start=1):
                 caption = (f'<span class="rank">#{rank}</span> <span class="distance">{distance:.4g}</span><br>'
-                           f'<span class="decision">{html.escape(decision)}</span>')
+                           f'<span class="decision">{html.escape(decision)}</span><br>'
+                           f'<span class="name">{html.escape(osp.basename(path))}</span>')
                 cells.append(_figure(uri(path), path, caption, f"match {decision.replace(' ', '-')}",
                                      DECISION_COLOURS.get(decision, "#9e9e9e"), height,
                                      f"{path}\nrank {rank}, distance {distance:.6g}, {decision}"))

@@ -251,9 +251,10 @@ class _Gallery:
             logger.info("%s, extracting all (no cache)", where)
         elif not self.todo:
             logger.info("%s, all from the cache (%s): nothing to extract", where, self.cache.path)
+        elif self.entry is None:
+            logger.info("%s, none in the cache yet: extracting all (cache '%s')", where, self.cache.path)
         else:
-            cached = len(self.paths) - len(self.todo)
-            parts = [f"{cached} from the cache"] if cached else ["none cached"]
+            parts = [f"{len(self.paths) - len(self.todo)} from the cache"]
             if self.changed:
                 shown = ", ".join(osp.relpath(p, self.source) for p in self.changed[:5])
                 more = f" and {len(self.changed) - 5} more" if len(self.changed) > 5 else ""
