@@ -20,7 +20,7 @@ from torchreid_ext.deploy import search as search_module
 from torchreid_ext.deploy.commands import search_main
 from torchreid_ext.deploy.saved_features import FeatureSet
 from torchreid_ext.deploy.search import decide, search, top_matches
-from torchreid_ext.metrics import EvaluationOptions, alpha_query_expansion, re_ranking
+from torchreid_ext.metrics import EvaluationOptions, alpha_query_expansion
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,8 @@ def test_top_matches_equal_brute_force(metric, normalize):
     from torchreid_ext.metrics.knn_index import KNNOptions
 
     exclude = np.array([-1, 3, -1, 39, -1, -1, 0])
-    d, i = top_matches(qf, gf, 5, opts, KNNOptions(), exclude)
+    d, i, plain = top_matches(qf, gf, 5, opts, KNNOptions(), exclude)
+    assert plain is d  # no re-ranking: the ranked distances are the plain ones
     q64, g64 = qf.astype(np.float64), gf.astype(np.float64)
     if normalize or metric == "cosine":
         q64 /= np.linalg.norm(q64, axis=1, keepdims=True)
@@ -89,28 +90,31 @@ def test_top_matches_equal_brute_force(metric, normalize):
 
 
 def test_top_matches_with_aqe_and_reranking_equal_their_references():
-    """AQE: brute force after the expansion; re-ranking: Torchreid's formula on full matrices."""
+    """AQE: brute force after the expansion; re-ranking: Torchreid's own re_ranking on full matrices."""
+    from torchreid_ext.adapter import torchreid
     from torchreid_ext.metrics.knn_index import KNNOptions
 
     rng = np.random.default_rng(1)
     qf, gf = rng.normal(size=(5, 8)).astype(np.float32), rng.normal(size=(30, 8)).astype(np.float32)
     aqe = EvaluationOptions(aqe=True, aqe_k=3)
-    d, i = top_matches(qf, gf, 4, aqe, KNNOptions())
+    d, i, _ = top_matches(qf, gf, 4, aqe, KNNOptions())
     q2, g2 = alpha_query_expansion(torch.from_numpy(qf).double(), torch.from_numpy(gf).double(), k=3)
     ref_d, ref_i = brute_force(q2.numpy(), g2.numpy(), 4)
     np.testing.assert_array_equal(i, ref_i)
     np.testing.assert_allclose(d, ref_d, rtol=1e-4, atol=1e-4)
 
     rr = EvaluationOptions(rerank=True, rerank_k1=6, rerank_k2=3)
-    d, i = top_matches(qf, gf, 4, rr, KNNOptions(), exclude=[2, -1, -1, -1, -1])
+    d, i, plain = top_matches(qf, gf, 4, rr, KNNOptions(), exclude=[2, -1, -1, -1, -1])
     q64, g64 = qf.astype(np.float64), gf.astype(np.float64)
     sq = lambda a, b: ((a[:, None] - b[None]) ** 2).sum(-1)  # noqa: E731
-    full = re_ranking(sq(q64, g64), sq(q64, q64), sq(g64, g64), k1=6, k2=3, lambda_value=0.3)
+    full = torchreid().utils.re_ranking(sq(q64, g64), sq(q64, q64), sq(g64, g64), k1=6, k2=3, lambda_value=0.3)
     full[0, 2] = np.inf
     ref_i = np.argsort(full, axis=1, kind="stable")[:, :4]
     np.testing.assert_array_equal(i, ref_i)
     np.testing.assert_allclose(d, np.take_along_axis(full, ref_i, 1), rtol=1e-4, atol=1e-5)
     assert 2 not in i[0]
+    # decisions use the same pairs' distances before re-ranking
+    np.testing.assert_allclose(plain, np.take_along_axis(sq(q64, g64), ref_i, 1), rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------ the search
@@ -266,6 +270,65 @@ def test_corrupt_cache_entry_is_ignored_with_a_warning_and_rebuilt(env, monkeypa
     assert calls == [("query features", 2)]
 
 
+# ------------------------------------------------------------------ calibrated decisions
+
+@pytest.fixture(scope="module")
+def calibration(checkpoints, data_root, tmp_path_factory):
+    """metrics.json of torchreid-ext-evaluate on synthreid_small's labelled query / gallery, extracted
+    with the search tests' weights: it records verification thresholds."""
+    from torchreid_ext.deploy import evaluate_files
+
+    folder = tmp_path_factory.mktemp("calibration")
+    cfg = deploy_cfg(data_root, str(folder / "log"))
+    for split in ("query", "gallery"):
+        extract_features(cfg, str(folder / f"{split}.h5"), dataset="synthreid_small", split=split,
+                         weights=checkpoints("osnet_x0_25"), progress=False)
+    record = evaluate_files(str(folder / "query.h5"), str(folder / "gallery.h5"), out_dir=str(folder))
+    return record["metrics_file"]
+
+
+def test_calibrated_threshold_decides_on_the_distances(env, calibration, capsys):
+    with open(calibration) as f:
+        recorded = json.load(f)["results"]["verification"]["at_fpr"]
+    for fpr in ("0.01", "0.001"):
+        assert search_main(_argv(env, "--calibration", calibration, "--fpr", fpr, "-k", "12")) == 0
+        with open(osp.join(env["out"], "matches.json")) as f:
+            record = json.load(f)
+        threshold = recorded[fpr]["threshold"]
+        assert record["threshold"] == threshold and record["fpr"] == float(fpr)
+        assert [m["decision"] for m in record["matches"]] == \
+            ["same" if m["distance"] <= threshold else "different" for m in record["matches"]]
+
+
+def test_calibration_of_another_kind_of_distance_is_refused(env, calibration, capsys, monkeypatch):
+    _fails(env, _argv(env, "--calibration", calibration, "test.normalize_feature", "True"), capsys, monkeypatch,
+           "test.normalize_feature = False", "this search uses True")
+    _fails(env, _argv(env, "--calibration", calibration, "test.dist_metric", "cosine"), capsys, monkeypatch,
+           "test.dist_metric = euclidean")
+
+
+def test_reranked_search_decides_on_plain_distances(env, tmp_path):
+    cfg = env["cfg"].clone()
+    cfg.defrost()
+    cfg.test.rerank, cfg.test.rerank_k1, cfg.test.rerank_k2 = True, 4, 2
+    plain = _search(env, k=5, cache_dir=None)
+    limit = float(np.median([m.distance for m in plain.matches]))
+    res = search(cfg, [str(env["root"] / "query")], str(env["root"] / "gallery"), str(tmp_path / "rr"),
+                 weights=env["weights"], k=5, threshold=limit, cache_dir=None, progress=False)
+    with open(tmp_path / "rr" / "matches.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["query", "rank", "gallery", "distance", "decision", "distance_before_rerank"]
+    gallery = sorted(env["gallery"])
+    qf, gf = direct_features(env["model"], env["query"]), direct_features(env["model"], gallery)
+    for row, m in zip(rows, res.matches):
+        q, g = env["query"].index(row["query"]), gallery.index(row["gallery"])
+        before = ((qf[q] - gf[g]) ** 2).sum()
+        assert float(row["distance_before_rerank"]) == pytest.approx(before, rel=1e-4, abs=1e-6)
+        assert row["decision"] == m.decision == ("same" if float(row["distance_before_rerank"]) <= limit
+                                                 else "different")
+    assert [float(r["distance"]) for r in rows[:5]] == sorted(float(r["distance"]) for r in rows[:5])
+
+
 # ------------------------------------------------------------------ the command line
 
 def test_command_line_with_threshold(env, capsys):
@@ -371,7 +434,8 @@ def test_threshold_arguments(env, capsys, monkeypatch):
 
 @pytest.mark.parametrize("fpr", ["0", "1", "1.5", "-0.1"])
 def test_fpr_outside_0_1(env, capsys, monkeypatch, fpr, calibration):
-    _fails(env, _argv(env, "--calibration", calibration, "--fpr", fpr), capsys, monkeypatch, fpr)
+    _fails(env, _argv(env, "--calibration", calibration, "--fpr", fpr), capsys, monkeypatch,
+           f"fpr = {float(fpr)}", "(0, 1)")
 
 
 def test_cache_folder_under_a_file(env, capsys, monkeypatch):

@@ -11,9 +11,13 @@
 * A decision per match: ``same`` when its distance is at most the threshold, else ``different``;
   ``not decided`` without a threshold. The threshold is given, or read from a labelled run's
   ``metrics.json`` at a false-positive rate
-  (:func:`torchreid_ext.metrics.verification.threshold_from_metrics`).
+  (:func:`torchreid_ext.metrics.verification.threshold_from_metrics`), whose distances must be of
+  the same kind (:func:`check_calibration`). Thresholds apply to distances before re-ranking, as
+  the evaluator measures them: with ``test.rerank`` matches are ranked by the re-ranked distance
+  and decided by the plain one.
 * Outputs in ``out_dir``, written together at the end: ``matches.csv`` and ``matches.json`` (a row
-  per query and rank) and the report pages (:mod:`~torchreid_ext.deploy.report`).
+  per query and rank: query, rank, gallery, distance, decision, and with re-ranking
+  ``distance_before_rerank``) and the report pages (:mod:`~torchreid_ext.deploy.report`).
 * Features of a gallery folder are cached (:mod:`~torchreid_ext.deploy.feature_cache`): a second
   search extracts only the files added or changed since.
 
@@ -48,8 +52,8 @@ from .model import file_sha256, model_device, resolve_weights
 from .report import GENERATOR, QueryRow, page_name, render_pages
 from .saved_features import FeatureSet, check_extraction, load_features
 
-__all__ = ["DECISIONS", "MATCHES_CSV", "MATCHES_JSON", "Match", "SearchResult", "decide", "decision_threshold",
-           "query_images", "top_matches", "search"]
+__all__ = ["DECISIONS", "MATCHES_CSV", "MATCHES_JSON", "Match", "SearchResult", "TopK", "check_calibration", "decide",
+           "decision_threshold", "query_images", "top_matches", "search"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +114,29 @@ def decision_threshold(threshold: Optional[float] = None, calibration: Optional[
     return float(threshold_from_metrics(calibration, 0.01 if fpr is None else fpr, target))
 
 
+# the options that make a distance what it is (the verification block records them with its thresholds)
+_DISTANCE_KEYS = ("dist_metric", "normalize_feature", "flip", "aqe")
+
+
+def check_calibration(calibration: str, target: Optional[str], model_name: str, options) -> None:
+    """Refuse a calibration file whose thresholds are distances of another kind than this search's:
+    another model (where the file records it), metric, normalisation, flip or AQE setting."""
+    from ..metrics.verification import read_verification
+
+    with open(calibration, encoding="utf-8") as f:
+        recorded_model = json.load(f).get("model")
+    if recorded_model and recorded_model != model_name:
+        raise DeployInputError(f"calibration file '{calibration}' was measured with model '{recorded_model}', "
+                               f"not model.name = '{model_name}': its thresholds are another model's distances")
+    kind = read_verification(calibration, target).get("distance") or {}
+    for key in _DISTANCE_KEYS:
+        if key in kind and kind[key] != getattr(options, key):
+            raise DeployInputError(
+                f"calibration file '{calibration}' holds thresholds of distances with {options.describe(key)} = "
+                f"{kind[key]}, this search uses {getattr(options, key)}: set {options.describe(key)} {kind[key]} "
+                "(a threshold applies to one kind of distance only)")
+
+
 def query_images(paths: Sequence[str], max_side: int) -> ImageSet:
     """The query images: each path an image file or a folder of them (recursive), in the given
     order, each file once; headers checked and each side at most ``max_side`` pixels."""
@@ -143,24 +170,37 @@ def _as_numpy(x) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
+class TopK(NamedTuple):
+    """Each query's k nearest gallery items, nearest first (``Q x k`` arrays)."""
+
+    distances: np.ndarray  # float32: the distances ranked by (re-ranked with test.rerank)
+    indices: np.ndarray  # int64 gallery indices
+    plain: np.ndarray  # float32: the same pairs' distances before re-ranking (what thresholds apply to)
+
+
 @torch.no_grad()
 def top_matches(qf: np.ndarray, gf: np.ndarray, k: int, options, knn_options,
-                exclude: Optional[Sequence[int]] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """``(distances, indices)``, ``Q x k``, nearest first: each query's k nearest gallery items
-    under the evaluation ``options``; ``exclude[q]`` (a gallery index, or -1) is never returned
-    (the query's own file). Without re-ranking the neighbours come from ``knn_options``' index."""
-    from ..metrics.evaluation import evaluation_distance_matrix, ranking_features
+                exclude: Optional[Sequence[int]] = None) -> TopK:
+    """Each query's k nearest gallery items under the evaluation ``options`` (AQE, normalisation,
+    ``dist_metric``, re-ranking); ``exclude[q]`` (a gallery index, or -1) is never returned (the
+    query's own file). Without re-ranking the neighbours come from ``knn_options``' index."""
+    from ..metrics.distance import compute_distance_matrix
+    from ..metrics.evaluation import ranking_features
+    from ..metrics.rerank import reranked_distance_matrix
 
     exclude = np.full(len(qf), -1) if exclude is None else np.asarray(exclude)
-    extra = int((exclude >= 0).any())
+    q, g = ranking_features(qf, gf, options)
     if options.rerank:
-        dist = evaluation_distance_matrix(qf, gf, options).astype(np.float64)
+        dist = reranked_distance_matrix(q, g, options.dist_metric, k1=options.rerank_k1, k2=options.rerank_k2,
+                                        lambda_value=options.rerank_lambda).astype(np.float64)
         dist[np.flatnonzero(exclude >= 0), exclude[exclude >= 0]] = np.inf
         idx = np.argsort(dist, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(dist, idx, 1).astype(np.float32), idx
+        plain = np.stack([compute_distance_matrix(q[i:i + 1], g[torch.from_numpy(idx[i]).to(g.device)],
+                                                  options.dist_metric)[0].cpu().numpy() for i in range(len(idx))])
+        return TopK(np.take_along_axis(dist, idx, 1).astype(np.float32), idx, plain.astype(np.float32))
     from ..metrics.knn_index import build_index
 
-    q, g = ranking_features(qf, gf, options)
+    extra = int((exclude >= 0).any())
     index = build_index(g.cpu().numpy(), knn_options, metric=options.dist_metric)
     dist, idx = index.search(q.cpu().numpy(), min(k + extra, g.shape[0]))
     dist, idx = _as_numpy(dist), _as_numpy(idx).astype(np.int64)
@@ -169,7 +209,7 @@ def top_matches(qf: np.ndarray, gf: np.ndarray, k: int, options, knn_options,
     out_i = np.empty((len(qf), k), dtype=np.int64)
     for r in range(len(qf)):
         out_d[r], out_i[r] = dist[r][keep[r]][:k], idx[r][keep[r]][:k]
-    return out_d, out_i
+    return TopK(out_d, out_i, out_d)
 
 
 def _check_out_dir(out_dir: str) -> str:
@@ -291,12 +331,24 @@ def _check_finite(fs: FeatureSet) -> None:
                                f"{int((~finite).sum())} rows, the first '{fs.paths[row]}'")
 
 
-def _csv_text(matches: Sequence[Match]) -> str:
+PLAIN_COLUMN = "distance_before_rerank"  # a column of the outputs with test.rerank
+
+
+def _rows(matches: Sequence[Match], plain: Optional[Sequence[float]]) -> List[Dict[str, Any]]:
+    """The output rows: the :class:`Match` fields, and with re-ranking the distance decided on."""
+    rows = [m._asdict() for m in matches]
+    if plain is not None:
+        for row, d in zip(rows, plain):
+            row[PLAIN_COLUMN] = d
+    return rows
+
+
+def _csv_text(rows: Sequence[Dict[str, Any]]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(Match._fields)
-    for m in matches:
-        writer.writerow([m.query, m.rank, m.gallery, repr(m.distance), m.decision])
+    writer.writerow(list(rows[0]))
+    for row in rows:
+        writer.writerow([repr(v) if isinstance(v, float) else v for v in row.values()])
     return buf.getvalue()
 
 
@@ -360,6 +412,8 @@ def search(
     options = EvaluationOptions.from_config(cfg)
     knn_options = KNNOptions.from_config(cfg)
     limit = decision_threshold(threshold, calibration, fpr, calibration_target)
+    if calibration:
+        check_calibration(calibration, calibration_target, cfg.model.name, options)
     weights = resolve_weights(cfg, weights)
     query_set = query_images(queries, cfg.data.max_image_side)
     source = _Gallery(cfg, gallery, weights, None if cache_dir is None else (cache_dir or default_cache_dir()))
@@ -377,26 +431,29 @@ def search(
                 len(query_set.paths), cfg.model.name, weights or "no weights")
     qf = image_features(cfg, model, query_set, device, progress, desc="query features")
     source.extract(cfg, model, device, progress)
-    dist, idx = top_matches(qf, source.features, k, options, knn_options, exclude)
+    top = top_matches(qf, source.features, k, options, knn_options, exclude)
 
-    matches = [Match(q, r + 1, source.paths[int(idx[i, r])], float(dist[i, r]), decide(float(dist[i, r]), limit))
+    matches = [Match(q, r + 1, source.paths[int(top.indices[i, r])], float(top.distances[i, r]),
+                     decide(float(top.plain[i, r]), limit))
                for i, q in enumerate(query_set.paths) for r in range(k)]
+    rows = _rows(matches, [float(d) for d in top.plain.ravel()] if options.rerank else None)
     info = (f"model {cfg.model.name}, weights {weights or 'none'}; gallery {source.source} "
             f"({len(source.paths)} images); " + (f"threshold {limit:.6g}" if limit is not None else "no threshold")
             + (f" (from {osp.abspath(calibration)} at FPR {0.01 if fpr is None else fpr})" if calibration else ""))
-    rows = [QueryRow(q, [(m.gallery, m.distance, m.decision) for m in matches[i * k:(i + 1) * k]])
-            for i, q in enumerate(query_set.paths)]
-    pages = render_pages(rows, per_page, info=info)
+    if options.rerank:
+        info += "; distances re-ranked, decisions on the distances before re-ranking"
+    pages = render_pages([QueryRow(q, [(m.gallery, m.distance, m.decision) for m in matches[i * k:(i + 1) * k]])
+                          for i, q in enumerate(query_set.paths)], per_page, info=info)
     record = {
         "kind": KIND, "model": cfg.model.name, "weights": weights, "gallery": source.source,
         "num_query": len(query_set.paths), "num_gallery": len(source.paths), "k": k,
         "threshold": limit, "calibration": osp.abspath(calibration) if calibration else None,
         "fpr": (0.01 if fpr is None else fpr) if calibration else None,
         "options": {**asdict(options), "knn": asdict(knn_options)},
-        "matches": [m._asdict() for m in matches],
+        "matches": rows,
     }
     stale = _stale_pages(out_dir, len(pages))
-    files = _write_outputs(out_dir, {MATCHES_CSV: _csv_text(matches), MATCHES_JSON: json.dumps(record, indent=1),
+    files = _write_outputs(out_dir, {MATCHES_CSV: _csv_text(rows), MATCHES_JSON: json.dumps(record, indent=1),
                                      **dict(pages)})
     for path in stale:
         os.remove(path)
