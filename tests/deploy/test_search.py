@@ -162,6 +162,20 @@ def test_features_file_gallery_gives_the_folder_search(env):
                                rtol=1e-6)
 
 
+def test_torchreid_model_zoo_file_as_weights(env, tmp_path):
+    """A model-zoo file is a bare state dict (here with DataParallel's 'module.' prefix)."""
+    from collections import OrderedDict
+
+    from torchreid_ext.checkpoint import load_checkpoint
+
+    state = load_checkpoint(env["weights"])["state_dict"]
+    zoo = str(tmp_path / "osnet_x0_25_zoo.pth")
+    torch.save(OrderedDict(("module." + k, v) for k, v in state.items()), zoo)
+    ours = _search(env, cache_dir=None)
+    theirs = _search(env, weights=zoo, cache_dir=None, out=str(tmp_path / "zoo"))
+    assert theirs.matches == ours.matches
+
+
 def test_report_pages_after_per_page_queries(env):
     queries = sorted(env["gallery"])[:5]
     res = _search(env, queries=queries, k=2, per_page=2, cache_dir=None)
@@ -413,6 +427,8 @@ def test_features_file_from_another_model_or_input_size(env, capsys, monkeypatch
     for name, meta, needles in [
         ("model", {"model_name": "resnet50"}, ("extracted by model 'resnet50'", "model.name = 'osnet_x0_25'")),
         ("size", {"height": 128, "width": 64}, ("extracted at 128x64", "data.height x data.width = 64x32")),
+        ("flip", {"flip": True}, ("extracted with test.flip = True", "set test.flip True")),
+        ("weights", {"weights_sha256": "0" * 64, "weights": "other.pth"}, ("other weights ('other.pth'",)),
     ]:
         fs = FeatureSet(features=np.zeros((len(paths), 512), np.float32), paths=paths,
                         model_name=meta.pop("model_name", "osnet_x0_25"),
