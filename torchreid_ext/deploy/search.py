@@ -42,7 +42,7 @@ import torch
 
 from ..data.checks import check_images
 from ..errors import ConfigError, InputNotFound
-from ..files import atomic_output, missing_folder_reason, probe_writable
+from ..files import atomic_output, missing_file_reason, missing_folder_reason, probe_writable
 from ..options import is_int, is_number
 from .errors import DeployInputError, FeatureFileError
 from .extract import eval_model, image_features
@@ -143,6 +143,7 @@ def query_images(paths: Sequence[str], max_side: int) -> ImageSet:
     if not paths:
         raise DeployInputError("no query given: name one or more images or folders")
     out: List[str] = []
+    seen = set()
     for path in paths:
         if osp.isdir(path):
             found = image_files(path)
@@ -151,8 +152,8 @@ def query_images(paths: Sequence[str], max_side: int) -> ImageSet:
                 raise DeployInputError(f"query '{path}' is not an image file (allowed: {', '.join(IMAGE_EXTENSIONS)})")
             found = [osp.abspath(path)]
         else:
-            raise InputNotFound(f"query '{path}' {missing_folder_reason(path)}" + _key_hint(path))
-        out += [p for p in found if p not in out]
+            raise InputNotFound(f"query '{path}' {missing_file_reason(path)}" + _key_hint(path))
+        out += [p for p in found if not (p in seen or seen.add(p))]
     check_images(out, max_side=max_side)
     return ImageSet(out, None, None, "query")
 
@@ -254,6 +255,9 @@ class _Gallery:
         self.removed = 0  # cached files gone from the folder
         flip = bool(cfg.test.get("flip", False))
         if osp.isfile(source):
+            if source.lower().endswith(IMAGE_EXTENSIONS):
+                raise DeployInputError(f"gallery '{source}' is an image; give a folder of crops or a features file "
+                                       "written by scripts/extract.py")
             fs = load_features(source)
             check_extraction(fs, cfg.model.name, cfg.data.height, cfg.data.width, flip, weights,
                              file_sha256(weights))
@@ -266,8 +270,8 @@ class _Gallery:
         self.paths = image_files(source)
         self.sizes, self.mtimes = file_stats(self.paths)
         if cache_dir is not None and not weights:
-            logger.warning("No weights file: the gallery cache is not used (the model's initial weights "
-                           "are not the same from run to run)")
+            logger.warning("No weights file: the gallery cache is not used (it is keyed by the weights "
+                           "file's content)")
         elif cache_dir is not None:
             self.cache = GalleryCache(cache_dir, {
                 "model": cfg.model.name, "weights_sha256": file_sha256(weights), "height": int(cfg.data.height),
@@ -316,7 +320,7 @@ class _Gallery:
         if len(reuse):
             feats[reuse] = self.entry.features[self.rows[reuse]]
         self.features = feats
-        if self.cache is not None and len(self.todo):
+        if self.cache is not None and (self.todo or self.removed):
             try:
                 self.cache.save(CacheEntry(self.paths, self.sizes, self.mtimes, feats))
             except OSError as exc:  # the results do not depend on it
