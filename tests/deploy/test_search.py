@@ -63,15 +63,18 @@ def test_decisions_at_the_threshold():
     assert decide(0.0, None) == "not decided"
 
 
+@pytest.mark.parametrize("backend", ["exact", "faiss-flat"])
 @pytest.mark.parametrize("metric,normalize", [("euclidean", False), ("cosine", False), ("euclidean", True)])
-def test_top_matches_equal_brute_force(metric, normalize):
+def test_top_matches_equal_brute_force(metric, normalize, backend):
+    from torchreid_ext.metrics.knn_index import KNNOptions, faiss_available
+
+    if backend != "exact" and not faiss_available():
+        pytest.skip("faiss is not installed (pip install -e '.[faiss]')")
     rng = np.random.default_rng(0)
     qf, gf = rng.normal(size=(7, 16)).astype(np.float32), rng.normal(size=(40, 16)).astype(np.float32)
     opts = EvaluationOptions(dist_metric=metric, normalize_feature=normalize)
-    from torchreid_ext.metrics.knn_index import KNNOptions
-
     exclude = np.array([-1, 3, -1, 39, -1, -1, 0])
-    d, i, plain = top_matches(qf, gf, 5, opts, KNNOptions(), exclude)
+    d, i, plain = top_matches(qf, gf, 5, opts, KNNOptions(backend=backend), exclude)
     assert plain is d  # no re-ranking: the ranked distances are the plain ones
     q64, g64 = qf.astype(np.float64), gf.astype(np.float64)
     if normalize or metric == "cosine":
@@ -87,6 +90,24 @@ def test_top_matches_equal_brute_force(metric, normalize):
     np.testing.assert_array_equal(i, ref_i)
     np.testing.assert_allclose(d, ref_d, rtol=1e-5, atol=1e-5)
     assert not any(g in row for g, row in zip(exclude, i) if g >= 0)
+
+
+def test_an_approximate_index_that_finds_too_few_is_completed_exactly():
+    """IVF with one probed cell of a few items finds fewer than k: those queries are searched exactly."""
+    from torchreid_ext.metrics.knn_index import KNNOptions, faiss_available
+
+    if not faiss_available():
+        pytest.skip("faiss is not installed (pip install -e '.[faiss]')")
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(8, 4)) * 10
+    gf = (centres.repeat(50, 0) + rng.normal(size=(400, 4))).astype(np.float32)  # 8 tight clusters of 50
+    qf = gf[::50] + 0.01
+    ivf = KNNOptions(backend="faiss-ivf", ivf_nlist=8, ivf_nprobe=1)
+    d, i, _ = top_matches(qf, gf, 60, EvaluationOptions(), ivf)  # a cell holds 50 < 60
+    ref_d, ref_i = brute_force(qf.astype(np.float64), gf.astype(np.float64), 60)
+    assert (i >= 0).all()
+    np.testing.assert_allclose(d, ref_d, rtol=1e-4, atol=1e-2)  # float32 |q|^2 + |g|^2 - 2 q.g vs float64
+    assert all(set(a) == set(b) for a, b in zip(i, ref_i))
 
 
 def test_top_matches_with_aqe_and_reranking_equal_their_references():

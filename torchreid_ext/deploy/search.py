@@ -34,7 +34,7 @@ import logging
 import math
 import os
 import os.path as osp
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -201,16 +201,26 @@ def top_matches(qf: np.ndarray, gf: np.ndarray, k: int, options, knn_options,
         return TopK(np.take_along_axis(dist, idx, 1).astype(np.float32), idx, plain.astype(np.float32))
     from ..metrics.knn_index import build_index
 
-    extra = int((exclude >= 0).any())
-    index = build_index(g.cpu().numpy(), knn_options, metric=options.dist_metric)
-    dist, idx = index.search(q.cpu().numpy(), min(k + extra, g.shape[0]))
-    dist, idx = _as_numpy(dist), _as_numpy(idx).astype(np.int64)
-    keep = idx != exclude[:, None]
+    want = min(k + int((exclude >= 0).any()), g.shape[0])
+    dist, idx = _index_search(build_index(g, knn_options, metric=options.dist_metric), q, want)
+    keep = (idx >= 0) & (idx != exclude[:, None])
+    short = np.flatnonzero(keep.sum(1) < k)
+    if len(short):  # an approximate index found fewer than k items for these queries: search them exactly
+        logger.info("The %s index found fewer than %d matches for %d queries; those are searched exactly",
+                    knn_options.backend, k, len(short))
+        exact = build_index(g, replace(knn_options, backend="exact"), metric=options.dist_metric)
+        dist[short], idx[short] = _index_search(exact, q[torch.from_numpy(short).to(q.device)], want)
+        keep[short] = idx[short] != exclude[short, None]
     out_d = np.empty((len(qf), k), dtype=np.float32)
     out_i = np.empty((len(qf), k), dtype=np.int64)
     for r in range(len(qf)):
         out_d[r], out_i[r] = dist[r][keep[r]][:k], idx[r][keep[r]][:k]
     return TopK(out_d, out_i, out_d)
+
+
+def _index_search(index, q: torch.Tensor, k: int) -> Tuple[np.ndarray, np.ndarray]:
+    dist, idx = index.search(q, k)
+    return _as_numpy(dist).astype(np.float32), _as_numpy(idx).astype(np.int64)
 
 
 def _check_out_dir(out_dir: str) -> str:
