@@ -147,4 +147,5 @@ def check_extraction(fs: FeatureSet, model_name: str, height: int, width: int, f
     theirs = fs.meta.get("weights_sha256", "")
     if theirs and weights_sha256 and theirs != weights_sha256:
         raise FeatureFileError(f"{where} was extracted with other weights ('{fs.meta.get('weights', '')}', sha256 "
-                               f"{theirs[:12]}...) than '{weights}' (sha256 {weights_sha256[:12]}...); use the same weights")
+                               f"{theirs[:12]}...) than '{weights}' (sha256 {weights_sha256[:12]}...); use the "
+                               "same weights")
