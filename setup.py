@@ -17,6 +17,11 @@ TORCHREID_RUNTIME = [
 # with torch 2.14.1. The test extra includes them, so CI runs the export parity tests.
 DEPLOY = ["onnx", "onnxruntime", "onnxscript"]
 
+# knn.backend faiss-flat / faiss-ivf / faiss-hnsw (torchreid_ext.metrics.knn_index): CPU faiss. A wheel of
+# 18 MB with no dependency beyond numpy and packaging (tested: faiss-cpu 1.15.1), so the test extra has it
+# too and CI runs the faiss tests (they skip where it is absent).
+FAISS = ["faiss-cpu"]
+
 setup(
     name="torchreid-ext",
     version="0.1.0",
@@ -40,7 +45,8 @@ setup(
         *TORCHREID_RUNTIME,
     ],
     # pytest-xdist: the suite runs in two worker processes (pytest.ini), one torch thread each
-    extras_require={"deploy": DEPLOY, "test": ["pytest>=7", "pytest-timeout", "pytest-xdist", *DEPLOY]},
+    extras_require={"deploy": DEPLOY, "faiss": FAISS,
+                    "test": ["pytest>=7", "pytest-timeout", "pytest-xdist", *DEPLOY, *FAISS]},
     # one console command per script (scripts/*.py are thin wrappers of the same functions)
     entry_points={"console_scripts": [
         "torchreid-ext=torchreid_ext.cli:main",  # train / evaluate (scripts/main.py)
@@ -48,6 +54,7 @@ setup(
         "torchreid-ext-extract=torchreid_ext.deploy.commands:extract_main",
         "torchreid-ext-evaluate=torchreid_ext.deploy.commands:evaluate_main",
         "torchreid-ext-export=torchreid_ext.deploy.commands:export_main",
+        "torchreid-ext-search=torchreid_ext.deploy.commands:search_main",
         "torchreid-ext-visualize=torchreid_ext.experiments.ranks:main",
     ]},
 )

@@ -10,7 +10,7 @@ from conftest import REPO, tiny_opts
 
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 COMMANDS = ("torchreid-ext", "torchreid-ext-compare", "torchreid-ext-extract", "torchreid-ext-evaluate",
-            "torchreid-ext-export", "torchreid-ext-visualize")
+            "torchreid-ext-export", "torchreid-ext-visualize", "torchreid-ext-search")
 
 
 def command(name, *argv, cwd=None):
@@ -69,6 +69,8 @@ def test_every_command_exits_2_on_bad_input_with_one_line(name, tmp_path):
         "torchreid-ext-evaluate": ["--query", tmp_path / "q.h5", "--gallery", tmp_path / "g.h5"],
         "torchreid-ext-export": ["--config", missing, "--format", "onnx", "--out", tmp_path / "m.onnx"],
         "torchreid-ext-visualize": ["--config", missing],
+        "torchreid-ext-search": ["--config", missing, "--query", tmp_path, "--gallery", tmp_path,
+                                 "--out", tmp_path / "out"],
     }[name]
     proc = command(name, *argv)
     lines = proc.stderr.strip().splitlines()

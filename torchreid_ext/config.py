@@ -29,6 +29,7 @@ from .distributed import DistOptions
 from .engines.options import EngineOptions
 from .errors import ConfigError, yaml_problem
 from .metrics.evaluation import EvaluationOptions
+from .metrics.knn_index import KNNOptions
 from .models.msfl import MSFLOptions
 from .msgr.options import MSGROptions
 from .options import is_int, is_number
@@ -57,7 +58,7 @@ BASE_KEY = "_BASE_"
 
 # The components that own config keys (each key's default, allowed values and checks are
 # declared once, in its component's options dataclass; :mod:`torchreid_ext.options`).
-OWNERS = (DataOptions, MSFLOptions, EngineOptions, MSGROptions, DistOptions, EvaluationOptions)
+OWNERS = (DataOptions, MSFLOptions, EngineOptions, MSGROptions, DistOptions, EvaluationOptions, KNNOptions)
 
 
 def _set(cfg: CN, key: str, value: Any) -> None:

@@ -101,3 +101,31 @@ def test_features_of_different_models_or_without_labels_are_refused(trained, tmp
     assert evaluate_main(["--query", bare, "--gallery", trained["gallery"], "--no-write"]) == 2
     assert "no pids / camids" in capsys.readouterr().err
     assert not osp.exists(tmp_path / "metrics.json")
+
+
+def test_verification_metrics_are_logged_and_recorded_by_both_writers(trained, tmp_path):
+    """Training and torchreid-ext-evaluate record the same verification block (with the distance it
+    is in); both files give the threshold back; the block equals the metrics of the features' matrix."""
+    from torchreid_ext.metrics import compute_distance_matrix
+    from torchreid_ext.metrics.verification import threshold_from_metrics, verification_metrics
+
+    line = next(x for x in trained["stdout"].splitlines() if "Verification (" in x)
+    assert "ROC AUC" in line and "TPR@FPR=0.01" in line
+    run_file = str(trained["folder"] / "run" / "metrics.json")
+    engine = json.loads(open(run_file).read())["evaluations"][-1]["results"]["synthreid_small"]["verification"]
+    record = evaluate_files(trained["query"], trained["gallery"], out_dir=str(tmp_path))
+    saved = record["results"]["verification"]
+    assert set(saved["at_fpr"]) == {"0.0001", "0.001", "0.01"}
+    assert saved["distance"] == {"dist_metric": "euclidean", "normalize_feature": False, "flip": False, "aqe": False,
+                                 "rerank": False}
+    assert saved["num_positive"] == engine["num_positive"] > 0 and saved["num_negative"] == engine["num_negative"]
+    assert saved["roc_auc"] == pytest.approx(engine["roc_auc"], abs=1e-6) and 0.5 < saved["roc_auc"] < 1
+    q, g = load_features(trained["query"]), load_features(trained["gallery"])
+    ref = verification_metrics(compute_distance_matrix(q.features, g.features), q.pids, g.pids, q.camids, g.camids)
+    assert ref.roc_auc == pytest.approx(saved["roc_auc"], abs=1e-6)
+    for fpr in (1e-4, 1e-3, 1e-2):
+        key = f"{fpr:f}".rstrip("0")
+        assert saved["at_fpr"][key]["tpr"] == pytest.approx(ref.at_fpr[fpr][0], abs=1e-6)
+        assert threshold_from_metrics(str(tmp_path / "metrics.json"), fpr) == saved["at_fpr"][key]["threshold"]
+        assert threshold_from_metrics(run_file, fpr) == engine["at_fpr"][key]["threshold"]
+        assert threshold_from_metrics(run_file, fpr, target="synthreid_small") == engine["at_fpr"][key]["threshold"]

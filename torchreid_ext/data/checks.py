@@ -239,35 +239,41 @@ def read_image(path: str) -> Image.Image:
         raise UnreadableImageError(f"cannot read image file '{path}': {exc}") from exc
 
 
-def _image_problem(path: str, decode: bool) -> Optional[str]:
+def _image_problem(path: str, decode: bool, max_side: Optional[int] = None) -> Optional[str]:
     try:
         with Image.open(path) as img:
+            width, height = img.size  # header parsed
+            if max_side is not None and max(width, height) > max_side:
+                return (f"image file '{path}' is {width}x{height} pixels, larger than data.max_image_side = "
+                        f"{max_side}; raise data.max_image_side to read it")
             if decode:
                 img.load()  # every pixel: a truncated file fails here
-            else:
-                img.size  # header parsed
+    except Image.DecompressionBombError as exc:  # PIL's own limit, far above any max_image_side
+        return f"image file '{path}' declares a size over PIL's limit ({exc})"
     except (OSError, ValueError, SyntaxError) as exc:
         return f"cannot read image file '{path}': {exc}"
     return None
 
 
 def check_images(paths: Iterable[str], limit: Optional[int] = None, decode: bool = False,
-                 workers: Optional[int] = None) -> int:
+                 workers: Optional[int] = None, max_side: Optional[int] = None) -> int:
     """Open every image (``decode``: and decode it fully, in ``workers`` threads; PIL decodes
-    without the GIL); raise UnreadableImageError on the first bad file in ``paths`` order."""
+    without the GIL); raise UnreadableImageError on the first bad file in ``paths`` order, or on
+    the first whose declared width or height is over ``max_side`` (read from the header, before
+    any decoding)."""
     todo: List[str] = list(paths)[:limit] if limit is not None else list(paths)
     if decode and len(todo) > 64:
         workers = workers or min(8, os.cpu_count() or 1)
         pool = ThreadPoolExecutor(workers)
         try:
-            for problem in pool.map(_image_problem, todo, [True] * len(todo)):
+            for problem in pool.map(_image_problem, todo, [True] * len(todo), [max_side] * len(todo)):
                 if problem:
                     raise UnreadableImageError(problem)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         return len(todo)
     for path in todo:
-        problem = _image_problem(path, decode)
+        problem = _image_problem(path, decode, max_side)
         if problem:
             raise UnreadableImageError(problem)
     return len(todo)

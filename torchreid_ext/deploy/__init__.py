@@ -1,4 +1,4 @@
-"""After training: extract features to files, evaluate saved features, export for deployment.
+"""After training: extract features to files, evaluate saved features, export for deployment, search crops.
 
     from torchreid_ext.config import load_config
     from torchreid_ext import deploy
@@ -9,7 +9,8 @@
     results = deploy.evaluate_saved(q, g, cfg)            # or deploy.evaluate_files("q.h5", "g.h5")
     deploy.export_model(cfg, "model.onnx", "onnx", weights="model.pth.tar-40")
 
-Command lines: ``scripts/extract.py``, ``scripts/evaluate.py``, ``scripts/export.py``.
+Command lines: ``scripts/extract.py``, ``scripts/evaluate.py``, ``scripts/export.py``, ``scripts/search.py``
+(:func:`torchreid_ext.deploy.search.search`: the people of query images in a folder of crops).
 """
 from .errors import DeployInputError, ExportCheckError, FeatureFileError, MissingDependencyError
 from .evaluate import evaluate_files, evaluate_saved, format_results

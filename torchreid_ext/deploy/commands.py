@@ -1,4 +1,4 @@
-"""Command lines of ``scripts/extract.py``, ``scripts/evaluate.py`` and ``scripts/export.py``.
+"""Command lines of ``scripts/extract.py``, ``scripts/evaluate.py``, ``scripts/export.py`` and ``scripts/search.py``.
 
 Each ``*_main(argv)`` returns the exit status (:func:`torchreid_ext.console.run_command`): 0 on
 success, 2 for bad input (one line on stderr naming the problem, nothing written; argparse's own
@@ -13,7 +13,7 @@ from typing import List, Optional
 from ..console import run_command
 from .images import SPLITS
 
-__all__ = ["extract_main", "evaluate_main", "export_main"]
+__all__ = ["extract_main", "evaluate_main", "export_main", "search_main"]
 
 
 def _opts(p: argparse.ArgumentParser) -> None:
@@ -95,5 +95,53 @@ def export_main(argv: Optional[List[str]] = None) -> int:
         cfg = load_config(args.config, args.opts)
         export_model(cfg, args.out, args.format, weights=args.weights, height=args.height, width=args.width,
                      check_image=args.check_image)  # logs the check's max |difference|
+
+    return run_command(step)
+
+
+def search_main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(
+        description="Find the people of query images in a folder of crops (or a features file): the top k "
+                    "matches with distances and same / different decisions, in matches.csv, matches.json "
+                    "and report.html",
+        epilog="KEY VALUE overrides go last, after an option other than --query (it takes several paths)")
+    p.add_argument("--config", default="", help="YAML config of the model (default: the built-in defaults)")
+    p.add_argument("--weights", default="", help="checkpoint (ours) or Torchreid model-zoo file; default: "
+                   "model.load_weights, else the newest in <data.save_dir>/model")
+    p.add_argument("--query", nargs="+", required=True, metavar="PATH", help="query images and / or folders")
+    p.add_argument("--gallery", required=True, help="folder of crops (searched recursively) or a features file "
+                   "written by scripts/extract.py with the same model")
+    p.add_argument("--out", required=True, help="output folder (created if missing)")
+    p.add_argument("-k", "--k", type=int, default=10, help="matches per query (default 10)")
+    decide = p.add_mutually_exclusive_group()
+    decide.add_argument("--threshold", type=float, default=None,
+                        help="same person when the distance is at most this")
+    decide.add_argument("--calibration", default=None, metavar="METRICS_JSON",
+                        help="metrics.json of a labelled evaluation: the threshold at --fpr")
+    p.add_argument("--fpr", type=float, default=None, help="false-positive rate of the calibrated threshold "
+                   "(default 0.01; with --calibration)")
+    p.add_argument("--calibration-target", default=None, metavar="DATASET",
+                   help="test set of the calibration run, when it has several")
+    p.add_argument("--per-page", type=int, default=20, help="queries per report page (default 20)")
+    cache = p.add_mutually_exclusive_group()
+    cache.add_argument("--cache-dir", default="", help="gallery feature cache (default: $TORCHREID_EXT_CACHE/search, "
+                       "else ~/.cache/torchreid_ext/search)")
+    cache.add_argument("--no-cache", action="store_true", help="extract the gallery folder every time")
+    _opts(p)
+    args = p.parse_args(argv)
+
+    def step():
+        from ..config import load_config
+        from .search import search
+
+        cfg = load_config(args.config, args.opts)
+        result = search(cfg, args.query, args.gallery, args.out, weights=args.weights, k=args.k,
+                        threshold=args.threshold, calibration=args.calibration, fpr=args.fpr,
+                        calibration_target=args.calibration_target,
+                        cache_dir=None if args.no_cache else args.cache_dir, per_page=args.per_page)
+        counts = {d: sum(m.decision == d for m in result.matches) for d in ("same", "different", "not decided")}
+        print(f"Searched {result.num_gallery} gallery images for {result.num_query} queries: "
+              + ", ".join(f"{n} {d}" for d, n in counts.items() if n))
+        print(f"Report: {result.files[2]}")
 
     return run_command(step)

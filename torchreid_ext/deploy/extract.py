@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import logging
 import os.path as osp
-from typing import Optional
+from typing import Optional, Tuple
 
+import numpy as np
 import torch
 
 from ..features import extract_loader
 from .errors import DeployInputError, check_output_path
-from .images import SPLITS, CheckedBatches, dataset_images, eval_transform, folder_images, image_loader
+from .images import SPLITS, CheckedBatches, ImageSet, dataset_images, eval_transform, folder_images, image_loader
 from .model import build_eval_model, file_sha256, model_device, resolve_weights
 from .saved_features import FeatureSet, save_features
 
-__all__ = ["extract_features"]
+__all__ = ["eval_model", "image_features", "extract_features"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,29 @@ def _autocast(cfg, device: torch.device):
     if dtype is None:
         return None
     return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def eval_model(cfg, weights_path: str, device: torch.device) -> Tuple[torch.nn.Module, str]:
+    """``(model, weights file used)``: :func:`~torchreid_ext.deploy.model.build_eval_model`, in
+    channels-last memory format with ``train.channels_last``."""
+    model, weights_path = build_eval_model(cfg, weights_path, device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, weights_path
+
+
+def image_features(cfg, model: torch.nn.Module, image_set: ImageSet, device: torch.device,
+                   progress: bool = True, desc: str = "features") -> np.ndarray:
+    """float32 ``N x D`` features of ``image_set`` in its order: Torchreid's test transform at
+    ``data.height`` x ``data.width``, ``test.flip``, ``test.batch_size``, ``data.workers``,
+    ``train.amp`` and ``train.channels_last``, with a progress bar named ``desc``."""
+    transform = eval_transform(cfg.data.height, cfg.data.width, cfg.data.norm_mean, cfg.data.norm_std)
+    loader = image_loader(image_set, transform, cfg.data.height, cfg.data.width, cfg.test.batch_size,
+                          workers=cfg.data.workers, pin_memory=device.type == "cuda")
+    feats, _, _ = extract_loader(model, CheckedBatches(loader), device, flip=bool(cfg.test.get("flip", False)),
+                                 autocast=_autocast(cfg, device), channels_last=cfg.train.channels_last,
+                                 desc=desc, progress=progress)
+    return feats.numpy()
 
 
 def extract_features(
@@ -62,24 +86,18 @@ def extract_features(
     if out is not None:
         out = check_output_path(out, "features file")
     weights_path = resolve_weights(cfg, weights)
-    image_set = folder_images(images) if images is not None else dataset_images(cfg, dataset, split)
-    transform = eval_transform(cfg.data.height, cfg.data.width, cfg.data.norm_mean, cfg.data.norm_std)
+    image_set = (folder_images(images, max_side=cfg.data.max_image_side) if images is not None
+                 else dataset_images(cfg, dataset, split))
     device = model_device(cfg)
-    model, weights_path = build_eval_model(cfg, weights_path, device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model, weights_path = eval_model(cfg, weights_path, device)
     flip = bool(cfg.test.get("flip", False))
-    loader = image_loader(image_set, transform, cfg.data.height, cfg.data.width, cfg.test.batch_size,
-                          workers=cfg.data.workers, pin_memory=device.type == "cuda")
     logger.info("Extracting %d images (%s) with '%s'%s on %s", len(image_set.paths), image_set.source,
                 cfg.model.name, " (flip)" if flip else "", device)
-    feats, _, _ = extract_loader(model, CheckedBatches(loader), device, flip=flip,
-                                 autocast=_autocast(cfg, device), channels_last=cfg.train.channels_last,
-                                 desc="features", progress=progress)
+    feats = image_features(cfg, model, image_set, device, progress=progress)
     from .. import __version__
 
     fs = FeatureSet(
-        features=feats.numpy(), paths=image_set.paths, pids=image_set.pids, camids=image_set.camids,
+        features=feats, paths=image_set.paths, pids=image_set.pids, camids=image_set.camids,
         model_name=cfg.model.name, config=cfg.dump(),
         meta={"source": image_set.source, "weights": weights_path, "weights_sha256": file_sha256(weights_path),
               "flip": flip, "height": int(cfg.data.height), "width": int(cfg.data.width),

@@ -24,8 +24,8 @@ from ..data.image_list import register_config_datasets
 from ..errors import InputNotFound
 from .errors import DeployInputError
 
-__all__ = ["IMAGE_EXTENSIONS", "SPLITS", "ImageSet", "folder_images", "dataset_images", "eval_transform",
-           "image_loader", "CheckedBatches", "load_image"]
+__all__ = ["IMAGE_EXTENSIONS", "SPLITS", "ImageSet", "image_files", "folder_images", "dataset_images",
+           "eval_transform", "image_loader", "CheckedBatches", "load_image"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 SPLITS = ("query", "gallery", "train")
@@ -40,8 +40,9 @@ class ImageSet(NamedTuple):
     source: str  # "folder:<path>" or "dataset:<name>/<split>"
 
 
-def folder_images(folder: str) -> ImageSet:
-    """Every image file under ``folder`` (recursive, by extension), sorted by path; headers checked."""
+def image_files(folder: str) -> List[str]:
+    """Absolute paths of every image file under ``folder`` (recursive, by extension), sorted;
+    an empty folder is an error. Files are not opened."""
     if not osp.isdir(folder):
         raise InputNotFound(f"image folder '{folder}' does not exist")
     folder = osp.abspath(folder)
@@ -54,8 +55,15 @@ def folder_images(folder: str) -> ImageSet:
     if not paths:
         raise DeployInputError(f"image folder '{folder}' holds no image files "
                                f"(looked for {', '.join(IMAGE_EXTENSIONS)}, recursively)")
-    check_images(paths)
-    return ImageSet(paths, None, None, f"folder:{folder}")
+    return paths
+
+
+def folder_images(folder: str, max_side: Optional[int] = None) -> ImageSet:
+    """Every image file under ``folder`` (:func:`image_files`); headers checked (and each side
+    at most ``max_side`` pixels, when given)."""
+    paths = image_files(folder)
+    check_images(paths, max_side=max_side)
+    return ImageSet(paths, None, None, f"folder:{osp.abspath(folder)}")
 
 
 def dataset_images(cfg, name: str, split: str) -> ImageSet:

@@ -11,7 +11,8 @@ Layout (``format_version`` 1)::
            weights (path or ''), weights_sha256, flip, height, width, torchreid_ext_version
 
 Files are written to a temporary name and renamed into place: an interrupted extraction
-leaves no partial file.
+leaves no partial file. :func:`check_extraction` refuses features of another model, input size,
+flip setting or weights than the caller's (search compares its queries with such a file).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from ..errors import InputNotFound
 from ..files import atomic_output
 from .errors import FeatureFileError, check_output_path
 
-__all__ = ["FORMAT_VERSION", "FeatureSet", "save_features", "load_features"]
+__all__ = ["FORMAT_VERSION", "FeatureSet", "save_features", "load_features", "check_extraction"]
 
 FORMAT_VERSION = 1
 
@@ -121,3 +122,30 @@ def _plain(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+def check_extraction(fs: FeatureSet, model_name: str, height: int, width: int, flip: bool,
+                     weights: str = "", weights_sha256: str = "") -> None:
+    """Raise :class:`FeatureFileError` unless ``fs`` was extracted by ``model_name`` at
+    ``height`` x ``width`` with this ``flip`` setting (and, when both are known, these weights):
+    features of another extraction are not comparable with the caller's."""
+    where = f"features file '{fs.path}'"
+    if not fs.model_name or fs.meta.get("height") is None or fs.meta.get("width") is None:
+        raise FeatureFileError(f"{where} does not record its model and input size; extract it again with "
+                               "scripts/extract.py")
+    if fs.model_name != model_name:
+        raise FeatureFileError(f"{where} was extracted by model '{fs.model_name}', not model.name = '{model_name}'; "
+                               f"set model.name {fs.model_name} (with its weights) or extract the file again")
+    size = (int(fs.meta["height"]), int(fs.meta["width"]))
+    if size != (int(height), int(width)):
+        raise FeatureFileError(f"{where} was extracted at {size[0]}x{size[1]}, not data.height x data.width = "
+                               f"{height}x{width}; set data.height {size[0]} data.width {size[1]} or extract "
+                               "the file again")
+    if bool(fs.meta.get("flip", False)) != bool(flip):
+        raise FeatureFileError(f"{where} was extracted with test.flip = {bool(fs.meta.get('flip', False))}, "
+                               f"not {bool(flip)}; set test.flip {bool(fs.meta.get('flip', False))}")
+    theirs = fs.meta.get("weights_sha256", "")
+    if theirs and weights_sha256 and theirs != weights_sha256:
+        raise FeatureFileError(f"{where} was extracted with other weights ('{fs.meta.get('weights', '')}', sha256 "
+                               f"{theirs[:12]}...) than '{weights}' (sha256 {weights_sha256[:12]}...); use the "
+                               "same weights")

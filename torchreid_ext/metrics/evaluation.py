@@ -8,7 +8,11 @@
 3. distances (``test.dist_metric``: squared Euclidean or cosine, docs/methods.md E2) and, with
    ``test.rerank``, k-reciprocal re-ranking (:mod:`torchreid_ext.metrics.rerank`);
 4. CMC / mAP / mINP (docs/methods.md E1-E4) by the fast evaluator, or by Torchreid's own code
-   (``test.evaluator torchreid``: its ``compute_distance_matrix``, ``re_ranking`` and ``evaluate_rank``).
+   (``test.evaluator torchreid``: its ``compute_distance_matrix``, ``re_ranking`` and ``evaluate_rank``);
+5. same-person verification over the cross-camera pairs (E6, :mod:`torchreid_ext.metrics.verification`):
+   ROC AUC, and TPR and distance threshold at FPR 1e-4, 1e-3 and 1e-2, on the distances of step 3
+   *before* re-ranking (thresholds are in ``test.dist_metric`` units, after AQE and normalisation), so a
+   threshold applies to plain distances whatever ``test.rerank`` says.
 
 ``test.flip`` is applied where features are extracted (:func:`torchreid_ext.features.extract_loader`);
 it is carried here so that one object holds every test-time option.
@@ -17,6 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, ClassVar, Dict, Optional, Sequence, Tuple
+
+import logging
 
 import numpy as np
 import torch
@@ -28,11 +34,14 @@ from .aqe import alpha_query_expansion, check_aqe_args
 from .distance import METRICS, ArrayLike, _as_features
 from .rank import LabelLike, RankResult, _check_max_rank, evaluate_features
 from .rerank import check_rerank_args, reranked_distance_matrix
+from .verification import VerificationResult, verification_from_features, verification_line
 
 __all__ = ["EVALUATORS", "EvaluationOptions", "evaluate_test_features", "evaluation_distance_matrix",
-           "format_results", "results_dict"]
+           "format_results", "ranking_features", "results_dict"]
 
 EVALUATORS = ("fast", "torchreid")
+
+logger = logging.getLogger(__name__)
 
 
 def _ranks(ranks: Sequence[Any]) -> Optional[str]:
@@ -119,8 +128,8 @@ class EvaluationOptions(ConfigOptions):
                              f"({num_query} + {num_gallery} = {n})")
 
 
-def _features(qf: ArrayLike, gf: ArrayLike, opts: EvaluationOptions):
-    """Steps 1-2: AQE, then L2 normalisation."""
+def ranking_features(qf: ArrayLike, gf: ArrayLike, opts: EvaluationOptions) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Steps 1-2: AQE, then L2 normalisation: the features distances are computed from."""
     q, g = _as_features(qf, "qf"), _as_features(gf, "gf")
     if opts.aqe:
         q, g = alpha_query_expansion(q, g, k=opts.aqe_k, alpha=opts.aqe_alpha, rounds=opts.aqe_rounds)
@@ -161,7 +170,7 @@ def evaluate_test_features(
     (Torchreid's ``evaluate_rank`` returns neither).
     """
     opts = options or EvaluationOptions()
-    q, g = _features(qf, gf, opts)
+    q, g = ranking_features(qf, gf, opts)
     if opts.evaluator == "torchreid":
         from ..adapter import torchreid
 
@@ -170,13 +179,28 @@ def evaluate_test_features(
             distmat, np.asarray(q_pids), np.asarray(g_pids), np.asarray(q_camids), np.asarray(g_camids),
             max_rank=opts.max_rank, use_metric_cuhk03=opts.use_metric_cuhk03,
         )
-        return RankResult(cmc=np.asarray(cmc, dtype=np.float64), mAP=float(mAP), mINP=None,
-                          num_valid_queries=None, num_skipped_queries=None)
-    return evaluate_features(
-        q, g, q_pids, g_pids, q_camids, g_camids, metric=opts.dist_metric, max_rank=opts.max_rank,
-        use_metric_cuhk03=opts.use_metric_cuhk03, progress=opts.progress, rerank=opts.rerank,
-        k1=opts.rerank_k1, k2=opts.rerank_k2, lambda_value=opts.rerank_lambda,
-    )
+        result = RankResult(cmc=np.asarray(cmc, dtype=np.float64), mAP=float(mAP), mINP=None,
+                            num_valid_queries=None, num_skipped_queries=None)
+    else:
+        result = evaluate_features(
+            q, g, q_pids, g_pids, q_camids, g_camids, metric=opts.dist_metric, max_rank=opts.max_rank,
+            use_metric_cuhk03=opts.use_metric_cuhk03, progress=opts.progress, rerank=opts.rerank,
+            k1=opts.rerank_k1, k2=opts.rerank_k2, lambda_value=opts.rerank_lambda,
+        )
+    return replace(result, verification=_verification(q, g, q_pids, g_pids, q_camids, g_camids, opts))
+
+
+def _verification(q, g, q_pids, g_pids, q_camids, g_camids, opts: EvaluationOptions) -> Optional[VerificationResult]:
+    """Step 5; None (with a warning) where the set has no same-person or no different-person pair
+    across cameras: the ranking metrics still stand."""
+    try:
+        result = verification_from_features(q, g, q_pids, g_pids, q_camids, g_camids, metric=opts.dist_metric)
+    except ValueError as exc:
+        logger.warning("verification metrics not computed: %s", exc)
+        return None
+    # what a threshold means: these distances, of features extracted and prepared this way, not re-ranked
+    return replace(result, distance={"dist_metric": opts.dist_metric, "normalize_feature": opts.normalize_feature,
+                                     "flip": opts.flip, "aqe": opts.aqe, "rerank": False})
 
 
 @torch.no_grad()
@@ -184,7 +208,7 @@ def evaluation_distance_matrix(qf: ArrayLike, gf: ArrayLike, options: Optional[E
     """The full ``Q x G`` float32 distance matrix :func:`evaluate_test_features` ranks by (for rank
     lists and ``test.visrank``; needs ``Q * G`` floats)."""
     opts = options or EvaluationOptions()
-    q, g = _features(qf, gf, opts)
+    q, g = ranking_features(qf, gf, opts)
     if opts.evaluator == "torchreid":
         return _torchreid_distances(q, g, opts)
     if opts.rerank:
@@ -197,19 +221,26 @@ def evaluation_distance_matrix(qf: ArrayLike, gf: ArrayLike, options: Optional[E
 
 def results_dict(result: RankResult, ranks: Sequence[int]) -> Dict[str, Any]:
     """A :class:`RankResult` as the engine returns and records it (``rank1``, ``rank<r>``, ``mAP``,
-    ``mINP``, ``num_valid_queries``, ``cmc`` up to the largest rank); plain floats for metrics.json."""
+    ``mINP``, ``num_valid_queries``, ``cmc`` up to the largest rank, and ``verification`` where
+    computed: :meth:`VerificationResult.as_dict`); plain floats for metrics.json."""
     cmc = np.asarray(result.cmc)
-    return {"rank1": float(cmc[0]), **{f"rank{r}": float(cmc[r - 1]) for r in ranks},
-            "mAP": float(result.mAP), "mINP": None if result.mINP is None else float(result.mINP),
-            "num_valid_queries": None if result.num_valid_queries is None else int(result.num_valid_queries),
-            "cmc": [float(c) for c in cmc[: max(ranks)]]}
+    out = {"rank1": float(cmc[0]), **{f"rank{r}": float(cmc[r - 1]) for r in ranks},
+           "mAP": float(result.mAP), "mINP": None if result.mINP is None else float(result.mINP),
+           "num_valid_queries": None if result.num_valid_queries is None else int(result.num_valid_queries),
+           "cmc": [float(c) for c in cmc[: max(ranks)]]}
+    if result.verification is not None:
+        out["verification"] = result.verification.as_dict()
+    return out
 
 
 def format_results(res: Dict[str, Any], ranks: Sequence[int]) -> str:
-    """The results block printed after an evaluation (Torchreid's layout, plus mINP when known)."""
+    """The results block printed after an evaluation (Torchreid's layout, plus mINP when known and
+    one line of verification metrics when recorded)."""
     lines = ["** Results **", f"mAP: {res['mAP']:.1%}"]
     if res.get("mINP") is not None:
         lines.append(f"mINP: {res['mINP']:.1%}")
     lines.append("CMC curve")
     lines += [f"Rank-{r:<3}: {res['cmc'][r - 1]:.1%}" for r in ranks]
+    if res.get("verification"):
+        lines.append(verification_line(res["verification"]))
     return "\n".join(lines)

@@ -95,6 +95,8 @@ class RankResult:
     num_valid_queries: int
     num_skipped_queries: int  # queries with no positive left after removing junk (E2)
     extras: dict = field(default_factory=dict, compare=False, repr=False)
+    # same-person verification over the cross-camera pairs (E6; metrics.verification), where computed
+    verification: Optional["VerificationResult"] = field(default=None, compare=False, repr=False)  # noqa: F821
 
     def rank(self, k: int) -> float:
         """CMC@k (1-based)."""
