@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..adapter import torchreid
-from ..data.checks import UnreadableImageError, check_dataset_present, check_images, read_image
+from ..data.checks import UnreadableImageError, check_dataset_present, check_images, read_image, set_max_image_side
 from ..data.image_list import register_config_datasets
 from ..errors import InputNotFound
 from .errors import DeployInputError
@@ -64,6 +64,7 @@ def dataset_images(cfg, name: str, split: str) -> ImageSet:
     if split not in SPLITS:
         raise DeployInputError(f"split = '{split}' is not valid; choose one of {list(SPLITS)}")
     register_config_datasets(cfg)
+    set_max_image_side(cfg.data.max_image_side)
     check_dataset_present(name, cfg.data.root)  # unknown name: KeyError listing the datasets
     with contextlib.redirect_stdout(io.StringIO()):  # Torchreid prints dataset statistics
         dataset = torchreid().datasets.init_image_dataset(
