@@ -22,6 +22,7 @@ from ..adapter import torchreid
 from ..data.checks import UnreadableImageError, check_dataset_present, check_images, read_image, set_max_image_side
 from ..data.image_list import register_config_datasets
 from ..errors import InputNotFound
+from ..log import without_prints
 from .errors import DeployInputError
 
 __all__ = ["IMAGE_EXTENSIONS", "SPLITS", "ImageSet", "folder_images", "dataset_images", "eval_transform",
@@ -66,7 +67,7 @@ def dataset_images(cfg, name: str, split: str) -> ImageSet:
     register_config_datasets(cfg)
     set_max_image_side(cfg.data.max_image_side)
     check_dataset_present(name, cfg.data.root)  # unknown name: KeyError listing the datasets
-    with contextlib.redirect_stdout(io.StringIO()):  # Torchreid prints dataset statistics
+    with without_prints():  # Torchreid prints dataset statistics; our warnings still show
         dataset = torchreid().datasets.init_image_dataset(
             name, transform=None, mode=split, combineall=cfg.data.combineall, root=cfg.data.root,
             split_id=cfg.data.split_id, cuhk03_labeled=cfg.cuhk03.labeled_images,
