@@ -155,7 +155,7 @@ def _item(spec: ImageListSpec, folder: str, rel: str, pid: str, camid: Optional[
         shown = f"split {split!r}" if split else "no split"
         raise DatasetError(f"{where}: image '{rel}' has {shown}; choose one of {list(SPLITS)} (or give the "
                            "dataset a default_split)")
-    path = rel if osp.isabs(rel) else osp.join(folder, rel)
+    path = osp.normpath(rel if osp.isabs(rel) else osp.join(folder, rel))
     return ImageItem(path=path, pid=_int(pid, "pid", where), camid=cam, split=split, where=where)
 
 
