@@ -7,8 +7,6 @@ import glob
 import json
 import os
 import os.path as osp
-import struct
-import zlib
 from dataclasses import dataclass
 from typing import Callable, Sequence, Tuple
 
@@ -16,20 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import tiny_opts
+from conftest import png_declaring, tiny_opts
 from deploy.deploy_fixtures import checkpoints, one_thread  # noqa: F401
 from readonly import read_only
 from test_cli_defects import MAINS, WORK_STARTED
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A valid PNG header declaring ``width`` x ``height`` pixels with (almost) no pixel data: a
-    decompression bomb's signature, 65 bytes."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
 def _image(path: str, value: int = 100) -> str:
