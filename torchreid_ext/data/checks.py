@@ -12,6 +12,11 @@ the final test, after training. These checks turn each into one clear error:
   :func:`check_train_identities`;
 * on the lists the data manager built: :func:`check_queries` and :func:`check_images`
   (every file opens; with ``decode`` every pixel decodes, which finds truncated files).
+
+Every image read here (and Torchreid's, through :func:`read_image`, which plugin.py installs)
+first compares the size the file's header declares with ``data.max_image_side``
+(:func:`open_image`): a 65-byte PNG may declare 60000 x 60000 pixels, and decoding it would
+exhaust memory.
 """
 from __future__ import annotations
 

@@ -14,9 +14,12 @@ Training identities are relabelled 0..N-1 (sorted by pid); query and gallery kee
 
 :func:`register_image_dataset` puts the spec into Torchreid's dataset registry under its name,
 so ``data.sources [name]`` and ``torchreid.data.ImageDataManager(sources=name)`` use it; a spec
-can also be written as a YAML file and named in ``data.custom_datasets``. Reading a spec
+can also be written as a YAML file and named in ``data.custom_datasets`` (each key's value is
+checked when the file is read; a name another dataset has is refused). Reading a spec
 (:func:`load_items`) is also the check run before training: every error names the file (and
-the line of a list file) and what is allowed.
+the line of a list file) and what is allowed. A list names each image once (by real path), inside
+the folder unless ``allow_outside``; ids fit in int64; list and dataset files are UTF-8 (a BOM is
+accepted).
 """
 from __future__ import annotations
 
