@@ -158,3 +158,21 @@ def test_unequal_viper_cameras_are_named(layouts):
     os.remove(osp.join(root, "viper", "VIPeR", "cam_b", "003_90.bmp"))
     with pytest.raises(DatasetError, match=r"cam_a' holds 10 \.bmp images and '.*cam_b' 9"):
         _build("viper_10split", root)
+
+
+def test_a_read_only_cache_serves_a_good_file_and_names_itself_for_a_damaged_one(layouts):
+    from readonly import read_only
+
+    root, cache = layouts
+    first = _build("cuhk01_10split", root)
+    path = _file(cache, "cuhk01_10split")
+    with read_only(cache):
+        assert _build("cuhk01_10split", root).train == first.train  # read, nothing written
+    with open(path, "w") as f:
+        f.write("[]")
+    with read_only(cache):
+        with pytest.raises(DatasetError, match=rf"its split file '{path}' is damaged \(it holds 0 entries, not a list "
+                                               rf"of 20 splits\) and cannot be written: the split cache '{cache}' is "
+                                               "not writable"):
+            _build("cuhk01_10split", root)
+    assert sorted(os.listdir(cache)) == [f".{osp.basename(path)}.lock", osp.basename(path)]
