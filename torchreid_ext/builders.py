@@ -15,7 +15,7 @@ import torch
 
 from .adapter import torchreid
 from .config import imagedata_kwargs, lr_scheduler_kwargs, optimizer_kwargs
-from .data.checks import IMAGE_CHECKS, check_images, check_queries
+from .data.checks import IMAGE_CHECKS, check_images, check_queries, set_max_image_side
 from .data.image_list import register_config_datasets
 from .engines import build_engine
 from .errors import ConfigError, PretrainedWeightsUnavailable
@@ -43,6 +43,7 @@ def build_datamanager(cfg, image_check: Optional[str] = None):
     ``header`` neither; an evaluation-only run (``test.evaluate``) reads headers only by
     default, since a failure there loses no training."""
     register_config_datasets(cfg)
+    set_max_image_side(cfg.data.max_image_side)  # for our checks and Torchreid's loaders alike
     dm = torchreid().data.ImageDataManager(**imagedata_kwargs(cfg))
     mode = image_check or ("header" if cfg.test.evaluate else cfg.data.image_check)
     train = [item[0] for item in dm.train_loader.dataset.train]

@@ -28,6 +28,7 @@ from .data.checks import DataOptions
 from .distributed import DistOptions
 from .engines.options import EngineOptions
 from .errors import ConfigError, yaml_problem
+from .files import read_text
 from .metrics.evaluation import EvaluationOptions
 from .metrics.knn_index import KNNOptions
 from .models.msfl import MSFLOptions
@@ -272,11 +273,11 @@ def _read_yaml_with_bases(path: str, seen: Sequence[str] = ()) -> List[tuple]:
         raise ConfigError(f"Config file '{path}' is a folder, not a YAML file; name a .yaml file in it")
     if not os.path.isfile(path):
         raise ConfigError(f"Config file '{path}' does not exist")
-    with open(path, "r") as f:
-        try:
-            data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"Config file '{path}' is not valid YAML: {yaml_problem(exc)}") from None
+    text = read_text(path, "Config file", ConfigError)  # UTF-8 (a byte-order mark is dropped)
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Config file '{path}' is not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"Config file '{path}' must hold a mapping, got {type(data).__name__}")
     bases = data.pop(BASE_KEY, None) or []

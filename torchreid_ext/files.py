@@ -198,3 +198,33 @@ def atomic_output(path: str, durable: bool = False) -> Iterator[str]:
                 os.close(fd)
         except OSError:
             pass
+
+
+def read_text(path: str, what: str, error: type) -> str:
+    """The text of ``path``, decoded as UTF-8 (a leading byte-order mark, as Excel writes, is
+    dropped). Bytes that are not UTF-8 raise ``error`` (a UserError class) naming ``what``
+    ``'path'``, the line and the byte."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise error(f"{what} '{path}' is not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); "
+                    "save it as UTF-8") from None
+
+
+@contextlib.contextmanager
+def file_lock(path: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing, left in place) for the block:
+    processes that build the same file take turns. Released when the block ends or the process
+    dies."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+__all__ += ["read_text", "file_lock"]

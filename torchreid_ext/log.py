@@ -17,14 +17,15 @@ redirected (the logger's level then applies to its handlers for the duration of 
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
 import os.path as osp
 import sys
-from typing import Optional, TextIO
+from typing import Iterator, Optional, TextIO
 
-__all__ = ["ConsoleHandler", "PACKAGE_LOGGER", "install_console_handler", "RunLog"]
+__all__ = ["ConsoleHandler", "PACKAGE_LOGGER", "install_console_handler", "RunLog", "without_prints"]
 
 PACKAGE_LOGGER = "torchreid_ext"
 
@@ -33,12 +34,13 @@ class ConsoleHandler(logging.StreamHandler):
     """A StreamHandler bound to whatever ``sys.stdout`` is at each record, not at creation."""
 
     def __init__(self) -> None:
+        self.pinned: Optional[TextIO] = None  # set by without_prints: the stdout of before its block
         super().__init__(sys.stdout)
         self.setFormatter(logging.Formatter("%(message)s"))
 
     @property
     def stream(self):  # type: ignore[override]
-        return sys.stdout
+        return self.pinned or sys.stdout
 
     @stream.setter
     def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; ignored
@@ -181,3 +183,20 @@ class RunLog:
     def flush(self) -> None:
         if self._file is not None:
             self._file.flush()
+
+
+@contextlib.contextmanager
+def without_prints() -> Iterator[None]:
+    """Drop what the block prints (Torchreid's dataset statistics, split creation), but not the
+    package logger's console lines (a damaged split file's warning): those still reach the stdout
+    of before the block."""
+    consoles = [h for h in logging.getLogger(PACKAGE_LOGGER).handlers if isinstance(h, ConsoleHandler)]
+    saved = [h.pinned for h in consoles]
+    for h in consoles:
+        h.pinned = sys.stdout
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for h, pinned in zip(consoles, saved):
+            h.pinned = pinned

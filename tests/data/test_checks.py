@@ -7,6 +7,7 @@ import shutil
 import pytest
 from PIL import Image
 
+from conftest import png_declaring
 from torchreid_ext.data import SynthSpec, generate
 from torchreid_ext.data.checks import (
     DatasetError,
@@ -118,3 +119,50 @@ def test_header_check_misses_a_truncated_jpeg_that_decoding_finds(tmp_path):
         check_images([bad], decode=True)
     with pytest.raises(UnreadableImageError, match="truncated.jpg"):
         read_image(bad)  # what Torchreid's loader would meet during the final test
+
+
+@pytest.mark.parametrize("ext", ["jpg", "png", "bmp", "webp", "tif"])
+@pytest.mark.parametrize("size", [(16, 32), (301, 7)])
+def test_declared_size_is_the_size_pil_decodes(tmp_path, ext, size):
+    from torchreid_ext.data.checks import declared_size
+
+    path = str(tmp_path / f"x.{ext}")
+    Image.new("RGB", size, (1, 2, 3)).save(path)
+    with Image.open(path) as img:
+        img.load()
+        assert declared_size(path) == img.size == size
+    text = tmp_path / "x.txt"
+    text.write_text("not an image")
+    assert declared_size(str(text)) is None
+
+
+def test_a_side_over_the_limit_is_refused_unread_and_the_limit_is_inclusive(tmp_path):
+    from torchreid_ext.data.checks import open_image, set_max_image_side
+
+    path = str(tmp_path / "wide.png")
+    Image.new("RGB", (40, 20)).save(path)
+    assert open_image(path, max_side=40).size == (40, 20)
+    with pytest.raises(UnreadableImageError, match=r"wide\.png' declares 40x20 pixels, above data.max_image_side = 39"):
+        open_image(path, max_side=39)
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_declaring(60000, 60000))
+    for check in (lambda p: read_image(p), lambda p: check_images([p]), lambda p: check_images([p], decode=True)):
+        with pytest.raises(UnreadableImageError, match=r"bomb\.png' declares 60000x60000 pixels, above data"):
+            check(str(bomb))
+    # Torchreid's ImageDataset reads through ours (plugin.py), with the run's limit
+    from torchreid_ext.adapter import torchreid
+
+    try:
+        set_max_image_side(39)
+        with pytest.raises(UnreadableImageError, match=r"above data.max_image_side = 39"):
+            torchreid().dataset_base.read_image(path)
+    finally:
+        set_max_image_side(4096)
+    assert torchreid().dataset_base.read_image(path).size == (40, 20)
+
+
+def test_a_limit_raised_past_pils_own_bomb_check_still_gives_one_clear_error(tmp_path):
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_declaring(60000, 60000))
+    with pytest.raises(UnreadableImageError, match=r"cannot read image file '.*bomb\.png'.*decompression bomb"):
+        read_image(str(bomb), max_side=100000)  # PIL's DecompressionBombError, named

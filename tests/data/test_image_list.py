@@ -185,3 +185,79 @@ def test_a_test_only_dataset_is_refused_as_a_source(tmp_path):
                                   "data.sources", "[t_test_only]", "data.targets", "[t_test_only]"])
     with pytest.raises(DatasetError, match="'t_test_only', which has no training split"):
         check_datasets(cfg)
+
+
+def _list_rows(crops, name, rows, spec=None):
+    """``rows`` as a CSV list in the crops folder; returns its spec."""
+    _write_list(crops, name, rows, "csv")
+    return spec or ImageListSpec(name="t_rows", folder="crops", list_file=name)
+
+
+@pytest.mark.parametrize("pid, ok", [(2 ** 63 - 1, True), (-2 ** 63, True), (2 ** 63, False), (-2 ** 63 - 1, False)])
+def test_ids_must_fit_in_int64(crops, pid, ok):
+    rows = [r if i != 4 else (r[0], pid, r[2], r[3]) for i, r in enumerate(GOOD)]  # a query's pid
+    spec = _list_rows(crops, "ids.csv", rows)
+    if ok:
+        assert pid in {p for _, p, _ in load_items(spec, crops).query}
+    else:
+        with pytest.raises(DatasetError, match=rf"ids\.csv:6: pid {pid} is outside the int64 range"):
+            load_items(spec, crops)
+
+
+def test_a_second_name_for_the_same_image_is_a_repeated_row(crops):
+    os.symlink(osp.join(crops, "crops", GOOD[0][0]), osp.join(crops, "crops", "train", "alias.jpg"))
+    rows = GOOD + [("train/alias.jpg", GOOD[0][1], GOOD[0][2], "train")]
+    with pytest.raises(DatasetError, match=r"links\.csv:11: the image 'train/alias\.jpg' repeats the row at "
+                                           r".*links\.csv:2"):
+        load_items(_list_rows(crops, "links.csv", rows), crops)
+
+
+def test_an_absolute_path_outside_the_folder_needs_allow_outside(crops, tmp_path):
+    outside = str(tmp_path / "elsewhere" / "0007_c3_0.jpg")
+    _image(outside)
+    rows = GOOD + [(outside, 7, 3, "train")]
+    with pytest.raises(DatasetError, match=r"abs\.csv:11: the image '.*elsewhere/0007_c3_0\.jpg' is outside the "
+                                           r"dataset folder"):
+        load_items(_list_rows(crops, "abs.csv", rows), crops)
+    spec = ImageListSpec(name="t_abs", folder="crops", list_file="abs.csv", allow_outside=True)
+    assert outside in {p for p, _, _ in load_items(spec, crops).train}
+    inside = [r if i != 0 else (osp.join(crops, "crops", r[0]), *r[1:]) for i, r in enumerate(GOOD)]
+    assert len(load_items(_list_rows(crops, "abs_in.csv", inside), crops).train) == 4  # absolute, inside: fine
+
+
+def test_dataset_file_values_are_converted_or_named(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("name: t_values\nfolder: crops\nlist: l.csv\ncamid_map: {a: 0, b: '1', 3: 2}\n"
+                    "split_map: {val: test}\nquery_cameras: [0, '2']\nindependent_ids: true\nallow_outside: true\n")
+    spec = load_spec_file(str(good))
+    assert spec.camid_map == {"a": 0, "b": 1, "3": 2} and spec.query_cameras == (0, 2)
+    assert spec.split_map == {"val": "test"} and spec.independent_ids and spec.allow_outside
+    for text, message in [
+        ("camid_map: {a: true}", "camid_map: {'a': True} is not allowed"),
+        (f"camid_map: {{a: {2 ** 64}}}", f"camid_map: {{'a': {2 ** 64}}} is not allowed"),
+        ("split_map: {val: dev}", "split_map: {'val': 'dev'} is not allowed"),
+        ("default_split: [test]", "default_split: ['test'] is not allowed; default_split is one of"),
+        ("independent_ids: 'yes'", "independent_ids: 'yes' is not allowed; independent_ids is true or false"),
+        ("allow_outside: 1", "allow_outside: 1 is not allowed"),
+        ("pattern: 5\nlist: ''", "pattern: 5 is not allowed"),
+    ]:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(f"name: t_values\nfolder: crops\nlist: l.csv\n{text}\n")
+        with pytest.raises(DatasetError, match=re.escape(f"dataset file '{bad}': {message}")):
+            load_spec_file(str(bad))
+
+
+def test_the_same_dataset_file_twice_is_harmless_but_a_taken_name_is_named(crops, tmp_path):
+    from torchreid_ext.data.image_list import register_config_datasets
+
+    _write_list(crops, "twice.csv", GOOD, "csv")
+    spec_file = tmp_path / "twice.yaml"
+    spec_file.write_text("name: t_twice\nfolder: crops\nlist: twice.csv\n")
+    cfg, _ = cli.load_run_config(["data.root", crops, "data.custom_datasets", f"[{spec_file}, {spec_file}]"])
+    register_config_datasets(cfg)
+    register_config_datasets(cfg)  # again, as each step of a run does
+    assert "t_twice" in torchreid().image_datasets()
+    spec_file.write_text("name: t_twice\nfolder: crops\nlist: twice.csv\nindependent_ids: true\n")
+    with pytest.raises(DatasetError, match=r"twice\.yaml': name: 't_twice' is taken by the dataset of '.*twice\.yaml', "
+                                           "registered earlier in this process with other keys"):
+        register_config_datasets(cfg)

@@ -12,6 +12,11 @@ the final test, after training. These checks turn each into one clear error:
   :func:`check_train_identities`;
 * on the lists the data manager built: :func:`check_queries` and :func:`check_images`
   (every file opens; with ``decode`` every pixel decodes, which finds truncated files).
+
+Every image read here (and Torchreid's, through :func:`read_image`, which plugin.py installs)
+first compares the size the file's header declares with ``data.max_image_side``
+(:func:`open_image`): a 65-byte PNG may declare 60000 x 60000 pixels, and decoding it would
+exhaust memory.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import logging
 import os
 import os.path as osp
 import re
+import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -44,6 +50,9 @@ __all__ = [
     "scan_image_folders",
     "check_train_identities",
     "check_queries",
+    "set_max_image_side",
+    "declared_size",
+    "open_image",
     "read_image",
     "check_images",
 ]
@@ -230,10 +239,62 @@ def check_queries(name: str, query: Sequence[tuple], gallery: Sequence[tuple], w
     return valid
 
 
-def read_image(path: str) -> Image.Image:
-    """Open an image as RGB, or raise UnreadableImageError naming the file (no retry loop)."""
+# The largest image side (width or height) an image file may declare; set from each run's
+# data.max_image_side (set_max_image_side) and used by every image read below, including the
+# reader installed into Torchreid's ImageDataset (plugin.py), which takes the path only.
+_MAX_SIDE = [DataOptions.max_image_side]
+
+
+def set_max_image_side(side: int) -> None:
+    """Make ``side`` (``data.max_image_side``) the limit of :func:`read_image` and :func:`check_images`."""
+    _MAX_SIDE[0] = int(side)
+
+
+def declared_size(path: str) -> Optional[Tuple[int, int]]:
+    """``(width, height)`` as the image file's header declares it, read by PIL's format plugins
+    without decoding a pixel and without PIL's decompression-bomb check (which would raise or warn
+    before the size could be compared); None when no plugin recognises the file."""
+    Image.init()
+    with open(path, "rb") as fp:
+        prefix = fp.read(16)
+        for fmt in list(Image.ID):
+            factory, accept = Image.OPEN[fmt]
+            if accept is not None:
+                verdict = accept(prefix)  # True, False, or a message saying why not
+                if isinstance(verdict, str) or not verdict:
+                    continue
+            fp.seek(0)
+            try:
+                return tuple(factory(fp, path).size)
+            except (SyntaxError, IndexError, TypeError, ValueError, OSError, EOFError, struct.error):
+                continue
+    return None
+
+
+def open_image(path: str, max_side: Optional[int] = None) -> Image.Image:
+    """``Image.open(path)`` (the header only), after checking the size the file declares against
+    ``max_side`` (default: ``data.max_image_side`` of the run): a tiny file may declare 60000 x
+    60000 pixels, gigabytes once decoded. Raises UnreadableImageError naming the file."""
+    limit = _MAX_SIDE[0] if max_side is None else int(max_side)
     try:
-        with Image.open(path) as img:
+        size = declared_size(path)
+        if size is not None and max(size) > limit:
+            raise UnreadableImageError(
+                f"image file '{path}' declares {size[0]}x{size[1]} pixels, above data.max_image_side = {limit}; "
+                "it is not decoded (a decompression bomb?). Raise data.max_image_side if the image is genuine")
+        return Image.open(path)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        if isinstance(exc, UnreadableImageError):
+            raise
+        raise UnreadableImageError(f"cannot read image file '{path}': {exc}") from exc
+
+
+def read_image(path: str, max_side: Optional[int] = None) -> Image.Image:
+    """Open an image as RGB, or raise UnreadableImageError naming the file (no retry loop); an
+    image declaring a side over ``max_side`` (default ``data.max_image_side``) is not decoded."""
+    img = open_image(path, max_side)
+    try:
+        with img:
             return img.convert("RGB")
     except (OSError, ValueError, SyntaxError) as exc:
         raise UnreadableImageError(f"cannot read image file '{path}': {exc}") from exc
@@ -241,15 +302,11 @@ def read_image(path: str) -> Image.Image:
 
 def _image_problem(path: str, decode: bool, max_side: Optional[int] = None) -> Optional[str]:
     try:
-        with Image.open(path) as img:
-            width, height = img.size  # header parsed
-            if max_side is not None and max(width, height) > max_side:
-                return (f"image file '{path}' is {width}x{height} pixels, larger than data.max_image_side = "
-                        f"{max_side}; raise data.max_image_side to read it")
+        with open_image(path, max_side) as img:
             if decode:
                 img.load()  # every pixel: a truncated file fails here
-    except Image.DecompressionBombError as exc:  # PIL's own limit, far above any max_image_side
-        return f"image file '{path}' declares a size over PIL's limit ({exc})"
+    except UnreadableImageError as exc:
+        return str(exc)
     except (OSError, ValueError, SyntaxError) as exc:
         return f"cannot read image file '{path}': {exc}"
     return None
@@ -258,9 +315,8 @@ def _image_problem(path: str, decode: bool, max_side: Optional[int] = None) -> O
 def check_images(paths: Iterable[str], limit: Optional[int] = None, decode: bool = False,
                  workers: Optional[int] = None, max_side: Optional[int] = None) -> int:
     """Open every image (``decode``: and decode it fully, in ``workers`` threads; PIL decodes
-    without the GIL); raise UnreadableImageError on the first bad file in ``paths`` order, or on
-    the first whose declared width or height is over ``max_side`` (read from the header, before
-    any decoding)."""
+    without the GIL); raise UnreadableImageError on the first bad file in ``paths`` order. A file
+    declaring a side over ``max_side`` (default ``data.max_image_side``) is refused unread."""
     todo: List[str] = list(paths)[:limit] if limit is not None else list(paths)
     if decode and len(todo) > 64:
         workers = workers or min(8, os.cpu_count() or 1)

@@ -14,9 +14,12 @@ Training identities are relabelled 0..N-1 (sorted by pid); query and gallery kee
 
 :func:`register_image_dataset` puts the spec into Torchreid's dataset registry under its name,
 so ``data.sources [name]`` and ``torchreid.data.ImageDataManager(sources=name)`` use it; a spec
-can also be written as a YAML file and named in ``data.custom_datasets``. Reading a spec
+can also be written as a YAML file and named in ``data.custom_datasets`` (each key's value is
+checked when the file is read; a name another dataset has is refused). Reading a spec
 (:func:`load_items`) is also the check run before training: every error names the file (and
-the line of a list file) and what is allowed.
+the line of a list file) and what is allowed. A list names each image once (by real path), inside
+the folder unless ``allow_outside``; ids fit in int64; list and dataset files are UTF-8 (a BOM is
+accepted).
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ import yaml
 
 from ..adapter import torchreid
 from ..errors import yaml_problem
+from ..files import missing_file_reason, read_text
 from .checks import DatasetError, FolderScan
 
 __all__ = [
@@ -82,6 +86,7 @@ class ImageListSpec:
     query_cameras: Tuple[int, ...] = ()  # 'test' images from these cameras are queries
     independent_ids: bool = False  # train and test numbered independently (a pid may be in both)
     description: str = ""
+    allow_outside: bool = False  # a list may name images outside ``folder`` (``../``, absolute paths)
 
     def __post_init__(self):
         if bool(self.pattern) == bool(self.list_file):
@@ -124,11 +129,20 @@ class DatasetItems:
     num_valid_queries: int
 
 
+# pids and camids become int64 tensors and arrays (Torchreid's loaders, the evaluation): a larger
+# number would pass the list and fail only at the first evaluation, after training
+ID_MIN, ID_MAX = -2 ** 63, 2 ** 63 - 1
+
+
 def _int(value: str, what: str, where: str) -> int:
     try:
-        return int(str(value).strip())
+        number = int(str(value).strip())
     except ValueError:
         raise DatasetError(f"{where}: {what} {str(value)!r} is not an integer") from None
+    if not ID_MIN <= number <= ID_MAX:
+        raise DatasetError(f"{where}: {what} {number} is outside the int64 range [-2**63, 2**63 - 1] that "
+                           "pids and camids must fit in")
+    return number
 
 
 def _item(spec: ImageListSpec, folder: str, rel: str, pid: str, camid: Optional[str], split: Optional[str],
@@ -144,7 +158,7 @@ def _item(spec: ImageListSpec, folder: str, rel: str, pid: str, camid: Optional[
         shown = f"split {split!r}" if split else "no split"
         raise DatasetError(f"{where}: image '{rel}' has {shown}; choose one of {list(SPLITS)} (or give the "
                            "dataset a default_split)")
-    path = rel if osp.isabs(rel) else osp.join(folder, rel)
+    path = osp.normpath(rel if osp.isabs(rel) else osp.join(folder, rel))
     return ImageItem(path=path, pid=_int(pid, "pid", where), camid=cam, split=split, where=where)
 
 
@@ -171,8 +185,7 @@ def scan_folder(spec: ImageListSpec, folder: str) -> List[ImageItem]:
 
 def _list_rows(path: str) -> List[Tuple[int, Dict[str, str]]]:
     """``[(line, {column: text})]`` of a CSV or YAML list file."""
-    with open(path, "r", encoding="utf-8", newline="") as f:
-        text = f.read()
+    text = read_text(path, "list file", DatasetError)  # UTF-8; an Excel CSV's byte-order mark is dropped
     if path.lower().endswith((".yaml", ".yml")):
         try:
             node = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -207,12 +220,34 @@ def _list_rows(path: str) -> List[Tuple[int, Dict[str, str]]]:
     return rows
 
 
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or below it, as written (``..`` resolved, links not followed:
+    a dataset folder of symlinks is the user's own arrangement)."""
+    path, folder = osp.normpath(osp.abspath(path)), osp.normpath(osp.abspath(folder))
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _repeated(first: ImageItem, again: ImageItem, rel: str) -> str:
+    """Why a list may not name one image twice, naming both rows."""
+    if first.split != again.split:
+        return (f"{again.where}: the image '{rel}' is in {again.split} (pid {again.pid}) here and in "
+                f"{first.split} (pid {first.pid}) at {first.where}; an image belongs to one split (a training "
+                "image in the test set inflates the results)")
+    if first.pid != again.pid:
+        return (f"{again.where}: the image '{rel}' is listed under pid {again.pid} here and under pid {first.pid} "
+                f"at {first.where}; an image shows one identity")
+    return f"{again.where}: the image '{rel}' repeats the row at {first.where}; list each image once"
+
+
 def read_list(spec: ImageListSpec, folder: str) -> List[ImageItem]:
-    """The images of ``spec.list_file``; each must exist."""
+    """The images of ``spec.list_file``; each must exist, lie inside ``folder`` (unless
+    ``spec.allow_outside``) and be listed once (compared by real path, so a second name for the
+    same file counts)."""
     path = spec.list_file if osp.isabs(spec.list_file) else osp.join(folder, spec.list_file)
     if not osp.isfile(path):
-        raise DatasetError(f"dataset '{spec.name}': the list file '{path}' does not exist")
+        raise DatasetError(f"dataset '{spec.name}': the list file '{path}' {missing_file_reason(path)}")
     items = []
+    seen: Dict[str, ImageItem] = {}
     for line, row in _list_rows(path):
         where = f"{path}:{line}"
         rel = (row.get("path") or "").strip()
@@ -221,8 +256,15 @@ def read_list(spec: ImageListSpec, folder: str) -> List[ImageItem]:
         if row.get("pid") is None or not str(row["pid"]).strip():
             raise DatasetError(f"{where}: pid is missing for image '{rel}'")
         item = _item(spec, folder, rel, row["pid"], row.get("camid"), row.get("split"), where)
+        if not spec.allow_outside and not _inside(item.path, folder):
+            raise DatasetError(f"{where}: the image '{rel}' is outside the dataset folder '{folder}'; a list names "
+                               "images inside it (write allow_outside: true in the dataset file to allow this)")
         if not osp.isfile(item.path):
-            raise DatasetError(f"{where}: the image '{item.path}' does not exist")
+            raise DatasetError(f"{where}: the image '{item.path}' {missing_file_reason(item.path)}")
+        key = osp.realpath(item.path)
+        if key in seen:
+            raise DatasetError(_repeated(seen[key], item, rel))
+        seen[key] = item
         items.append(item)
     return items
 
@@ -243,7 +285,8 @@ def load_items(spec: ImageListSpec, root: str) -> DatasetItems:
     camera."""
     folder = spec.resolve(root)
     if not osp.isdir(folder):
-        raise DatasetError(f"dataset '{spec.name}': the folder '{folder}' does not exist (data.root "
+        state = "is a file, not a folder" if osp.exists(folder) else "does not exist"
+        raise DatasetError(f"dataset '{spec.name}': the folder '{folder}' {state} (data.root "
                            f"'{osp.abspath(osp.expanduser(root))}' + '{spec.folder}')")
     items = read_list(spec, folder) if spec.list_file else scan_folder(spec, folder)
     where = spec.list_file and (spec.list_file if osp.isabs(spec.list_file) else osp.join(folder, spec.list_file))
@@ -348,7 +391,142 @@ def register_image_dataset(spec: ImageListSpec) -> type:
 
 
 _SPEC_KEYS = {"name", "folder", "pattern", "list", "camid_map", "split_map", "default_split", "query_cameras",
-              "independent_ids", "description"}
+              "independent_ids", "allow_outside", "description"}
+
+# what each key of a dataset file takes, for the message refusing a bad value
+_ALLOWED = {
+    "name": "a non-empty string (the name data.sources and data.targets use)",
+    "folder": "a non-empty string: the dataset folder, under data.root unless absolute",
+    "pattern": "a string: a regular expression with the named groups pid and camid",
+    "list": "a string: a CSV or YAML list file, relative to the folder unless absolute",
+    "camid_map": "a mapping of the camera text a rule or list captures to an integer camera id, e.g. {a: 0, b: 1}",
+    "split_map": f"a mapping of the split text a rule or list captures to one of {list(SPLITS)}, e.g. {{val: test}}",
+    "default_split": f"one of {list(SPLITS)}",
+    "query_cameras": "a list of integer camera ids, e.g. [0]",
+    "independent_ids": "true or false",
+    "allow_outside": "true or false",
+    "description": "a string",
+}
+
+
+def _as_int(value) -> Optional[int]:
+    """``value`` as an id (an integer, or a string of one, in the int64 range), else None."""
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            return None
+    if isinstance(value, int) and not isinstance(value, bool) and ID_MIN <= value <= ID_MAX:
+        return value
+    return None
+
+
+def _spec_fields(path: str, data: dict) -> dict:
+    """The :class:`ImageListSpec` fields of a dataset file's mapping; a value of the wrong kind is a
+    DatasetError naming the file, the key, the value and what the key takes."""
+
+    def bad(key: str, value) -> DatasetError:
+        shown = repr(value)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        return DatasetError(f"dataset file '{path}': {key}: {shown} is not allowed; {key} is {_ALLOWED[key]}")
+
+    fields = {}
+    for key, value in data.items():
+        if key in ("name", "folder"):
+            if not isinstance(value, str) or not value.strip():
+                raise bad(key, value)
+        elif key in ("pattern", "list", "description"):
+            value = "" if value is None else value
+            if not isinstance(value, str):
+                raise bad(key, value)
+        elif key == "default_split":
+            value = "" if value is None else value
+            if not isinstance(value, str) or (value and value not in SPLITS):
+                raise bad(key, value)
+        elif key in ("independent_ids", "allow_outside"):
+            if not isinstance(value, bool):
+                raise bad(key, value)
+        elif key in ("camid_map", "split_map"):
+            value = {} if value is None else value
+            if not isinstance(value, dict) or not all(isinstance(k, (str, int)) and not isinstance(k, bool)
+                                                      for k in value):
+                raise bad(key, value)
+            if key == "camid_map" and any(_as_int(v) is None for v in value.values()):
+                raise bad(key, value)
+            if key == "split_map" and not all(isinstance(v, str) and v in SPLITS for v in value.values()):
+                raise bad(key, value)
+            value = {str(k): (_as_int(v) if key == "camid_map" else v) for k, v in value.items()}
+        elif key == "query_cameras":
+            value = [] if value is None else value
+            if not isinstance(value, list) or any(_as_int(c) is None for c in value):
+                raise bad(key, value)
+            value = tuple(_as_int(c) for c in value)
+        fields["list_file" if key == "list" else key] = value
+    return fields
+
+
+def load_spec_file(path: str) -> ImageListSpec:
+    """An :class:`ImageListSpec` from a YAML file (keys as the fields; ``list`` for ``list_file``).
+    A relative ``folder`` stays relative to data.root; errors name the file and the key."""
+    if not osp.isfile(path):
+        raise DatasetError(f"dataset file '{path}' {missing_file_reason(path)}")
+    text = read_text(path, "dataset file", DatasetError)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise DatasetError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path}: a dataset file holds a mapping with keys {sorted(_SPEC_KEYS)}")
+    unknown = sorted((k for k in data if k not in _SPEC_KEYS), key=str)
+    if unknown or "name" not in data or "folder" not in data:
+        what = f"unknown key {unknown[0]!r}" if unknown else "name and folder are required"
+        raise DatasetError(f"{path}: {what}; a dataset file has the keys {sorted(_SPEC_KEYS)}")
+    try:
+        return ImageListSpec(**_spec_fields(path, data))
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, DatasetError):
+            raise
+        raise DatasetError(f"{path}: {exc}") from None
+
+
+# dataset name -> the dataset file it was registered from, in this process
+_FROM_FILES: Dict[str, str] = {}
+
+
+def _check_name_free(spec: ImageListSpec, path: str) -> None:
+    """Refuse a dataset file whose name another dataset has (Torchreid's, ours, or another file's
+    registered earlier in this process); registering the same spec again is harmless."""
+    from .catalog import DATASETS
+
+    current = torchreid().image_datasets().get(spec.name)
+    if current is None and spec.name in DATASETS:
+        current = DATASETS[spec.name]
+    if current is None or getattr(current, "spec", None) == spec:
+        return
+    if spec.name in _FROM_FILES:
+        owner = f"the dataset of '{_FROM_FILES[spec.name]}', registered earlier in this process with other keys"
+    else:
+        owner = f"an existing dataset ({current.__module__}.{current.__qualname__})"
+    raise DatasetError(f"dataset file '{path}': name: '{spec.name}' is taken by {owner}; choose another name")
+
+
+def register_config_datasets(cfg) -> None:
+    """Register every dataset file named in ``data.custom_datasets`` (harmless if done before).
+    Two files naming one dataset, or a file taking a built-in dataset's name, are refused."""
+    specs: Dict[str, Tuple[str, ImageListSpec]] = {}
+    for path in cfg.data.custom_datasets:
+        spec = load_spec_file(path)
+        if spec.name in specs:
+            first = specs[spec.name][0]
+            if osp.realpath(first) == osp.realpath(path):
+                continue
+            raise DatasetError(f"data.custom_datasets: the dataset files '{first}' and '{path}' both have "
+                               f"name: '{spec.name}'; give each dataset its own name")
+        _check_name_free(spec, path)
+        specs[spec.name] = (path, spec)
+    for path, spec in specs.values():
+        register_image_dataset(spec)
+        _FROM_FILES.setdefault(spec.name, path)
 
 
 def scan_image_list(spec: ImageListSpec, root: str) -> FolderScan:
@@ -358,39 +536,6 @@ def scan_image_list(spec: ImageListSpec, root: str) -> FolderScan:
     pids = {split: frozenset(item[1] for item in found)
             for split, found in (("train", items.train), ("query", items.query), ("gallery", items.gallery))}
     return FolderScan(spec.name, spec.resolve(root), pids)
-
-
-def register_config_datasets(cfg) -> None:
-    """Register every dataset file named in ``data.custom_datasets`` (harmless if done before)."""
-    for path in cfg.data.custom_datasets:
-        register_image_dataset(load_spec_file(path))
-
-
-def load_spec_file(path: str) -> ImageListSpec:
-    """An :class:`ImageListSpec` from a YAML file (keys as the fields; ``list`` for ``list_file``).
-    A relative ``folder`` stays relative to data.root; errors name the file."""
-    if not osp.isfile(path):
-        raise DatasetError(f"dataset file '{path}' does not exist")
-    with open(path, "r", encoding="utf-8") as f:
-        try:
-            data = yaml.safe_load(f)
-        except yaml.YAMLError as exc:
-            raise DatasetError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
-    if not isinstance(data, dict):
-        raise DatasetError(f"{path}: a dataset file holds a mapping with keys {sorted(_SPEC_KEYS)}")
-    unknown = sorted(set(data) - _SPEC_KEYS)
-    if unknown or "name" not in data or "folder" not in data:
-        what = f"unknown key {unknown[0]!r}" if unknown else "name and folder are required"
-        raise DatasetError(f"{path}: {what}; a dataset file has the keys {sorted(_SPEC_KEYS)}")
-    data = dict(data)
-    data["list_file"] = data.pop("list", "") or ""
-    data["camid_map"] = {str(k): int(v) for k, v in (data.get("camid_map") or {}).items()}
-    data["split_map"] = {str(k): str(v) for k, v in (data.get("split_map") or {}).items()}
-    data["query_cameras"] = tuple(int(c) for c in (data.get("query_cameras") or ()))
-    try:
-        return ImageListSpec(**data)
-    except (TypeError, ValueError) as exc:
-        raise DatasetError(f"{path}: {exc}") from None
 
 
 def __getattr__(name: str):

@@ -53,9 +53,10 @@ def config_of(fs: FeatureSet, opts: Sequence[str] = ()) -> CN:
 def _check_pair(query: FeatureSet, gallery: FeatureSet) -> None:
     """Both labelled, non-empty and finite, extracted by the same model, weights, size and flip
     setting, with at least one valid query."""
-    if query.path and query.path == gallery.path:
-        logger.warning("the same file '%s' is given as query and gallery: every query finds itself in the "
-                       "gallery, from the same camera, so only other images of its identity count", query.path)
+    if query.path and gallery.path and osp.realpath(query.path) == osp.realpath(gallery.path):  # a link too
+        shown = f"'{query.path}'" + ("" if query.path == gallery.path else f" (also as '{gallery.path}')")
+        logger.warning("the same file %s is given as query and gallery: every query finds itself in the "
+                       "gallery, from the same camera, so only other images of its identity count", shown)
     for role, fs in (("query", query), ("gallery", gallery)):
         if not fs.has_labels:
             raise FeatureFileError(

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..config import check_input_size
+from ..data.checks import set_max_image_side
 from ..errors import InputNotFound, UserError
 from ..files import atomic_output
 from .errors import DeployInputError, ExportCheckError, check_output_path, require
@@ -187,6 +188,7 @@ def export_model(
     weights = resolve_weights(cfg, weights)
     if check_image and not osp.isfile(check_image):
         raise InputNotFound(f"check image '{check_image}' does not exist")
+    set_max_image_side(cfg.data.max_image_side)  # a check image declaring a larger side is refused unread
     check_image = check_image or _default_check_image(cfg)
     image = load_image(check_image, transform) if check_image else None
     model, weights = build_eval_model(cfg, weights, torch.device("cpu"))

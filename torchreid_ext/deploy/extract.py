@@ -15,6 +15,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+from ..data.checks import set_max_image_side
 from ..features import extract_loader
 from .errors import DeployInputError, check_output_path
 from .images import SPLITS, CheckedBatches, ImageSet, dataset_images, eval_transform, folder_images, image_loader
@@ -86,6 +87,7 @@ def extract_features(
     if out is not None:
         out = check_output_path(out, "features file")
     weights_path = resolve_weights(cfg, weights)
+    set_max_image_side(cfg.data.max_image_side)  # images declaring a larger side are refused unread
     image_set = (folder_images(images, max_side=cfg.data.max_image_side) if images is not None
                  else dataset_images(cfg, dataset, split))
     device = model_device(cfg)

@@ -19,9 +19,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..adapter import torchreid
-from ..data.checks import UnreadableImageError, check_dataset_present, check_images, read_image
+from ..data.checks import UnreadableImageError, check_dataset_present, check_images, read_image, set_max_image_side
 from ..data.image_list import register_config_datasets
 from ..errors import InputNotFound
+from ..log import without_prints
 from .errors import DeployInputError
 
 __all__ = ["IMAGE_EXTENSIONS", "SPLITS", "ImageSet", "image_files", "folder_images", "dataset_images",
@@ -72,8 +73,9 @@ def dataset_images(cfg, name: str, split: str) -> ImageSet:
     if split not in SPLITS:
         raise DeployInputError(f"split = '{split}' is not valid; choose one of {list(SPLITS)}")
     register_config_datasets(cfg)
+    set_max_image_side(cfg.data.max_image_side)
     check_dataset_present(name, cfg.data.root)  # unknown name: KeyError listing the datasets
-    with contextlib.redirect_stdout(io.StringIO()):  # Torchreid prints dataset statistics
+    with without_prints():  # Torchreid prints dataset statistics; our warnings still show
         dataset = torchreid().datasets.init_image_dataset(
             name, transform=None, mode=split, combineall=cfg.data.combineall, root=cfg.data.root,
             split_id=cfg.data.split_id, cuhk03_labeled=cfg.cuhk03.labeled_images,

@@ -26,6 +26,7 @@ import yaml
 
 from ..config import CN, ConfigError, load_config
 from ..errors import HarnessError
+from ..files import read_text
 from ..options import is_int
 
 __all__ = ["HarnessError", "Run", "plan_runs", "read_spec", "final_epoch", "is_finished", "launch",
@@ -255,11 +256,11 @@ def test_time_options(path: str) -> List[str]:
     only (the options of evaluation: test.rerank, test.flip, test.aqe ...)."""
     if not osp.isfile(path):
         raise HarnessError(f"--test-time '{path}' does not exist (expected a YAML file with a test: section)")
-    with open(path) as f:
-        try:
-            data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as exc:
-            raise HarnessError(f"--test-time '{path}' is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    text = read_text(path, "--test-time", HarnessError)
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise HarnessError(f"--test-time '{path}' is not valid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(data, dict) or set(data) != {"test"} or not isinstance(data["test"], dict) or not data["test"]:
         raise HarnessError(f"--test-time '{path}' must hold only a test: section of evaluation options "
                            f"(e.g. test: {{rerank: True}}); got keys {sorted(data) if isinstance(data, dict) else data}")
