@@ -50,6 +50,7 @@ from ..checkpoint import (
     seed_epoch,
 )
 from ..distributed import unwrap_model
+from ..log import show_output
 from .hooks import CheckpointHook, EngineHook, EvaluationHook, RunState, TensorBoardHook
 from .options import AMP_DTYPES, EngineOptions
 
@@ -95,6 +96,7 @@ class ReIDEngine(torchreid().engine.Engine):
         evaluation_options=None,
     ):
         super().__init__(datamanager, use_gpu)
+        show_output()  # in a plain script, the lines Torchreid's engines print
         from ..metrics import EvaluationOptions
 
         EvaluationOptions(evaluator=evaluator)  # ConfigErrors naming the bad value
