@@ -12,7 +12,7 @@ the same. Users silence or redirect it the usual way::
     logging.getLogger("torchreid_ext").handlers.clear()               # own handlers instead
 
 :class:`RunLog` copies everything a run writes to stdout and stderr (our logger's lines and
-Torchreid's own per-iteration prints alike) to its ``train.log-*`` / ``test.log-*`` file.
+Torchreid's own prints alike) to its ``train.log-*`` / ``test.log-*`` file.
 Output written before the file is opened is kept in memory and written first, so the run's
 checks can finish before anything lands in the save dir. The file is the run's complete
 record: the package logger's INFO lines reach it even while the console is silenced or
