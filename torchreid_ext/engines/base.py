@@ -175,7 +175,6 @@ class ReIDEngine(torchreid().engine.Engine):
         """One epoch, Torchreid's loop (fixbase epochs, a console line every ``print_freq`` steps, the
         LR step at the end) after :meth:`start_epoch_streams`, with the hooks' step moments around
         each ``forward_backward``; the meters and the loss summary go to :attr:`run_state`."""
-        tr = torchreid()
         state = self.run_state if self.run_state is not None else RunState(
             max_epoch=getattr(self, "max_epoch", self.epoch + 1))
         state.epoch = self.epoch
@@ -184,17 +183,18 @@ class ReIDEngine(torchreid().engine.Engine):
         self.set_model_mode("train")
         self.two_stepped_transfer_learning(self.epoch, fixbase_epoch, open_layers)
         self.num_batches = state.num_batches = len(self.train_loader)
-        state.losses, state.batch_time, state.data_time = tr.utils.MetricMeter(), tr.utils.AverageMeter(), \
-            tr.utils.AverageMeter()
+        meters = torchreid().utils
+        state.losses = meters.MetricMeter()
+        state.batch_time, state.data_time = meters.AverageMeter(), meters.AverageMeter()
         end = time.time()
-        for self.batch_idx, data in enumerate(self.train_loader):
-            state.batch_idx = self.batch_idx
+        for batch_idx, data in enumerate(self.train_loader):
+            self.batch_idx = state.batch_idx = batch_idx  # Torchreid's field: forward_backward may read it
             state.data_time.update(time.time() - end)
             self.call_hooks("before_step")
             state.loss_summary = self.forward_backward(data)
             state.batch_time.update(time.time() - end)
             state.losses.update(state.loss_summary)
-            if (self.batch_idx + 1) % print_freq == 0:
+            if (batch_idx + 1) % print_freq == 0:
                 logger.info(self.progress_line(state))
             self.call_hooks("after_step")
             end = time.time()
@@ -276,8 +276,9 @@ class ReIDEngine(torchreid().engine.Engine):
                 self.final_test(test_kwargs)
                 return self.last_results
             logger.info("=> Start training")
-            for self.epoch in range(start_epoch, max_epoch):
-                state.epoch, state.evaluated = self.epoch, False
+            for epoch in range(start_epoch, max_epoch):
+                self.epoch = state.epoch = epoch
+                state.evaluated = False
                 self.call_hooks("before_epoch")
                 self.train(print_freq=print_freq, fixbase_epoch=fixbase_epoch, open_layers=open_layers)
                 self.call_hooks("after_epoch")
