@@ -69,3 +69,23 @@ def test_a_redirected_logger_keeps_its_handlers_and_the_log_file(tmp_path, capsy
     assert capsys.readouterr().out == ""
     assert (tmp_path / "train.log").read_text() == "redirected\n"
     assert (tmp_path / "mine.log").read_text() == "redirected\n"
+
+
+def test_show_output_installs_the_console_handler_only_where_no_handler_would_show_a_line(monkeypatch, capsys):
+    """A plain script (no handler on the package logger or root) gets ours, once; configured logging
+    (root's handler from basicConfig, or the commands' console handler) gets none: no line twice."""
+    from torchreid_ext.log import ConsoleHandler, show_output
+
+    pkg, root = logging.getLogger(PACKAGE_LOGGER), logging.getLogger()
+    monkeypatch.setattr(pkg, "handlers", [])
+    monkeypatch.setattr(pkg, "propagate", True)
+    monkeypatch.setattr(pkg, "level", logging.NOTSET)
+    monkeypatch.setattr(root, "handlers", [logging.StreamHandler(sys.stdout)])  # basicConfig
+    show_output()
+    assert pkg.handlers == [] and pkg.propagate
+    monkeypatch.setattr(root, "handlers", [])  # a plain script
+    show_output()
+    show_output()
+    assert [type(h) for h in pkg.handlers] == [ConsoleHandler] and not pkg.propagate
+    logger.info("shown once")
+    assert capsys.readouterr().out == "shown once\n"

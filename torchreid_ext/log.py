@@ -1,15 +1,18 @@
 """The ``torchreid_ext`` logger and a run's log file.
 
-Library output goes through :mod:`logging`. ``import torchreid_ext`` gives the package logger
-one console handler that writes the bare message to the *current* ``sys.stdout`` (so
-Torchreid-style console output, the run log below and pytest's capture all see it), at INFO
-level. Users silence or redirect it the usual way::
+Library output goes through :mod:`logging`. The console handler (:class:`ConsoleHandler`)
+writes the bare message to the *current* ``sys.stdout`` (so Torchreid-style console output, the
+run log below and pytest's capture all see it), at INFO level. The command lines install it
+(:func:`install_console_handler`); ``import torchreid_ext`` does not. An engine installs it too
+(:func:`show_output`) when nothing would show the package logger's lines, as in a plain
+Torchreid script that never configures logging: Torchreid's engines print there, and ours show
+the same. Users silence or redirect it the usual way::
 
     logging.getLogger("torchreid_ext").setLevel(logging.WARNING)      # quiet
     logging.getLogger("torchreid_ext").handlers.clear()               # own handlers instead
 
 :class:`RunLog` copies everything a run writes to stdout and stderr (our logger's lines and
-Torchreid's own per-iteration prints alike) to its ``train.log-*`` / ``test.log-*`` file.
+Torchreid's own prints alike) to its ``train.log-*`` / ``test.log-*`` file.
 Output written before the file is opened is kept in memory and written first, so the run's
 checks can finish before anything lands in the save dir. The file is the run's complete
 record: the package logger's INFO lines reach it even while the console is silenced or
@@ -25,7 +28,7 @@ import os.path as osp
 import sys
 from typing import Iterator, Optional, TextIO
 
-__all__ = ["ConsoleHandler", "PACKAGE_LOGGER", "install_console_handler", "RunLog", "without_prints"]
+__all__ = ["ConsoleHandler", "PACKAGE_LOGGER", "install_console_handler", "show_output", "RunLog", "without_prints"]
 
 PACKAGE_LOGGER = "torchreid_ext"
 
@@ -56,6 +59,14 @@ def install_console_handler() -> logging.Logger:
             logger.setLevel(logging.INFO)
         logger.propagate = False
     return logger
+
+
+def show_output() -> None:
+    """Install the console handler if no handler would show the package logger's records: none on
+    it or above it (root). A configured ``logging`` (``basicConfig``, the commands' handler, the
+    user's own on ``torchreid_ext``) is left alone, so no line is shown twice."""
+    if not logging.getLogger(PACKAGE_LOGGER).hasHandlers():
+        install_console_handler()
 
 
 class _Tee:

@@ -1,8 +1,11 @@
 """ReIDEngine: Torchreid's ``Engine`` with what a long experiment needs.
 
-Kept from Torchreid: the training loop (``Engine.train``: per-iteration console line,
-TensorBoard ``Train/*`` scalars, fixbase epochs, LR schedule) and the loss-summary
-contract of ``forward_backward``. Replaced:
+Kept from Torchreid: ``run``'s and ``train``'s arguments and their loop (per-step console
+line, fixbase epochs, LR schedule, final evaluation), ``engine.writer`` and the loss-summary
+contract of ``forward_backward``. The loop calls hooks at FastReID's moments, and they share
+one :class:`~torchreid_ext.engines.hooks.RunState` (:mod:`~torchreid_ext.engines.hooks`);
+the default ones write TensorBoard events (``Train/*`` per step), evaluate and checkpoint.
+Replaced:
 
 * device: tensors go to ``self.device`` (never a hard-coded CUDA call);
 * evaluation: the fast evaluator (``test.evaluator: fast``, chunked, adds mINP) or
@@ -47,7 +50,8 @@ from ..checkpoint import (
     seed_epoch,
 )
 from ..distributed import unwrap_model
-from .hooks import CheckpointHook, EngineHook, EvaluationHook
+from ..log import show_output
+from .hooks import CheckpointHook, EngineHook, EvaluationHook, RunState, TensorBoardHook
 from .options import AMP_DTYPES, EngineOptions
 
 __all__ = ["ReIDEngine", "AMP_DTYPES", "write_json_atomic"]
@@ -92,6 +96,7 @@ class ReIDEngine(torchreid().engine.Engine):
         evaluation_options=None,
     ):
         super().__init__(datamanager, use_gpu)
+        show_output()  # in a plain script, the lines Torchreid's engines print
         from ..metrics import EvaluationOptions
 
         EvaluationOptions(evaluator=evaluator)  # ConfigErrors naming the bad value
@@ -117,6 +122,8 @@ class ReIDEngine(torchreid().engine.Engine):
         self._train_seconds = 0.0
         self._train_images = 0
         self.metrics_file = "metrics.json"
+        self.hooks: List[EngineHook] = []  # the run's, from build_hooks
+        self.run_state: Optional[RunState] = None  # the current (or last) run's, shared with its hooks
         if evaluation_options is not None:
             self.evaluation_options = evaluation_options
 
@@ -165,9 +172,44 @@ class ReIDEngine(torchreid().engine.Engine):
 
     # ------------------------------------------------------------------ training
     def train(self, print_freq: int = 10, fixbase_epoch: int = 0, open_layers=None) -> None:
-        """One epoch (Torchreid's loop) after :meth:`start_epoch_streams`."""
+        """One epoch, Torchreid's loop (fixbase epochs, a console line every ``print_freq`` steps, the
+        LR step at the end) after :meth:`start_epoch_streams`, with the hooks' step moments around
+        each ``forward_backward``; the meters and the loss summary go to :attr:`run_state`."""
+        state = self.run_state if self.run_state is not None else RunState(
+            max_epoch=getattr(self, "max_epoch", self.epoch + 1))
+        state.epoch = self.epoch
+        t0 = time.time()
         self.start_epoch_streams(self.epoch)
-        super().train(print_freq=print_freq, fixbase_epoch=fixbase_epoch, open_layers=open_layers)
+        self.set_model_mode("train")
+        self.two_stepped_transfer_learning(self.epoch, fixbase_epoch, open_layers)
+        self.num_batches = state.num_batches = len(self.train_loader)
+        meters = torchreid().utils
+        state.losses = meters.MetricMeter()
+        state.batch_time, state.data_time = meters.AverageMeter(), meters.AverageMeter()
+        end = time.time()
+        for batch_idx, data in enumerate(self.train_loader):
+            self.batch_idx = state.batch_idx = batch_idx  # Torchreid's field: forward_backward may read it
+            state.data_time.update(time.time() - end)
+            self.call_hooks("before_step")
+            state.loss_summary = self.forward_backward(data)
+            state.batch_time.update(time.time() - end)
+            state.losses.update(state.loss_summary)
+            if (batch_idx + 1) % print_freq == 0:
+                logger.info(self.progress_line(state))
+            self.call_hooks("after_step")
+            end = time.time()
+        self.update_lr()
+        self._train_seconds += time.time() - t0
+        self._train_images += self.num_batches * self.train_loader.batch_size * distributed.get_world_size()
+
+    def progress_line(self, state: RunState) -> str:
+        """Torchreid's console line for the current step: epoch and step, times, ETA, losses, LR."""
+        steps_left = (state.max_epoch - state.epoch) * state.num_batches - (state.batch_idx + 1)
+        eta = datetime.timedelta(seconds=int(state.batch_time.avg * steps_left))
+        bt, dt = state.batch_time, state.data_time
+        return (f"epoch: [{state.epoch + 1}/{state.max_epoch}][{state.batch_idx + 1}/{state.num_batches}]\t"
+                f"time {bt.val:.3f} ({bt.avg:.3f})\tdata {dt.val:.3f} ({dt.avg:.3f})\teta {eta}\t"
+                f"{state.losses}\tlr {self.get_current_lr():.6f}")
 
     def start_epoch_streams(self, epoch: int) -> None:
         """``set_epoch`` on the train sampler; reseed the RNGs from (seed, epoch, rank)."""
@@ -201,7 +243,8 @@ class ReIDEngine(torchreid().engine.Engine):
         ranks: Sequence[int] = (1, 5, 10, 20),
         rerank: bool = False,
     ) -> Dict[str, Any]:
-        """Train from ``start_epoch`` to ``max_epoch`` and evaluate (Torchreid's contract);
+        """Train from ``start_epoch`` to ``max_epoch`` and evaluate (Torchreid's contract), calling
+        the hooks of :meth:`build_hooks` at each moment (:mod:`~torchreid_ext.engines.hooks`);
         returns the last evaluation's results per target dataset."""
         if visrank and not test_only:
             raise ValueError("visrank can be set to True only if test_only=True")
@@ -216,50 +259,61 @@ class ReIDEngine(torchreid().engine.Engine):
             visrank_topk=visrank_topk, save_dir=save_dir, use_metric_cuhk03=use_metric_cuhk03,
             ranks=list(ranks), rerank=rerank,
         )
-        if self.is_main_process and self.writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=save_dir)
-        try:
-            if test_only:
-                self.epoch = start_epoch
-                self.test(**test_kwargs)
-                return self.last_results
-            time_start = time.time()
+        if not test_only:
             self.start_epoch, self.max_epoch = start_epoch, max_epoch
             self._rolling_checkpoint = self._resumed_rolling_checkpoint(save_dir)
-            hooks = self.build_hooks(save_dir, eval_freq, start_eval, test_kwargs)
-            evaluation = next(h for h in hooks if isinstance(h, EvaluationHook))
+        state = self.run_state = RunState(save_dir=save_dir, start_epoch=start_epoch, max_epoch=max_epoch,
+                                          test_only=test_only, epoch=start_epoch)
+        self.hooks = list(self.build_hooks(eval_freq, start_eval, test_kwargs))
+        bad = [type(h).__name__ for h in self.hooks if not isinstance(h, EngineHook)]
+        if bad:
+            raise TypeError(f"build_hooks returned {bad}, which are not EngineHook instances")
+        time_start = time.time()
+        try:
+            self.call_hooks("before_train")
+            if test_only:
+                self.epoch = start_epoch
+                self.final_test(test_kwargs)
+                return self.last_results
             logger.info("=> Start training")
-            self.rank1, self.evaluated = 0.0, False
-            for self.epoch in range(start_epoch, max_epoch):
-                t0 = time.time()
+            for epoch in range(start_epoch, max_epoch):
+                self.epoch = state.epoch = epoch
+                state.evaluated = False
+                self.call_hooks("before_epoch")
                 self.train(print_freq=print_freq, fixbase_epoch=fixbase_epoch, open_layers=open_layers)
-                self._train_seconds += time.time() - t0
-                self._train_images += (self.num_batches * self.train_loader.batch_size
-                                       * distributed.get_world_size())
-                for hook in hooks:
-                    hook.after_epoch(self, self.epoch, last=self.epoch + 1 == max_epoch)
+                self.call_hooks("after_epoch")
             if max_epoch > 0:
-                self.epoch = max_epoch - 1
-                for hook in hooks:
-                    hook.before_final_test(self)
-                logger.info("=> Final test")
-                self.rank1 = evaluation.final_test(self)
-                for hook in hooks:
-                    hook.after_final_test(self, self.rank1)
+                self.epoch = state.epoch = max_epoch - 1
+                self.final_test(test_kwargs)
             logger.info("Elapsed %s", datetime.timedelta(seconds=round(time.time() - time_start)))
             return self.last_results
         finally:
-            if self.writer is not None:
-                self.writer.close()
-                self.writer = None
+            self.call_hooks("after_train")
 
-    def build_hooks(self, save_dir: str, eval_freq: int, start_eval: int,
-                    test_kwargs: Dict[str, Any]) -> List[EngineHook]:
-        """The run loop's hooks (:mod:`torchreid_ext.engines.hooks`), in the order they act:
-        evaluation, then checkpointing (an evaluated epoch's checkpoint is kept). Override to add one."""
-        return [EvaluationHook(eval_freq, start_eval, test_kwargs), CheckpointHook(self.checkpoint_freq, save_dir)]
+    def final_test(self, test_kwargs: Dict[str, Any]) -> None:
+        """The run's last evaluation (its results are ``run``'s), between the hooks' final-test moments."""
+        state = self.run_state
+        self.call_hooks("before_final_test")
+        if not state.test_only:
+            logger.info("=> Final test")
+            # a re-evaluation replaces the earlier record of this epoch
+            self.history = [e for e in self.history if e.get("epoch") != state.epoch + 1]
+        state.rank1 = self.test(**test_kwargs)
+        state.results = dict(self.last_results)
+        self.call_hooks("after_final_test")
+
+    def build_hooks(self, eval_freq: int, start_eval: int, test_kwargs: Dict[str, Any]) -> List[EngineHook]:
+        """The run loop's hooks (:mod:`torchreid_ext.engines.hooks`), in the order they act: TensorBoard,
+        evaluation, then checkpointing (an evaluated epoch's checkpoint is kept). Override to add,
+        remove or replace one; ``run`` works with any list, an empty one included."""
+        return [TensorBoardHook(), EvaluationHook(eval_freq, start_eval, test_kwargs),
+                CheckpointHook(self.checkpoint_freq)]
+
+    def call_hooks(self, moment: str) -> None:
+        """Call ``moment`` (an :class:`~torchreid_ext.engines.hooks.EngineHook` method) of every hook of
+        the run, in order, with this engine and :attr:`run_state`."""
+        for hook in self.hooks:
+            getattr(hook, moment)(self, self.run_state)
 
     def checkpoint_state(self, epoch: int, rank1: float) -> Dict[str, Any]:
         """Everything a resume needs after ``epoch`` (0-based), with ``max_epoch`` of the run."""
