@@ -34,7 +34,8 @@ from .aqe import alpha_query_expansion, check_aqe_args
 from .distance import METRICS, ArrayLike, _as_features
 from .rank import LabelLike, RankResult, _check_max_rank, evaluate_features
 from .rerank import check_rerank_args, reranked_distance_matrix
-from .verification import VerificationResult, verification_from_features, verification_line
+from .verification import (VerificationPasses, VerificationResult, second_pass_from_features, verification_from_features,
+                           verification_line, verification_metrics)
 
 __all__ = ["EVALUATORS", "EvaluationOptions", "evaluate_test_features", "evaluation_distance_matrix",
            "format_results", "results_dict"]
@@ -181,23 +182,46 @@ def evaluate_test_features(
         )
         result = RankResult(cmc=np.asarray(cmc, dtype=np.float64), mAP=float(mAP), mINP=None,
                             num_valid_queries=None, num_skipped_queries=None)
-    else:
-        result = evaluate_features(
-            q, g, q_pids, g_pids, q_camids, g_camids, metric=opts.dist_metric, max_rank=opts.max_rank,
-            use_metric_cuhk03=opts.use_metric_cuhk03, progress=opts.progress, rerank=opts.rerank,
-            k1=opts.rerank_k1, k2=opts.rerank_k2, lambda_value=opts.rerank_lambda,
-        )
-    return replace(result, verification=_verification(q, g, q_pids, g_pids, q_camids, g_camids, opts))
+        # its own distances where it ranked by them, else (re-ranked) the plain ones from the features
+        verification = _verification(q, g, q_pids, g_pids, q_camids, g_camids, opts,
+                                     distmat=None if opts.rerank else distmat)
+        return replace(result, verification=verification)
+    labels = (q_pids, g_pids, q_camids, g_camids)
+    passes = None if opts.rerank else _verification_passes(*labels, q.shape[0], g.shape[0], q.device)
+    result = evaluate_features(
+        q, g, *labels, metric=opts.dist_metric, max_rank=opts.max_rank,
+        use_metric_cuhk03=opts.use_metric_cuhk03, progress=opts.progress, rerank=opts.rerank,
+        k1=opts.rerank_k1, k2=opts.rerank_k2, lambda_value=opts.rerank_lambda,
+        block_hook=None if passes is None else passes.first,  # the first pass reads the ranking's distances
+    )
+    return replace(result, verification=_verification(q, g, *labels, opts, passes=passes))
 
 
-def _verification(q, g, q_pids, g_pids, q_camids, g_camids, opts: EvaluationOptions) -> Optional[VerificationResult]:
-    """Step 5; None (with a warning) where the set has no same-person or no different-person pair
-    across cameras: the ranking metrics still stand."""
+def _verification_passes(q_pids, g_pids, q_camids, g_camids, num_q: int, num_g: int,
+                         device) -> Optional[VerificationPasses]:
     try:
-        result = verification_from_features(q, g, q_pids, g_pids, q_camids, g_camids, metric=opts.dist_metric)
+        return VerificationPasses(q_pids, g_pids, q_camids, g_camids, num_q, num_g, device)
     except ValueError as exc:
         logger.warning("verification metrics not computed: %s", exc)
         return None
+
+
+def _verification(q, g, q_pids, g_pids, q_camids, g_camids, opts: EvaluationOptions, distmat=None,
+                  passes: Optional[VerificationPasses] = None) -> Optional[VerificationResult]:
+    """Step 5: from ``distmat``, or finishing ``passes`` (whose first pass saw the ranking's blocks), or
+    from the features; None (with a warning) where the set has no same-person or no different-person
+    pair across cameras: the ranking metrics still stand."""
+    if passes is not None:
+        result = second_pass_from_features(passes, q, g, opts.dist_metric)
+    else:
+        try:
+            if distmat is not None:
+                result = verification_metrics(distmat, q_pids, g_pids, q_camids, g_camids)
+            else:
+                result = verification_from_features(q, g, q_pids, g_pids, q_camids, g_camids, metric=opts.dist_metric)
+        except ValueError as exc:
+            logger.warning("verification metrics not computed: %s", exc)
+            return None
     # what a threshold means: these distances, of features extracted and prepared this way, not re-ranked
     return replace(result, distance={"dist_metric": opts.dist_metric, "normalize_feature": opts.normalize_feature,
                                      "flip": opts.flip, "aqe": opts.aqe, "rerank": False})
