@@ -99,7 +99,8 @@ class KNNIndex:
 
     def search(self, query: ArrayLike, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(distances, indices)``, both ``num_query x k``, nearest first: float32 distances in the
-        evaluator's units for the index's metric, int64 gallery indices."""
+        evaluator's units for the index's metric, int64 gallery indices; on the gallery's device
+        (exact) or the CPU (faiss)."""
         q = _as_features(query, "query")
         if q.shape[1] != self.dim:
             raise ValueError(f"query features are {q.shape[1]}-d, the indexed gallery {self.dim}-d")
@@ -127,7 +128,7 @@ class _ExactIndex(KNNIndex):
         if self.metric == "cosine":
             q = F.normalize(q, p=2, dim=1)
         qn = q.pow(2).sum(1) if gn is not None else None
-        rows = min(q.shape[0], _QUERY_ROWS)
+        rows = max(1, min(q.shape[0], _QUERY_ROWS, _TILE_ELEMENTS // k))  # a large k: fewer rows at a time
         cols = max(k, _TILE_ELEMENTS // rows)
         out_d = torch.empty((q.shape[0], k), dtype=q.dtype, device=q.device)
         out_i = torch.empty((q.shape[0], k), dtype=torch.int64, device=q.device)
