@@ -35,11 +35,11 @@ from .distance import METRICS, ArrayLike, _as_features
 from .knn_index import KNNOptions
 from .rank import LabelLike, RankResult, _check_max_rank, evaluate_features
 from .rerank import check_rerank_args, reranked_distance_matrix
-from .verification import (VerificationPasses, VerificationResult, second_pass_from_features, verification_from_features,
-                           verification_line, verification_metrics)
+from .verification import (VerificationPasses, VerificationResult, second_pass_from_features,
+                           verification_from_features, verification_line, verification_metrics)
 
 __all__ = ["EVALUATORS", "EvaluationOptions", "evaluate_test_features", "evaluation_distance_matrix",
-           "format_results", "results_dict"]
+           "format_results", "ranking_features", "results_dict"]
 
 EVALUATORS = ("fast", "torchreid")
 
@@ -134,8 +134,8 @@ class EvaluationOptions(ConfigOptions):
                              f"({num_query} + {num_gallery} = {n})")
 
 
-def _features(qf: ArrayLike, gf: ArrayLike, opts: EvaluationOptions):
-    """Steps 1-2: AQE, then L2 normalisation."""
+def ranking_features(qf: ArrayLike, gf: ArrayLike, opts: EvaluationOptions) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Steps 1-2: AQE, then L2 normalisation: the features distances are computed from."""
     q, g = _as_features(qf, "qf"), _as_features(gf, "gf")
     if opts.aqe:
         q, g = alpha_query_expansion(q, g, k=opts.aqe_k, alpha=opts.aqe_alpha, rounds=opts.aqe_rounds)
@@ -176,7 +176,7 @@ def evaluate_test_features(
     (Torchreid's ``evaluate_rank`` returns neither).
     """
     opts = options or EvaluationOptions()
-    q, g = _features(qf, gf, opts)
+    q, g = ranking_features(qf, gf, opts)
     if opts.evaluator == "torchreid":
         from ..adapter import torchreid
 
@@ -237,7 +237,7 @@ def evaluation_distance_matrix(qf: ArrayLike, gf: ArrayLike, options: Optional[E
     """The full ``Q x G`` float32 distance matrix :func:`evaluate_test_features` ranks by (for rank
     lists and ``test.visrank``; needs ``Q * G`` floats)."""
     opts = options or EvaluationOptions()
-    q, g = _features(qf, gf, opts)
+    q, g = ranking_features(qf, gf, opts)
     if opts.evaluator == "torchreid":
         return _torchreid_distances(q, g, opts)
     if opts.rerank:
