@@ -6,6 +6,7 @@ distinct pair distance as the threshold (float64).
 """
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -270,3 +271,76 @@ def test_missing_or_unreadable_file(tmp_path):
     with pytest.raises(UserError, match="is not a readable metrics.json") as info:
         threshold_from_metrics(str(bad), 0.01)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_extreme_values_signed_zeros_and_a_wide_range(dtype):
+    """Positives and negatives at +-0.0, tiny negatives, and values near the float range's ends:
+    the integer keys and bins of the counter stay exact."""
+    qf, gf, labels = problem(90)
+    distmat = squared_euclidean(qf, gf).astype(dtype)
+    q_pids, g_pids, q_cams, g_cams = labels
+    cross = q_cams[:, None] != g_cams[None]
+    same = q_pids[:, None] == g_pids[None]
+    pos_at, neg_at = np.argwhere(cross & same), np.argwhere(cross & ~same)
+    big = np.finfo(dtype).max / 2
+    for (i, j), value in zip(pos_at[:6], [-0.0, 0.0, -big, big, -1e-7, 3.0]):
+        distmat[i, j] = value
+    for (i, j), value in zip(neg_at[:6], [0.0, -0.0, -big, big, -1e-7, 3.0]):
+        distmat[i, j] = value
+    fprs = (0.001, 0.01, 0.3)
+    check_against(verification_metrics(distmat, *labels, fprs=fprs, chunk_size=5),
+                  brute_force(distmat.astype(np.float64), *labels, fprs=fprs))
+
+
+# ----------------------------------------------------------------------------------------------
+# in the evaluator
+
+
+def test_the_evaluator_reports_verification_of_plain_distances_whatever_the_evaluator_and_reranking():
+    from torchreid_ext.metrics import EvaluationOptions, compute_distance_matrix, evaluate_test_features, results_dict
+
+    qf, gf, labels = problem(100, num_q=40, num_g=160)
+    ref = verification_metrics(compute_distance_matrix(qf, gf), *labels).as_dict()
+    seen = []
+    for evaluator in ("fast", "torchreid"):
+        for rerank in (False, True):
+            opts = EvaluationOptions(evaluator=evaluator, rerank=rerank, rerank_k1=10, rerank_k2=3)
+            res = results_dict(evaluate_test_features(qf, gf, *labels, opts), [1, 5])
+            got = res["verification"]
+            assert got["distance"] == {"dist_metric": "euclidean", "normalize_feature": False, "flip": False,
+                                       "aqe": False, "rerank": False}
+            assert (got["num_positive"], got["num_negative"]) == (ref["num_positive"], ref["num_negative"])
+            assert got["roc_auc"] == pytest.approx(ref["roc_auc"], abs=1e-6)
+            for key, entry in ref["at_fpr"].items():
+                assert got["at_fpr"][key]["tpr"] == pytest.approx(entry["tpr"], abs=1e-6)
+                assert got["at_fpr"][key]["threshold"] == pytest.approx(entry["threshold"], rel=1e-5)
+            seen.append(res["mAP"])
+    assert seen[0] != seen[1]  # re-ranking changed the ranking, not the verification
+    cosine = evaluate_test_features(qf, gf, *labels, EvaluationOptions(dist_metric="cosine")).verification
+    assert cosine.distance["dist_metric"] == "cosine"
+    assert cosine.at_fpr[0.01][1] < 2 < ref["at_fpr"]["0.01"]["threshold"]  # 1 - cos vs squared Euclidean
+
+
+def test_the_evaluators_first_pass_reads_the_ranking_blocks():
+    """The fast evaluator's verification: the first pass sees the blocks the ranking sees (block_hook),
+    the second recomputes exactly those blocks; equal to the standalone two passes."""
+    from torchreid_ext.metrics import EvaluationOptions, evaluate_features, evaluate_test_features
+
+    qf, gf, labels = problem(110, num_q=50, num_g=120)
+    seen = []
+    evaluate_features(qf, gf, *labels, chunk_size=7, block_hook=lambda start, block: seen.append((start, block.shape)))
+    assert seen == [(s, (min(7, 50 - s), 120)) for s in range(0, 50, 7)]
+    got = evaluate_test_features(qf, gf, *labels, EvaluationOptions()).verification
+    alone = verification_from_features(qf, gf, *labels)
+    assert replace(got, distance=None).as_dict() == alone.as_dict()
+
+
+def test_a_set_without_negative_pairs_still_evaluates(caplog):
+    from torchreid_ext.metrics import EvaluationOptions, evaluate_test_features
+
+    qf, gf, (q_pids, g_pids, q_cams, g_cams) = problem(120)
+    one = (np.ones_like(q_pids), np.ones_like(g_pids), q_cams, g_cams)  # one identity: no different-person pair
+    res = evaluate_test_features(qf, gf, *one, EvaluationOptions())
+    assert res.verification is None and res.mAP > 0
+    assert "verification metrics not computed" in caplog.text

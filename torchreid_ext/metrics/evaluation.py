@@ -19,7 +19,7 @@ it is carried here so that one object holds every test-time option.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Callable, ClassVar, Dict, Optional, Sequence, Tuple
 
 import logging
@@ -32,9 +32,11 @@ from ..errors import ConfigError
 from ..options import ConfigOptions, is_int
 from .aqe import alpha_query_expansion, check_aqe_args
 from .distance import METRICS, ArrayLike, _as_features
+from .knn_index import KNNOptions
 from .rank import LabelLike, RankResult, _check_max_rank, evaluate_features
 from .rerank import check_rerank_args, reranked_distance_matrix
-from .verification import VerificationResult, verification_from_features, verification_line
+from .verification import (VerificationPasses, VerificationResult, second_pass_from_features,
+                           verification_from_features, verification_line, verification_metrics)
 
 __all__ = ["EVALUATORS", "EvaluationOptions", "evaluate_test_features", "evaluation_distance_matrix",
            "format_results", "ranking_features", "results_dict"]
@@ -57,7 +59,7 @@ class EvaluationOptions(ConfigOptions):
 
     SECTION: ClassVar[str] = "test"
     KEYS: ClassVar[Dict[str, Optional[str]]] = {"use_metric_cuhk03": "cuhk03.use_metric_cuhk03", "max_rank": None,
-                                                "progress": None}
+                                                "progress": None, "knn": None}
     CHOICES: ClassVar[Dict[str, Sequence[Any]]] = {"dist_metric": METRICS, "evaluator": EVALUATORS}
     CHECKS: ClassVar[Dict[str, Callable[[Any], Optional[str]]]] = {"ranks": _ranks}
 
@@ -80,13 +82,16 @@ class EvaluationOptions(ConfigOptions):
     ranks: Tuple[int, ...] = (1, 5, 10, 20)  # CMC ranks printed and recorded
     visrank: bool = False  # rank lists drawn into the save dir
     visrank_topk: int = 10
+    # the k-NN backend of re-ranking's neighbour step (the knn section; exact: Torchreid's numbers)
+    knn: KNNOptions = KNNOptions()
 
     @classmethod
     def from_config(cls, cfg, **overrides) -> "EvaluationOptions":
         """Options from a torchreid_ext config; a bad value raises :class:`ConfigError` naming its key."""
         ranks = list(cfg.test.ranks)
         max_rank = max([50, *ranks]) if _ranks(ranks) is None else 50  # a bad test.ranks: its own error
-        return super().from_config(cfg, **{"max_rank": max_rank, **overrides})
+        knn = overrides.pop("knn", None) or KNNOptions.from_config(cfg)
+        return super().from_config(cfg, **{"max_rank": max_rank, "knn": knn, **overrides})
 
     def replace(self, **changes) -> "EvaluationOptions":
         return replace(self, **changes)
@@ -114,7 +119,8 @@ class EvaluationOptions(ConfigOptions):
             raise ConfigError(str(exc)) from None
 
     def as_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """Plain values (the ``knn`` options as a dict of their own), for metrics.json."""
+        return {f.name: asdict(self.knn) if f.name == "knn" else getattr(self, f.name) for f in fields(self)}
 
     def check_sizes(self, num_query: int, num_gallery: int) -> None:
         """Raise ``ValueError`` (naming the config key) unless the options fit a query and gallery
@@ -181,23 +187,46 @@ def evaluate_test_features(
         )
         result = RankResult(cmc=np.asarray(cmc, dtype=np.float64), mAP=float(mAP), mINP=None,
                             num_valid_queries=None, num_skipped_queries=None)
-    else:
-        result = evaluate_features(
-            q, g, q_pids, g_pids, q_camids, g_camids, metric=opts.dist_metric, max_rank=opts.max_rank,
-            use_metric_cuhk03=opts.use_metric_cuhk03, progress=opts.progress, rerank=opts.rerank,
-            k1=opts.rerank_k1, k2=opts.rerank_k2, lambda_value=opts.rerank_lambda,
-        )
-    return replace(result, verification=_verification(q, g, q_pids, g_pids, q_camids, g_camids, opts))
+        # its own distances where it ranked by them, else (re-ranked) the plain ones from the features
+        verification = _verification(q, g, q_pids, g_pids, q_camids, g_camids, opts,
+                                     distmat=None if opts.rerank else distmat)
+        return replace(result, verification=verification)
+    labels = (q_pids, g_pids, q_camids, g_camids)
+    passes = None if opts.rerank else _verification_passes(*labels, q.shape[0], g.shape[0], q.device)
+    result = evaluate_features(
+        q, g, *labels, metric=opts.dist_metric, max_rank=opts.max_rank,
+        use_metric_cuhk03=opts.use_metric_cuhk03, progress=opts.progress, rerank=opts.rerank,
+        k1=opts.rerank_k1, k2=opts.rerank_k2, lambda_value=opts.rerank_lambda, knn=opts.knn,
+        block_hook=None if passes is None else passes.first,  # the first pass reads the ranking's distances
+    )
+    return replace(result, verification=_verification(q, g, *labels, opts, passes=passes))
 
 
-def _verification(q, g, q_pids, g_pids, q_camids, g_camids, opts: EvaluationOptions) -> Optional[VerificationResult]:
-    """Step 5; None (with a warning) where the set has no same-person or no different-person pair
-    across cameras: the ranking metrics still stand."""
+def _verification_passes(q_pids, g_pids, q_camids, g_camids, num_q: int, num_g: int,
+                         device) -> Optional[VerificationPasses]:
     try:
-        result = verification_from_features(q, g, q_pids, g_pids, q_camids, g_camids, metric=opts.dist_metric)
+        return VerificationPasses(q_pids, g_pids, q_camids, g_camids, num_q, num_g, device)
     except ValueError as exc:
         logger.warning("verification metrics not computed: %s", exc)
         return None
+
+
+def _verification(q, g, q_pids, g_pids, q_camids, g_camids, opts: EvaluationOptions, distmat=None,
+                  passes: Optional[VerificationPasses] = None) -> Optional[VerificationResult]:
+    """Step 5: from ``distmat``, or finishing ``passes`` (whose first pass saw the ranking's blocks), or
+    from the features; None (with a warning) where the set has no same-person or no different-person
+    pair across cameras: the ranking metrics still stand."""
+    if passes is not None:
+        result = second_pass_from_features(passes, q, g, opts.dist_metric)
+    else:
+        try:
+            if distmat is not None:
+                result = verification_metrics(distmat, q_pids, g_pids, q_camids, g_camids)
+            else:
+                result = verification_from_features(q, g, q_pids, g_pids, q_camids, g_camids, metric=opts.dist_metric)
+        except ValueError as exc:
+            logger.warning("verification metrics not computed: %s", exc)
+            return None
     # what a threshold means: these distances, of features extracted and prepared this way, not re-ranked
     return replace(result, distance={"dist_metric": opts.dist_metric, "normalize_feature": opts.normalize_feature,
                                      "flip": opts.flip, "aqe": opts.aqe, "rerank": False})
@@ -213,7 +242,7 @@ def evaluation_distance_matrix(qf: ArrayLike, gf: ArrayLike, options: Optional[E
         return _torchreid_distances(q, g, opts)
     if opts.rerank:
         return reranked_distance_matrix(q, g, opts.dist_metric, k1=opts.rerank_k1, k2=opts.rerank_k2,
-                                        lambda_value=opts.rerank_lambda)
+                                        lambda_value=opts.rerank_lambda, knn=opts.knn)
     from .distance import compute_distance_matrix
 
     return compute_distance_matrix(q, g, opts.dist_metric).cpu().numpy()

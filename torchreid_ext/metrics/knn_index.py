@@ -8,8 +8,8 @@ is Torchreid's *squared* Euclidean distance, ``cosine`` is ``1 - cos``. Backends
   a running top k (:mod:`torchreid_ext.metrics.distance`'s formulas); never more than about 4M
   distances at once, whatever the gallery size;
 * ``faiss-flat``: faiss's exhaustive search (exact up to float rounding and the order of ties);
-* ``faiss-ivf``: an inverted file of ``knn.ivf_nlist`` k-means cells (0: about 4 sqrt(N)), of which
-  ``knn.ivf_nprobe`` are searched per query (approximate);
+* ``faiss-ivf``: an inverted file of ``knn.ivf_nlist`` k-means cells (0: about sqrt(N)), of which
+  ``knn.ivf_nprobe`` are searched per query (approximate; k-means trains on at most 64 items per cell);
 * ``faiss-hnsw``: a graph (``knn.hnsw_m`` links per node, built with ``knn.hnsw_ef_construction``,
   searched with ``knn.hnsw_ef_search``; approximate).
 
@@ -39,6 +39,7 @@ BACKENDS = ("exact", "faiss-flat", "faiss-ivf", "faiss-hnsw")
 FAISS_EXTRA = "pip install -e '.[faiss]'"
 _TILE_ELEMENTS = 1 << 22  # distances per (query rows x gallery tile) block of the exact search
 _QUERY_ROWS = 1024  # query rows per block of the exact search (a matmul needs rows to be fast)
+_TRAIN_PER_CELL = 64  # faiss-ivf: k-means trains on at most this many items per cell
 
 
 def faiss_available() -> bool:
@@ -64,7 +65,7 @@ class KNNOptions(ConfigOptions):
     SECTION: ClassVar[str] = "knn"
     CHOICES: ClassVar[Dict[str, Sequence[Any]]] = {"backend": BACKENDS}
     CHECKS: ClassVar[Dict[str, Callable[[Any], Optional[str]]]] = {
-        "ivf_nlist": _at_least(0, "give the number of IVF cells, or 0 for about 4 sqrt(gallery size)"),
+        "ivf_nlist": _at_least(0, "give the number of IVF cells, or 0 for about sqrt(gallery size)"),
         "ivf_nprobe": _at_least(1, "give the IVF cells searched per query"),
         "hnsw_m": _at_least(2, "give the HNSW links per node"),
         "hnsw_ef_search": _at_least(1, "give the HNSW search queue length"),
@@ -72,11 +73,11 @@ class KNNOptions(ConfigOptions):
     }
 
     backend: str = "exact"  # exact | faiss-flat | faiss-ivf | faiss-hnsw
-    ivf_nlist: int = 0  # k-means cells; 0: about 4 sqrt(N), at most N / 39 (faiss's training minimum)
-    ivf_nprobe: int = 32  # cells searched per query
+    ivf_nlist: int = 0  # k-means cells; 0: about sqrt(N), at most N / 39 (faiss's training minimum)
+    ivf_nprobe: int = 16  # cells searched per query
     hnsw_m: int = 32  # links per node
-    hnsw_ef_search: int = 128  # search queue length (>= k is used)
-    hnsw_ef_construction: int = 200  # build queue length
+    hnsw_ef_search: int = 64  # search queue length (at least k is used)
+    hnsw_ef_construction: int = 64  # build queue length
 
     @property
     def is_exact(self) -> bool:
@@ -98,7 +99,8 @@ class KNNIndex:
 
     def search(self, query: ArrayLike, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(distances, indices)``, both ``num_query x k``, nearest first: float32 distances in the
-        evaluator's units for the index's metric, int64 gallery indices."""
+        evaluator's units for the index's metric, int64 gallery indices; on the gallery's device
+        (exact) or the CPU (faiss)."""
         q = _as_features(query, "query")
         if q.shape[1] != self.dim:
             raise ValueError(f"query features are {q.shape[1]}-d, the indexed gallery {self.dim}-d")
@@ -126,7 +128,7 @@ class _ExactIndex(KNNIndex):
         if self.metric == "cosine":
             q = F.normalize(q, p=2, dim=1)
         qn = q.pow(2).sum(1) if gn is not None else None
-        rows = min(q.shape[0], _QUERY_ROWS)
+        rows = max(1, min(q.shape[0], _QUERY_ROWS, _TILE_ELEMENTS // k))  # a large k: fewer rows at a time
         cols = max(k, _TILE_ELEMENTS // rows)
         out_d = torch.empty((q.shape[0], k), dtype=q.dtype, device=q.device)
         out_i = torch.empty((q.shape[0], k), dtype=torch.int64, device=q.device)
@@ -170,9 +172,10 @@ class _FaissIndex(KNNIndex):
         if options.backend == "faiss-flat":
             index = faiss.IndexFlat(dim, faiss_metric)
         elif options.backend == "faiss-ivf":
-            nlist = options.ivf_nlist or max(1, int(round(4 * math.sqrt(n))))
+            nlist = options.ivf_nlist or max(1, int(round(math.sqrt(n))))
             nlist = max(1, min(nlist, n // 39 or 1, n))  # faiss wants >= 39 training points per cell
             index = faiss.IndexIVFFlat(faiss.IndexFlat(dim, faiss_metric), dim, nlist, faiss_metric)
+            index.cp.max_points_per_centroid = _TRAIN_PER_CELL  # k-means on a sample (faiss: 256 per cell)
             index.train(x)
             index.nprobe = min(options.ivf_nprobe, nlist)
         else:

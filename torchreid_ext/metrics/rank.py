@@ -61,13 +61,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from ..options import is_int
 from .distance import ArrayLike, _blocks, _check_chunk, _prepare, as_real_matrix, auto_chunk_rows, torch_threads
+from .knn_index import KNNOptions
 
 __all__ = ["RankResult", "evaluate_features", "evaluate_rank"]
 
@@ -513,6 +514,8 @@ def evaluate_features(
     k1: int = 20,
     k2: int = 6,
     lambda_value: float = 0.3,
+    block_hook: Optional[Callable[[int, torch.Tensor], None]] = None,
+    knn: Optional[KNNOptions] = None,
 ) -> RankResult:
     """Evaluate features directly, computing distances a block of query rows at a time (E2-E4).
 
@@ -527,13 +530,20 @@ def evaluate_features(
     ``rerank=True``: the distances are Torchreid's k-reciprocal re-ranking of these distances
     (``re_ranking(qg, qq, gg, k1, k2, lambda_value)``, as its engine with ``test.rerank``), computed
     sparsely by :func:`torchreid_ext.metrics.reranked_distance_blocks` and streamed in: no ``N x N`` or
-    ``Q x G`` matrix is held; ``progress`` then covers the re-ranking.
+    ``Q x G`` matrix is held; ``progress`` then covers the re-ranking. ``knn``
+    (:class:`~torchreid_ext.metrics.knn_index.KNNOptions`): the k-NN backend of re-ranking's neighbour
+    step (None or ``exact``: the exact pass; see :func:`~torchreid_ext.metrics.reranked_distance_blocks`).
+
+    ``block_hook(first_query_row, block)``, if given, sees every block of distances before it is ranked
+    (the plain distances, or the re-ranked ones with ``rerank``), so that other metrics can be read from
+    the same values (the evaluator's verification metrics, :mod:`torchreid_ext.metrics.verification`).
     """
     _check_max_rank(max_rank)
     _check_threads(num_threads)
     if rerank:
         return _evaluate_reranked(qf, gf, q_pids, g_pids, q_camids, g_camids, metric, normalize, max_rank,
-                                  use_metric_cuhk03, chunk_size, progress, num_threads, k1, k2, lambda_value)
+                                  use_metric_cuhk03, chunk_size, progress, num_threads, k1, k2, lambda_value,
+                                  block_hook, knn)
     q, g, qn, gn = _prepare(qf, gf, metric, normalize)
     acc = _RankAccumulator(q_pids, g_pids, q_camids, g_camids, q.shape[0], g.shape[0], q.device, max_rank,
                            use_metric_cuhk03)
@@ -543,6 +553,8 @@ def evaluate_features(
     mm_rows = rows if chunk_size is not None else rows * -(-_MATMUL_MIN_ROWS // rows)
     with _progress(q.shape[0], progress, "evaluate") as bar:
         for start, block in _blocks(q, g, qn, gn, mm_rows):
+            if block_hook is not None:
+                block_hook(start, block)
             with _cpu_threads(q.device, num_threads):
                 for s in range(0, block.shape[0], rows):
                     acc.add(start + s, block[s : s + rows])
@@ -552,7 +564,8 @@ def evaluate_features(
 
 
 def _evaluate_reranked(qf, gf, q_pids, g_pids, q_camids, g_camids, metric, normalize, max_rank, cuhk03,
-                       chunk_size, progress, num_threads, k1, k2, lambda_value) -> RankResult:
+                       chunk_size, progress, num_threads, k1, k2, lambda_value, block_hook=None,
+                       knn=None) -> RankResult:
     from .rerank import reranked_distance_blocks
 
     q = as_real_matrix(qf, "qf", "num_samples x feature_dim")  # shapes for the label checks; values: below
@@ -560,8 +573,10 @@ def _evaluate_reranked(qf, gf, q_pids, g_pids, q_camids, g_camids, metric, norma
     acc = _RankAccumulator(q_pids, g_pids, q_camids, g_camids, q.shape[0], g.shape[0], q.device, max_rank, cuhk03)
     rows = _chunk_rows(chunk_size, g.shape[0], q.device, cuhk03)
     blocks = reranked_distance_blocks(q, g, metric, normalize, k1, k2, lambda_value, chunk_size=rows,
-                                      progress=progress, num_threads=num_threads)
+                                      progress=progress, num_threads=num_threads, knn=knn)
     for start, block in blocks:
+        if block_hook is not None:
+            block_hook(start, block)
         with _cpu_threads(q.device, num_threads):
             for s in range(0, block.shape[0], rows):
                 acc.add(start + s, block[s : s + rows])

@@ -31,6 +31,7 @@ import torch
 from ..options import is_int, is_number
 from .distance import ArrayLike, _block, _prepare, as_real_matrix, auto_chunk_rows, torch_threads
 from .knn import RunningTopK
+from .knn_index import KNNOptions, build_index
 
 __all__ = ["check_rerank_args", "re_ranking", "reranked_distance_blocks", "reranked_distance_matrix"]
 
@@ -38,6 +39,7 @@ _TILE = {"cpu": 2048, "other": 8192}  # side of the distance tiles of the neighb
 _ROWS = 4096  # item rows per block of the index work (k-reciprocal sets, expansion)
 _PAIR_BUDGET = 1 << 22  # Jaccard join: (query entry, gallery entry) pairs per block
 _GATHER_BUDGET = 1 << 15  # feature pairs per chunk when gathering distances of index pairs
+_MAX_SAMPLE = 1024  # approximate neighbours: items each item's largest distance is taken over (plus its neighbours)
 
 
 def check_rerank_args(k1, k2, lambda_value, num_items: Optional[int] = None,
@@ -124,6 +126,36 @@ class _FeatureSource:
             if c != a:
                 top.update(d, 0, c, a)
             bar.update(d.numel() * (1 if c == a else 2))
+
+    def approximate_neighbours(self, k: int, knn: KNNOptions, bar) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the exact pass gives (each item's ``k`` nearest, nearest first, their ``|D|``, and its
+        largest ``|D|``) from the ``knn`` backend's index of the N items. The largest distance is taken
+        over the item's neighbours and a fixed sample of ``_MAX_SAMPLE`` items (seeded), not all N."""
+        n = self.x.shape[0]
+        index = build_index(self.x, knn, "euclidean" if self.xn is not None else "cosine")
+        with torch_threads(self.matmul_threads):
+            _, rank = index.search(self.x, k)
+        if bool((rank < 0).any()):
+            raise ValueError(f"knn.backend '{knn.backend}' found fewer than k1 + 1 = {k} neighbours for some items; "
+                             "search more of the index (knn.ivf_nprobe)")
+        rank = rank.to(self.device)
+        me = torch.arange(n, device=self.device)
+        missing = ~(rank == me.unsqueeze(1)).any(1)  # an approximate search may miss the item itself
+        rank[missing, -1] = me[missing]
+        near = self.pair_values(me.repeat_interleave(k), rank.reshape(-1)).abs_().view(n, k)
+        near, order = torch.sort(near, dim=1, stable=True)
+        rank = rank.gather(1, order)
+        bar.update(n * k)
+        sample = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:_MAX_SAMPLE].to(self.device)
+        xs, xns = self.x[sample], None if self.xn is None else self.xn[sample]
+        amax = near[:, -1].clone()
+        rows = max(1, (1 << 22) // sample.numel())
+        for a in range(0, n, rows):
+            b = min(a + rows, n)
+            with torch_threads(self.matmul_threads):
+                d = _block(self.x[a:b], xs, None if self.xn is None else self.xn[a:b], xns)
+            amax[a:b] = torch.maximum(amax[a:b], d.abs_().amax(1))
+        return rank, near, amax
 
     def pair_values(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """``D[i, j]`` for index pairs."""
@@ -279,18 +311,23 @@ class _Progress:
 class _SparseReRanking:
     """Steps 1-5 of the module docstring for one problem; :meth:`block` gives rows of the result."""
 
-    def __init__(self, source, k1: int, k2: int, lambda_value: float, bar):
+    def __init__(self, source, k1: int, k2: int, lambda_value: float, bar, knn: Optional[KNNOptions] = None):
         nq, ng = source.num_q, source.num_g
         n = nq + ng
         dev = source.device
         self.source, self.lambda_value, self.bar = source, lambda_value, bar
-        top = RunningTopK(n, k1 + 1, source.dtype, dev)
-        source.neighbours(top, _TILE["cpu" if dev.type == "cpu" else "other"], bar)
-        if not bool(torch.isfinite(top.amax).all()):
+        if knn is None or knn.backend == "exact":
+            top = RunningTopK(n, k1 + 1, source.dtype, dev)
+            source.neighbours(top, _TILE["cpu" if dev.type == "cpu" else "other"], bar)
+            rank, near = top.ranked()
+            amax = top.amax
+            del top
+        else:  # the knn backend's neighbours (and a sampled largest distance)
+            rank, near, amax = source.approximate_neighbours(k1 + 1, knn, bar)
+        if not bool(torch.isfinite(amax).all()):
             raise ValueError("re-ranking input distances contain non-finite values (inf or NaN)")
-        self.scale = _sq32(top.amax)  # Torchreid's normaliser: max of the squared distances of each column
-        rank, near = top.ranked()
-        del top
+        self.scale = _sq32(amax)  # Torchreid's normaliser: max of the squared distances of each column
+        del amax
 
         er, ec = _expansion_sets(rank, k1)
         weight = torch.exp(-(_sq32(_pair_values(source, rank, near, er, ec)) / self.scale[er]))
@@ -344,7 +381,7 @@ class _SparseReRanking:
 
 
 def _reranked(source, k1: int, k2: int, lambda_value: float, rows: Optional[int], progress: bool,
-              num_threads: Optional[int]) -> Iterator[Tuple[int, torch.Tensor]]:
+              num_threads: Optional[int], knn: Optional[KNNOptions] = None) -> Iterator[Tuple[int, torch.Tensor]]:
     """Yield ``(first query row, float32 block of re-ranked query x gallery distances)``.
 
     On CPU the index work runs with ``num_threads`` torch threads (default 1: its many short ops
@@ -354,10 +391,12 @@ def _reranked(source, k1: int, k2: int, lambda_value: float, rows: Optional[int]
     cpu = source.device.type == "cpu"
     source.matmul_threads = torch.get_num_threads() if cpu else None
     index_threads = (num_threads or 1) if cpu else None
-    bar = _Progress(source.work() + source.num_q * source.num_g, progress)
+    approximate = knn is not None and knn.backend != "exact"
+    n = source.num_q + source.num_g
+    bar = _Progress((n * (k1 + 1) if approximate else source.work()) + source.num_q * source.num_g, progress)
     try:
         with torch.no_grad(), torch_threads(index_threads):
-            state = _SparseReRanking(source, k1, k2, lambda_value, bar)
+            state = _SparseReRanking(source, k1, k2, lambda_value, bar, knn)
             bounds = list(state.bounds(rows or auto_chunk_rows(source.num_g, source.device)))
         for a, b in bounds:
             with torch.no_grad(), torch_threads(index_threads):
@@ -413,18 +452,27 @@ def reranked_distance_blocks(
     chunk_size: Optional[int] = None,
     progress: bool = False,
     num_threads: Optional[int] = None,
+    knn: Optional[KNNOptions] = None,
 ) -> Iterator[Tuple[int, torch.Tensor]]:
     """Yield ``(first query row, block)`` of the re-ranked ``Q x G`` distances that Torchreid's engine
     computes with ``test.rerank True`` (``compute_distance_matrix`` for qg, qq and gg, then
     ``re_ranking``), from features, on their device. Blocks have at most ``chunk_size`` query rows
     (None: automatic); neither a ``Q x G`` nor an ``N x N`` matrix is held. Inputs are checked at the
     call. On CPU the distance products use torch's thread setting, the rest ``num_threads`` threads
-    (default 1)."""
+    (default 1).
+
+    ``knn`` (:class:`~torchreid_ext.metrics.knn_index.KNNOptions`): where its backend is not ``exact``,
+    each item's ``k1 + 1`` nearest come from that k-NN index of the N items instead of the exact blocked
+    pass over all ``N x N`` distances, and the largest distance each item is normalised by is taken over
+    its neighbours and a fixed sample of items (``_MAX_SAMPLE``), not over all N; the rest is unchanged.
+    Approximate, and much faster for large N (the exact pass grows with N^2); ``exact`` or None: the
+    exact pass, as Torchreid."""
     q, g, qn, gn = _prepare(qf, gf, metric, normalize)
     check_rerank_args(k1, k2, lambda_value, q.shape[0] + g.shape[0])
     if chunk_size is not None and (not is_int(chunk_size) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-    return _reranked(_FeatureSource(q, g, qn, gn), k1, k2, float(lambda_value), chunk_size, progress, num_threads)
+    return _reranked(_FeatureSource(q, g, qn, gn), k1, k2, float(lambda_value), chunk_size, progress, num_threads,
+                     knn)
 
 
 @torch.no_grad()
@@ -436,8 +484,9 @@ def reranked_distance_matrix(
     k1: int = 20,
     k2: int = 6,
     lambda_value: float = 0.3,
+    knn: Optional[KNNOptions] = None,
 ) -> np.ndarray:
     """The full re-ranked ``Q x G`` matrix of :func:`reranked_distance_blocks` (float32 numpy; for rank
     lists; evaluation should stream the blocks instead)."""
-    blocks = reranked_distance_blocks(qf, gf, metric, normalize, k1, k2, lambda_value)
+    blocks = reranked_distance_blocks(qf, gf, metric, normalize, k1, k2, lambda_value, knn=knn)
     return np.concatenate([block.cpu().numpy() for _, block in blocks])

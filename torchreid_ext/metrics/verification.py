@@ -27,20 +27,22 @@ import json
 import math
 import os.path as osp
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Iterator, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from ..errors import DeployInputError, InputNotFound
 from ..options import is_number
-from .distance import ArrayLike, _blocks, _check_chunk, _prepare, as_real_matrix, auto_chunk_rows
+from .distance import ArrayLike, _block, _blocks, _check_chunk, _prepare, as_real_matrix, auto_chunk_rows
 from .rank import LabelLike, _as_labels
 
-__all__ = ["FPRS", "VerificationResult", "fpr_key", "read_verification", "threshold_from_metrics",
-           "verification_from_features", "verification_line", "verification_metrics"]
+__all__ = ["FPRS", "VerificationPasses", "VerificationResult", "fpr_key", "read_verification",
+           "second_pass_from_features", "threshold_from_metrics", "verification_from_features", "verification_line",
+           "verification_metrics"]
 
 FPRS = (1e-4, 1e-3, 1e-2)  # the false positive rates FastReID reports
+_TABLE_BITS = 20  # about 2^20 bins over the positives' range (_BelowCounter)
 
 
 def fpr_key(fpr: float) -> str:
@@ -134,10 +136,15 @@ class _Labels:
         self.num_positive = int(same.sum())
         self.num_negative = int(cross.sum()) - self.num_positive
 
-    def masks(self, start: int, stop: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def positive(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop``: same pid, other camera."""
         same_pid = self.q_pids[start:stop].unsqueeze(1) == self.g_pids.unsqueeze(0)
-        cross = self.q_cams[start:stop].unsqueeze(1) != self.g_cams.unsqueeze(0)
-        return same_pid & cross, cross & ~same_pid
+        return same_pid.logical_and_(self.q_cams[start:stop].unsqueeze(1) != self.g_cams.unsqueeze(0))
+
+    def not_negative(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop``: same pid or same camera (everything but the negatives)."""
+        same_pid = self.q_pids[start:stop].unsqueeze(1) == self.g_pids.unsqueeze(0)
+        return same_pid.logical_or_(self.q_cams[start:stop].unsqueeze(1) == self.g_cams.unsqueeze(0))
 
 
 class _Smallest:
@@ -169,70 +176,152 @@ class _Smallest:
         return torch.sort(self.parts[0]).values
 
 
-def _pass_one(blocks: Iterator[Tuple[int, torch.Tensor]], labels: _Labels) -> torch.Tensor:
-    """Sorted positive distances."""
-    found = []
-    for start, d in blocks:
-        _check_nan(d, start)
-        pos, _ = labels.masks(start, start + d.shape[0])
-        found.append(d[pos])
-    return torch.sort(torch.cat(found)).values
-
-
 def _check_nan(d: torch.Tensor, start: int) -> None:
     if torch.isnan(d.amax()):
         bad = torch.isnan(d).nonzero()[0].tolist()
         raise ValueError(f"distmat contains NaN (first at query {start + bad[0]}, gallery {bad[1]})")
 
 
-def _pass_two(blocks: Iterator[Tuple[int, torch.Tensor]], labels: _Labels, pos: torch.Tensor,
-              keep: int) -> Tuple[int, int, torch.Tensor]:
-    """(#(pos, neg) pairs with d_pos < d_neg, #pairs with d_pos == d_neg, the ``keep`` smallest
-    negative distances, sorted)."""
-    num_pos = pos.numel()
-    lo_edge, hi_edge = pos[0], pos[-1]
-    less = ties = 0
-    smallest = _Smallest(keep)
-    for start, d in blocks:
-        _, neg_mask = labels.masks(start, start + d.shape[0])
-        neg = d[neg_mask]
-        del neg_mask
-        smallest.add(neg)
-        above = neg > hi_edge  # every positive is below it
-        less += int(above.sum()) * num_pos
-        mid = neg[(neg >= lo_edge) & ~above]  # those below the smallest positive count 0
-        if mid.numel():
-            below = torch.searchsorted(pos, mid)  # #positives < n
-            less += int(below.sum())
-            cand = (below < num_pos).nonzero().squeeze(1)
-            tie = cand[pos[below[cand]] == mid[cand]]  # equal to the positive just above
+def _as_block(d: torch.Tensor) -> torch.Tensor:
+    """Distances as the passes compare them: float32 or float64 (half precision widened, exactly)."""
+    if not d.is_floating_point():
+        return d.double()
+    return d.float() if d.dtype in (torch.float16, torch.bfloat16) else d
+
+
+def _keys(d: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Integers in the order of the values (int32 for float32, int64 for float64), into ``out`` if
+    given. -0.0 gets the key -1, +0.0 the key 0 (:class:`_BelowCounter` treats the two as equal)."""
+    wide = d.dtype == torch.float64
+    b = d.view(torch.int64 if wide else torch.int32)
+    k = torch.bitwise_right_shift(b, 63 if wide else 31, out=out)
+    return k.bitwise_and_(0x7FFFFFFFFFFFFFFF if wide else 0x7FFFFFFF).bitwise_xor_(b)
+
+
+class _BelowCounter:
+    """Sum over negatives of #(positives < n) and #(positives == n), exactly, without a search per item.
+
+    The positives' range of keys (:func:`_keys`) is cut into at most about 2^_TABLE_BITS bins aligned
+    to a power of two (``key >> shift``); a negative's bin is counted in a histogram (slot 0: below the
+    range, no positive below; the last: above it, all). A bin that holds no positive has the same count
+    below for every value in it, so the histogram times that count is exact; only the negatives in the
+    few bins that hold a positive (0.3% of them at the Market shape) are searched among the positives.
+    """
+
+    def __init__(self, pos: torch.Tensor, num_negative: int):
+        self.pos, dev = pos, pos.device
+        kp = _keys(pos + 0.0).long()  # + 0.0: a positive -0.0 is 0.0, key 0
+        lo, hi = int(kp[0]), int(kp[-1])
+        has_zero = bool((pos == 0).any())
+        if has_zero:  # a negative -0.0 (key -1) must land in a searched bin, as a tie with the positive 0.0
+            lo = min(lo, -1)
+        bits = min(_TABLE_BITS, max(4, num_negative.bit_length() - 3))  # tables no larger than the data
+        self.shift = shift = max(0, (hi - lo).bit_length() - bits)
+        base = lo >> shift
+        bins = (hi >> shift) - base + 1
+        small, large = (-2 ** 31, 2 ** 31 - 1) if pos.dtype == torch.float32 else (-2 ** 63, 2 ** 63 - 1)
+        n = pos.numel()
+        zero = torch.zeros(1, dtype=torch.int64, device=dev)
+        starts = (torch.arange(bins, device=dev, dtype=torch.int64) + base).bitwise_left_shift_(shift)  # <= hi
+        below = torch.cat([torch.searchsorted(kp, starts), zero + n])  # positives below each bin's first key
+        # slots: 0 below the range, 1..bins the bins, bins + 1 above, bins + 2 not a negative
+        self.below = torch.cat([zero, below[:-1], zero + n, zero])
+        self.hot = torch.cat([zero, below[1:] - below[:-1], zero, zero]) > 0
+        if has_zero:
+            self.hot[1 + ((-1) >> shift) - base] = True  # the bin of -0.0 (that of 0.0 holds a positive)
+        self.dump = bins + 2
+        # keys clamped to one bin below / above the range, so that (key >> shift) - (base - 1) is a slot in
+        # [0, bins + 1] and nothing overflows (where "one bin above" is past the key type's largest value,
+        # items above the range fall in the last bin, which holds a positive: searched, so still exact)
+        self.clamp = (max((base - 1) << shift, small), min((base + bins) << shift, large))
+        self.offset = base - 1
+        self.hist = torch.zeros(bins + 3, dtype=torch.int64, device=dev)
+        self.less_hot = self.ties = 0
+        self._buffer: Optional[torch.Tensor] = None
+
+    def add(self, d: torch.Tensor, not_negative: torch.Tensor) -> None:
+        """Count the negatives of block ``d`` (the items where ``not_negative`` is False)."""
+        dtype = torch.int64 if d.dtype == torch.float64 else torch.int32
+        if self._buffer is None or self._buffer.shape != d.shape or self._buffer.dtype != dtype:
+            self._buffer = torch.empty(d.shape, dtype=dtype, device=d.device)  # reused: blocks share a shape
+        k = _keys(d, out=self._buffer).clamp_(*self.clamp).bitwise_right_shift_(self.shift).sub_(self.offset)
+        flat = k.masked_fill_(not_negative, self.dump).view(-1)
+        self.hist += torch.bincount(flat, minlength=self.hist.numel())
+        vals = d[self.hot.index_select(0, flat).view(d.shape)]
+        if vals.numel():
+            pos = self.pos
+            below = torch.searchsorted(pos, vals)  # #positives < n
+            self.less_hot += int(below.sum())
+            cand = (below < pos.numel()).nonzero().squeeze(1)
+            tie = cand[pos[below[cand]] == vals[cand]]  # equal to the positive just above
             if tie.numel():
-                ties += int((torch.searchsorted(pos, mid[tie], right=True) - below[tie]).sum())
-    return less, ties, smallest.sorted()
+                self.ties += int((torch.searchsorted(pos, vals[tie], right=True) - below[tie]).sum())
+
+    def totals(self) -> Tuple[int, int]:
+        """(#(pos, neg) pairs with d_pos < d_neg, #pairs with d_pos == d_neg)."""
+        cold = (self.hist * torch.where(self.hot, 0, self.below))[: self.dump].sum()
+        return int(cold) + self.less_hot, self.ties
 
 
-def _result(blocks, labels: _Labels, fprs: Tuple[float, ...]) -> VerificationResult:
-    """Both passes; ``blocks()`` yields the same ``(first row, block)`` sequence on every call."""
-    n_pos, n_neg = labels.num_positive, labels.num_negative
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError(f"verification needs same-person and different-person pairs across cameras; found "
-                         f"{n_pos} same-person and {n_neg} different-person pairs")
-    allowed = {f: _allowed(f, n_neg) for f in fprs}
-    pos = _pass_one(blocks(), labels)
-    less, ties, neg = _pass_two(blocks(), labels, pos, max(allowed.values()) + 1)
-    auc = (2 * less + ties) / (2 * n_pos * n_neg)
-    at_fpr = {}
-    for f in fprs:
-        v = neg[allowed[f]]  # the first negative the limit does not allow
-        j = int(torch.searchsorted(pos, v.reshape(1)))  # positives below v
-        i = int(torch.searchsorted(neg, v.reshape(1)))  # negatives below v
-        below = [x for x in (pos[j - 1] if j else None, neg[i - 1] if i else None) if x is not None]
-        if below:
-            threshold = float(torch.maximum(*below) if len(below) == 2 else below[0])
-        else:
-            threshold = float(torch.nextafter(v, torch.tensor(-math.inf, dtype=v.dtype, device=v.device)))
-        at_fpr[f] = (j / n_pos, threshold)
-    return VerificationResult(roc_auc=float(auc), num_positive=n_pos, num_negative=n_neg, at_fpr=at_fpr)
+class VerificationPasses:
+    """E6 over blocks of query rows of a distance matrix, in two passes that must see the same values:
+    :meth:`first` with every block (the positive distances), then :meth:`second` with the same blocks
+    (the negatives: counted against the positives, the smallest kept), then :meth:`result`.
+
+    Lets the evaluator feed the first pass from its own ranking pass (``evaluate_features``'s
+    ``block_hook``), then recompute the blocks it saw (:attr:`bounds`) for the second.
+    """
+
+    def __init__(self, q_pids: LabelLike, g_pids: LabelLike, q_camids: LabelLike, g_camids: LabelLike,
+                 num_query: int, num_gallery: int, device: torch.device, fprs: Sequence[float] = FPRS):
+        self.fprs = _check_fprs(fprs)
+        self.labels = _Labels(q_pids, g_pids, q_camids, g_camids, num_query, num_gallery, torch.device(device))
+        n_pos, n_neg = self.labels.num_positive, self.labels.num_negative
+        if n_pos == 0 or n_neg == 0:
+            raise ValueError(f"verification needs same-person and different-person pairs across cameras; found "
+                             f"{n_pos} same-person and {n_neg} different-person pairs")
+        self.allowed = {f: _allowed(f, n_neg) for f in self.fprs}
+        self.bounds: list = []  # (first row, end row) of each block of the first pass
+        self._found: list = []
+        self._pos = self._counter = self._smallest = None
+
+    def first(self, start: int, block: torch.Tensor) -> None:
+        d = _as_block(block)
+        _check_nan(d, start)
+        self._found.append(d[self.labels.positive(start, start + d.shape[0])])
+        self.bounds.append((start, start + d.shape[0]))
+
+    def second(self, start: int, block: torch.Tensor) -> None:
+        d = _as_block(block)
+        if self._pos is None:
+            self._pos = torch.sort(torch.cat(self._found)).values
+            self._found = []
+            self._counter = _BelowCounter(self._pos, self.labels.num_negative)
+            self._smallest = _Smallest(max(self.allowed.values()) + 1)
+        other = self.labels.not_negative(start, start + d.shape[0])
+        self._counter.add(d, other)
+        tau = self._smallest.tau  # only values below the k-th smallest so far can enter
+        self._smallest.add(d[~other if tau is None else torch.lt(d, tau).masked_fill_(other, False)])
+
+    def result(self) -> VerificationResult:
+        pos, n_pos, n_neg = self._pos, self.labels.num_positive, self.labels.num_negative
+        if pos is None or pos.numel() != n_pos:
+            raise RuntimeError("VerificationPasses: both passes must see every block")
+        less, ties = self._counter.totals()
+        neg = self._smallest.sorted()
+        auc = (2 * less + ties) / (2 * n_pos * n_neg)
+        at_fpr = {}
+        for f in self.fprs:
+            v = neg[self.allowed[f]]  # the first negative the limit does not allow
+            j = int(torch.searchsorted(pos, v.reshape(1)))  # positives below v
+            i = int(torch.searchsorted(neg, v.reshape(1)))  # negatives below v
+            below = [x for x in (pos[j - 1] if j else None, neg[i - 1] if i else None) if x is not None]
+            if below:
+                threshold = float(torch.maximum(*below) if len(below) == 2 else below[0])
+            else:
+                threshold = float(torch.nextafter(v, torch.tensor(-math.inf, dtype=v.dtype, device=v.device)))
+            at_fpr[f] = (j / n_pos, threshold)
+        return VerificationResult(roc_auc=float(auc), num_positive=n_pos, num_negative=n_neg, at_fpr=at_fpr)
 
 
 @torch.no_grad()
@@ -248,17 +337,13 @@ def verification_metrics(
     """ROC AUC, and TPR and distance threshold at each of ``fprs``, of the cross-camera pairs of a
     query x gallery distance matrix (numpy or torch, any device; the work runs there). Works a block of
     ``chunk_size`` query rows at a time (None: automatic); NaN distances raise ``ValueError``."""
-    fprs = _check_fprs(fprs)
     d = as_real_matrix(distmat, "distmat", "num_query x num_gallery")  # no copy: read a block at a time
-    if not d.is_floating_point():
-        d = d.double()
-    labels = _Labels(q_pids, g_pids, q_camids, g_camids, d.shape[0], d.shape[1], d.device)
+    passes = VerificationPasses(q_pids, g_pids, q_camids, g_camids, d.shape[0], d.shape[1], d.device, fprs)
     rows = auto_chunk_rows(d.shape[1], d.device) if chunk_size is None else _check_chunk(chunk_size)
-
-    def blocks():
-        return ((s, d[s:s + rows]) for s in range(0, d.shape[0], rows))
-
-    return _result(blocks, labels, fprs)
+    for step in (passes.first, passes.second):
+        for s in range(0, d.shape[0], rows):
+            step(s, d[s:s + rows])
+    return passes.result()
 
 
 @torch.no_grad()
@@ -277,11 +362,25 @@ def verification_from_features(
     """:func:`verification_metrics` of ``compute_distance_matrix(qf, gf, metric, normalize)`` (squared
     Euclidean or 1 - cos, as the evaluator ranks by), computed a block of query rows at a time: the
     matrix never exists."""
-    fprs = _check_fprs(fprs)
     q, g, qn, gn = _prepare(qf, gf, metric, normalize)
-    labels = _Labels(q_pids, g_pids, q_camids, g_camids, q.shape[0], g.shape[0], q.device)
+    passes = VerificationPasses(q_pids, g_pids, q_camids, g_camids, q.shape[0], g.shape[0], q.device, fprs)
     rows = auto_chunk_rows(g.shape[0], q.device) if chunk_size is None else _check_chunk(chunk_size)
-    return _result(lambda: _blocks(q, g, qn, gn, rows), labels, fprs)
+    for start, block in _blocks(q, g, qn, gn, rows):
+        passes.first(start, block)
+    return second_pass_from_features(passes, qf, gf, metric, normalize)
+
+
+@torch.no_grad()
+def second_pass_from_features(passes: VerificationPasses, qf: ArrayLike, gf: ArrayLike, metric: str = "euclidean",
+                              normalize: bool = False) -> VerificationResult:
+    """Finish ``passes`` whose first pass saw ``iter_distance_chunks(qf, gf, metric, normalize, ...)``-style
+    blocks (e.g. through ``evaluate_features(..., block_hook=passes.first)``): the same blocks
+    (:attr:`VerificationPasses.bounds`) are computed again, with the same function and shapes, so the
+    same values, for the second pass."""
+    q, g, qn, gn = _prepare(qf, gf, metric, normalize)
+    for a, b in passes.bounds:
+        passes.second(a, _block(q[a:b], g, None if qn is None else qn[a:b], gn))
+    return passes.result()
 
 
 # ----------------------------------------------------------------------------------------------
