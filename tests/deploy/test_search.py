@@ -422,7 +422,7 @@ def test_non_image_and_over_size_files(env, capsys, monkeypatch):
     fake.write_text("not an image either")
     _fails(env, _argv(env, query=[str(fake)]), capsys, monkeypatch, "cannot read image file", "fake.jpg")
     bomb = _png_declaring(env["tmp"] / "bomb.png", 60000, 60000)
-    _fails(env, _argv(env, query=[bomb]), capsys, monkeypatch, "bomb.png", "limit")
+    _fails(env, _argv(env, query=[bomb]), capsys, monkeypatch, "bomb.png", "60000x60000", "data.max_image_side")
     wide = env["tmp"] / "wide.png"
     Image.new("RGB", (200, 20)).save(wide)
     _fails(env, _argv(env, "data.max_image_side", "128", query=[str(wide)]), capsys, monkeypatch,

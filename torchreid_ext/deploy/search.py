@@ -184,7 +184,8 @@ def top_matches(qf: np.ndarray, gf: np.ndarray, k: int, options, knn_options,
                 exclude: Optional[Sequence[int]] = None) -> TopK:
     """Each query's k nearest gallery items under the evaluation ``options`` (AQE, normalisation,
     ``dist_metric``, re-ranking); ``exclude[q]`` (a gallery index, or -1) is never returned (the
-    query's own file). Without re-ranking the neighbours come from ``knn_options``' index."""
+    query's own file). The neighbours come from ``knn_options``' index (re-ranking's neighbour
+    step too)."""
     from ..metrics.distance import compute_distance_matrix
     from ..metrics.evaluation import ranking_features
     from ..metrics.rerank import reranked_distance_matrix
@@ -193,7 +194,7 @@ def top_matches(qf: np.ndarray, gf: np.ndarray, k: int, options, knn_options,
     q, g = ranking_features(qf, gf, options)
     if options.rerank:
         dist = reranked_distance_matrix(q, g, options.dist_metric, k1=options.rerank_k1, k2=options.rerank_k2,
-                                        lambda_value=options.rerank_lambda).astype(np.float64)
+                                        lambda_value=options.rerank_lambda, knn=knn_options).astype(np.float64)
         dist[np.flatnonzero(exclude >= 0), exclude[exclude >= 0]] = np.inf
         idx = np.argsort(dist, axis=1, kind="stable")[:, :k]
         plain = np.stack([compute_distance_matrix(q[i:i + 1], g[torch.from_numpy(idx[i]).to(g.device)],
