@@ -45,7 +45,7 @@ import torchvision
 from torchvision.models.resnet import Bottleneck
 from torchvision.ops.misc import Conv2dNormActivation
 
-from ..checkpoint import strip_module_prefix
+from ..checkpoint import load_state_dict_from_url, strip_module_prefix
 from ..errors import BackboneWeightsError
 from ..options import ConfigOptions
 from ..losses import get_loss, loss_names
@@ -284,7 +284,7 @@ def _imagenet_state_dict() -> Tuple[Mapping[str, torch.Tensor], str]:
         if os.path.isfile(path):
             return _read_state_dict(path, what="cached ImageNet weights"), path
     try:
-        state = weights.get_state_dict(progress=True, check_hash=True)
+        state = load_state_dict_from_url(weights.url, progress=True, check_hash=True)  # through the safe loader
     except (OSError, urllib.error.URLError) as exc:  # offline: DNS / connection / HTTP errors
         raise BackboneWeightsError(
             f"Could not download the ImageNet ResNet50 weights from {weights.url} ({exc}). "
