@@ -35,7 +35,7 @@ from .data.image_list import ImageListSpec, register_config_datasets, scan_image
 from .memory import check_memory, meta_model
 from .models import available_models
 from .savedir import check_writable
-from .torchrun import env_world_size
+from .torchrun import env_local_rank, env_world_size
 
 __all__ = ["preflight", "check_names", "check_torchrun", "check_weights_file", "check_msgr_stages",
            "check_memory_need", "check_datasets"]
@@ -91,7 +91,9 @@ def check_memory_need(cfg) -> None:
     """Training at ``train.batch_size`` and evaluating at ``test.batch_size``, at ``data.height`` x
     ``data.width``, fit in the memory of the device the run uses (:func:`torchreid_ext.memory.check_memory`:
     parameters and activations, measured on the meta device)."""
-    device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
+    # under torchrun each process trains on its own GPU (LOCAL_RANK) with train.batch_size images
+    gpu = cfg.use_gpu and torch.cuda.is_available()
+    device = torch.device("cuda", env_local_rank() % torch.cuda.device_count()) if gpu else torch.device("cpu")
     size = f"{cfg.data.height}x{cfg.data.width}"
     steps = [] if cfg.test.evaluate else [
         (cfg.train.batch_size, True, f"training '{cfg.model.name}' at {size} with train.batch_size = "
