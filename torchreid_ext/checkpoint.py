@@ -36,6 +36,7 @@ import torch
 from .errors import CheckpointError, DiskFullError, InputNotFound
 from .distributed import unwrap_model
 from .files import atomic_output, missing_file_reason
+from .options import is_int, is_number
 
 logger = logging.getLogger(__name__)
 
@@ -218,14 +219,6 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:60] + " ..."
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-
-
 def state_dict_of(ckpt: Any, path: str) -> "OrderedDict[str, Any]":
     """The state dict of a loaded checkpoint (its ``state_dict``, else the dict itself) with the
     ``module.`` prefix stripped; a :class:`CheckpointError` unless it is a dict with string keys."""
@@ -279,12 +272,12 @@ def check_checkpoint(ckpt: Any, path: str, resume: bool = False) -> Dict[str, An
     def bad(key: str, allowed: str) -> CheckpointError:
         return CheckpointError(f"Checkpoint '{path}': '{key}' = {_show(ckpt[key])} is not valid; expected {allowed}")
 
-    if "epoch" in ckpt and not (_is_int(ckpt["epoch"]) and ckpt["epoch"] >= 0):
+    if "epoch" in ckpt and not (is_int(ckpt["epoch"]) and ckpt["epoch"] >= 0):
         raise bad("epoch", "the number of finished epochs, an integer >= 0")
-    if ckpt.get("max_epoch") is not None and not (_is_int(ckpt["max_epoch"]) and ckpt["max_epoch"] >= 0):
+    if ckpt.get("max_epoch") is not None and not (is_int(ckpt["max_epoch"]) and ckpt["max_epoch"] >= 0):
         raise bad("max_epoch", "an integer >= 0 or None")
-    for key, check, allowed in (("rank1", _is_number, "a number"), ("train_seconds", _is_number, "a number >= 0"),
-                                ("train_images", _is_int, "an integer >= 0")):
+    for key, check, allowed in (("rank1", is_number, "a number"), ("train_seconds", is_number, "a number >= 0"),
+                                ("train_images", is_int, "an integer >= 0")):
         if key in ckpt and not (check(ckpt[key]) and (key == "rank1" or ckpt[key] >= 0)):
             raise bad(key, allowed)
     if "history" in ckpt and not (isinstance(ckpt["history"], list) and all(isinstance(e, dict) for e in ckpt["history"])):
