@@ -147,6 +147,9 @@ def _checkpoint(env: Env, name: str, change: Callable[[dict], dict]) -> str:
     return path
 
 
+CONV1 = "conv1.conv.weight"  # a tensor of OSNet's
+
+
 def _with_key(ckpt: dict, key, value) -> dict:
     return {**ckpt, key: value}
 
@@ -335,7 +338,8 @@ CASES = [
          lambda e: (lambda w: _export(e, "--weights", w, "--out", w))(_copy(e, e.weights, "w.pth")),
          ("is also this command's weights file",)),
     Case("i31-3-export-out-is-config", "export",
-         lambda e: (lambda c: ["--config", c, *_export(e, "--out", c)])(_text(e, "c.yaml", b"model:\n  name: osnet_x0_25\n")),
+         lambda e: (lambda c: ["--config", c, *_export(e, "--out", c)])(
+             _text(e, "c.yaml", b"model:\n  name: osnet_x0_25\n")),
          ("is also this command's --config",)),
     Case("i31-3-extract-over-checkpoint", "extract",
          lambda e: _extract(e, "--out", _copy(e, e.weights, "other.pth")),
@@ -350,14 +354,14 @@ CASES = [
     # 10: crafted checkpoint contents, refused when read, before any training
     Case("i31-10-int-key-load-weights", "main",
          lambda e: e.opts(**{"model.load_weights": _checkpoint(
-             e, "k.pth", lambda c: _with_key(c, "state_dict", {**c["state_dict"], 5: c["state_dict"]["conv1.conv.weight"]}))}),
+             e, "k.pth", lambda c: _with_key(c, "state_dict", {**c["state_dict"], 5: c["state_dict"][CONV1]}))}),
          ("k.pth': its 'state_dict' has the key 5 (int)",)),
     Case("i31-10-int-key-weights", "extract",
-         lambda e: _extract(e, "--weights", _checkpoint(e, "k.pth", lambda c: {1: c["state_dict"]["conv1.conv.weight"]})),
+         lambda e: _extract(e, "--weights", _checkpoint(e, "k.pth", lambda c: {1: c["state_dict"][CONV1]})),
          ("k.pth': it has the key 1 (int)",)),
     Case("i31-10-int-key-resume", "main",
          lambda e: e.opts(**{"model.resume": _checkpoint(
-             e, "k.pth", lambda c: _with_key(c, "state_dict", {7: c["state_dict"]["conv1.conv.weight"]}))}),
+             e, "k.pth", lambda c: _with_key(c, "state_dict", {7: c["state_dict"][CONV1]}))}),
          ("k.pth': its 'state_dict' has the key 7 (int)",)),
     Case("i31-10-epoch-text", "main",
          lambda e: e.opts(**{"model.resume": _checkpoint(e, "e.pth", lambda c: _with_key(c, "epoch", "abc"))}),
@@ -387,7 +391,8 @@ CASES = [
          ("export of 'osnet_x0_25' at", "needs at least", "inference activations", "lower --height / --width")),
     # 12: messages and leftovers
     Case("i31-12-load-weights-no-fit", "main",
-         lambda e: e.opts(**{"model.load_weights": _checkpoint(e, "n.pth", lambda c: {"head.weight": c["state_dict"]["conv1.conv.weight"]})}),
+         lambda e: e.opts(**{"model.load_weights": _checkpoint(
+             e, "n.pth", lambda c: {"head.weight": c["state_dict"][CONV1]})}),
          ("does not fit model 'osnet_x0_25': no tensor matches",)),
     Case("i31-12-resume-no-fit", "main",
          lambda e: e.opts(**{"model.resume": _checkpoint(e, "n.pth", lambda c: _with_key(

@@ -280,7 +280,8 @@ def check_checkpoint(ckpt: Any, path: str, resume: bool = False) -> Dict[str, An
                                 ("train_images", is_int, "an integer >= 0")):
         if key in ckpt and not (check(ckpt[key]) and (key == "rank1" or ckpt[key] >= 0)):
             raise bad(key, allowed)
-    if "history" in ckpt and not (isinstance(ckpt["history"], list) and all(isinstance(e, dict) for e in ckpt["history"])):
+    history = ckpt.get("history", [])
+    if not (isinstance(history, list) and all(isinstance(e, dict) for e in history)):
         raise bad("history", "a list of per-evaluation dicts")
     opt = ckpt.get("optimizer")
     if opt is not None and not (

@@ -71,8 +71,9 @@ def _meminfo(key: str) -> Optional[int]:
 
 def _cgroup_room() -> Optional[int]:
     """The cgroup's memory limit less its usage (v2, else v1), or None when unlimited."""
+    v1 = "/sys/fs/cgroup/memory/memory."
     for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+                         (v1 + "limit_in_bytes", v1 + "usage_in_bytes")):
         top, used = _read_int(limit), _read_int(usage)
         if top is not None and used is not None and top < 2 ** 60:
             return max(top - used, 0)
@@ -99,7 +100,8 @@ def available_memory(device: Optional[torch.device] = None) -> Tuple[Optional[in
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free, f"free on GPU {torch.cuda.get_device_name(device)}"
-    limits = [(_meminfo("MemAvailable"), "available on this machine"), (_cgroup_room(), "left under the cgroup's limit"),
+    limits = [(_meminfo("MemAvailable"), "available on this machine"),
+              (_cgroup_room(), "left under the cgroup's limit"),
               (_address_space_room(), "left under ulimit -v")]
     found = [(n, where) for n, where in limits if n is not None]
     return min(found) if found else (None, "")
