@@ -385,24 +385,32 @@ def test_silencing_the_package_logger_quiets_the_console_not_the_log_file(tiny, 
 
 
 def test_a_failed_runs_log_records_the_error(tiny, tmp_path, capsys, monkeypatch):
-    bad = tmp_path / "weights.pth"  # a readable checkpoint that fits no model: found after the log opens
-    torch.save({"state_dict": {"not_a_layer.weight": torch.zeros(3)}}, bad)
+    """Bad input found once the run has started (here: while training) is the same one line in the
+    log file; a bug is its traceback there. Weights that do not fit are found before the log opens
+    (tests/test_cli_defects.py): no save dir is left."""
+    from torchreid_ext.engines.base import ReIDEngine
+    from torchreid_ext.errors import DatasetError
+
+    def bad_input(self, *args, **kwargs):
+        raise DatasetError("image 'x.jpg' became unreadable during training")
+
+    monkeypatch.setattr(ReIDEngine, "run", bad_input)
     save = str(tmp_path / "run")
-    code, err = cli_exit(tiny(save_dir=save, **{"model.load_weights": str(bad)}), capsys)
+    code, err = cli_exit(tiny(save_dir=save), capsys)
     line = err.strip().replace(" (set TORCHREID_EXT_TRACEBACK=1 for the traceback)", "")
-    assert code == 2 and line.startswith("error: ") and f"'{bad}'" in line
+    assert code == 2 and line == "error: image 'x.jpg' became unreadable during training"
     log = the_log(save)
     assert line + "\n" in log and "Traceback" not in log  # the same one line, in the log file too
 
     def boom(*args, **kwargs):
-        raise RuntimeError("boom in build_optimizer")
+        raise RuntimeError("boom in the engine")
 
-    monkeypatch.setattr(cli, "build_optimizer", boom)
+    monkeypatch.setattr(ReIDEngine, "run", boom)
     save = str(tmp_path / "run2")
     with pytest.raises(RuntimeError, match="boom"):
         cli.train(tiny(save_dir=save))
     log = the_log(save)
-    assert "Traceback (most recent call last)" in log and "RuntimeError: boom in build_optimizer" in log
+    assert "Traceback (most recent call last)" in log and "RuntimeError: boom in the engine" in log
 
 
 def test_a_full_disk_during_training_is_one_line_and_keeps_earlier_checkpoints(tiny, tmp_path, capsys, monkeypatch):

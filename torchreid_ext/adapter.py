@@ -13,10 +13,11 @@ and never imports a Torchreid submodule itself.
 from __future__ import annotations
 
 import importlib
+import pkgutil
 import warnings
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 from .errors import TorchreidNotFound
 
@@ -54,6 +55,12 @@ class TorchreidAPI:
 
     def image_datasets(self) -> Dict[str, type]:
         return vars(self.datasets)["__image_datasets"]
+
+    def model_modules(self) -> List[ModuleType]:
+        """The modules defining Torchreid's models (``<prefix>.models.<name>``: resnet, osnet ...), which
+        read their ImageNet weights themselves (``model_zoo.load_url``, ``torch.load``)."""
+        names = [info.name for info in pkgutil.iter_modules(getattr(self.models, "__path__", []))]
+        return [importlib.import_module(f"{self.models.__name__}.{name}") for name in sorted(names)]
 
     def submodule(self, name: str) -> ModuleType:
         """Import ``<prefix>.<name>``, e.g. ``submodule('metrics.rank')``."""

@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import glob
 import logging
+import os
 import os.path as osp
 import pickle
 import random
 import re
+import zipfile
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Optional, Sequence, Union
+from typing import IO, Any, Callable, Dict, Optional, Sequence, Union
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -33,6 +36,7 @@ import torch
 from .errors import CheckpointError, DiskFullError, InputNotFound
 from .distributed import unwrap_model
 from .files import atomic_output, missing_file_reason
+from .options import is_int, is_number
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +46,11 @@ __all__ = [
     "atomic_write_bytes",
     "save_checkpoint",
     "load_checkpoint",
+    "is_torchscript",
+    "torch_load",
+    "check_checkpoint",
+    "state_dict_of",
+    "load_state_dict_from_url",
     "capture_rng_state",
     "restore_rng_state",
     "seed_epoch",
@@ -101,6 +110,26 @@ def save_checkpoint(state: Dict[str, Any], path: str) -> str:
     return path
 
 
+def _torch_problem(exc: BaseException) -> str:
+    """torch's reason for a failed load, short and on one line, without its advice to retry with
+    ``weights_only=False`` (that would run code from the file)."""
+    sentences = re.split(r"(?<=[.!?])\s+", " ".join(str(exc).split()))
+    kept = [s for s in sentences if "weights_only" not in s and "arbitrary code" not in s and "trusted source" not in s]
+    text = " ".join(kept) or type(exc).__name__
+    return text if len(text) <= 200 else text[:200] + " ..."
+
+
+def is_torchscript(path: str) -> bool:
+    """Whether ``path`` is a TorchScript archive (``torch.jit.save``: a zip with ``code/`` and
+    ``constants.pkl``), i.e. an exported model, not a checkpoint."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
+
+
 def _not_a_checkpoint(path: str, exc: BaseException) -> str:
     """What the file at ``path`` is, for a load that failed with ``exc``: empty, text, a damaged
     zip archive or pickle, or something else."""
@@ -109,9 +138,10 @@ def _not_a_checkpoint(path: str, exc: BaseException) -> str:
     if not head:
         return "is empty (0 bytes), not a weights file"
     if head.startswith(b"PK\x03\x04"):
-        return f"is a zip archive that is not a readable PyTorch checkpoint (truncated or damaged?): {exc}"
+        return ("is a zip archive that is not a readable PyTorch checkpoint (truncated or damaged?): "
+                f"{_torch_problem(exc)}")
     if head[:1] == b"\x80":
-        return f"is a pickle that is not a readable PyTorch checkpoint (truncated or damaged?): {exc}"
+        return f"is a pickle that is not a readable PyTorch checkpoint (truncated or damaged?): {_torch_problem(exc)}"
     try:
         text = head.decode("utf-8")
     except UnicodeDecodeError:
@@ -126,6 +156,10 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
     path = osp.abspath(osp.expanduser(path))
     if not osp.isfile(path):
         raise InputNotFound(f"Checkpoint '{path}' {missing_file_reason(path)}")
+    if is_torchscript(path):
+        raise CheckpointError(f"Checkpoint '{path}' is a TorchScript module (an exported model, e.g. written by "
+                              "export --format torchscript), not a checkpoint of weights; give the checkpoint "
+                              "(model.pth.tar-N) it was exported from")
     try:
         with torch.serialization.safe_globals(_numpy_allowlist()):
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -143,6 +177,147 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
         ) from exc
     except Exception as exc:  # noqa: BLE001 - torch's unpickler fails in many ways on a file that is not a checkpoint
         raise CheckpointError(f"Checkpoint '{path}' {_not_a_checkpoint(path, exc)}") from exc
+
+
+def torch_load(f: Union[str, "os.PathLike[str]", IO[bytes]], map_location: Any = None,
+               *args: Any, **kwargs: Any) -> Any:
+    """``torch.load`` as Torchreid's model modules call it (``torch.load(cached_file)``), read by the
+    safe loader whatever ``weights_only`` / ``pickle_module`` / ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``
+    say: a path through :func:`load_checkpoint`, an open file with ``weights_only=True``."""
+    location = "cpu" if map_location is None else map_location
+    if isinstance(f, (str, os.PathLike)):
+        return load_checkpoint(os.fspath(f), map_location=location)
+    try:
+        with torch.serialization.safe_globals(_numpy_allowlist()):
+            return torch.load(f, map_location=location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a stream that is not a safe checkpoint, whatever the cause
+        name = getattr(f, "name", "an open file")
+        raise CheckpointError(f"Refusing to load weights from '{name}': not a weights-only PyTorch "
+                              f"checkpoint ({' '.join(str(exc).split())[:200]})") from exc
+
+
+def load_state_dict_from_url(url: str, model_dir: Optional[str] = None, map_location: Any = None,
+                             progress: bool = True, check_hash: bool = False, file_name: Optional[str] = None,
+                             weights_only: Any = None) -> Any:
+    """``torch.hub.load_state_dict_from_url`` (``torch.utils.model_zoo.load_url``, Torchreid's ImageNet
+    weights) through the safe loader: the file cached under ``<hub dir>/checkpoints`` (or ``model_dir``)
+    is downloaded first if absent, then read by :func:`load_checkpoint`, never with ``weights_only=False``
+    (torch's default there), so a file planted in the cache cannot run code."""
+    folder = model_dir or osp.join(torch.hub.get_dir(), "checkpoints")
+    cached = osp.join(folder, file_name or osp.basename(urlparse(url).path))
+    if not osp.exists(cached):
+        os.makedirs(folder, exist_ok=True)
+        found = torch.hub.HASH_REGEX.search(osp.basename(cached)) if check_hash else None
+        logger.info("Downloading '%s' to '%s'", url, cached)
+        torch.hub.download_url_to_file(url, cached, found.group(1) if found else None, progress=progress)
+    return load_checkpoint(cached, map_location="cpu" if map_location is None else map_location)
+
+
+def _show(value: Any) -> str:
+    """A value for a message: short, one line."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 60 else text[:60] + " ..."
+
+
+def state_dict_of(ckpt: Any, path: str) -> "OrderedDict[str, Any]":
+    """The state dict of a loaded checkpoint (its ``state_dict``, else the dict itself) with the
+    ``module.`` prefix stripped; a :class:`CheckpointError` unless it is a dict with string keys."""
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"Checkpoint '{path}' holds a {type(ckpt).__name__}, not a state dict or a "
+                              "checkpoint dict with 'state_dict'")
+    state = ckpt.get("state_dict", ckpt)
+    where = "its 'state_dict'" if "state_dict" in ckpt else "it"
+    if not isinstance(state, dict):
+        raise CheckpointError(f"Checkpoint '{path}': {where} is a {type(state).__name__}, not a dict of tensors")
+    bad = [k for k in state if not isinstance(k, str)]
+    if bad:
+        bad = bad[0]
+        raise CheckpointError(f"Checkpoint '{path}': {where} has the key {_show(bad)} ({type(bad).__name__}); "
+                              "a state dict's keys are tensor names (strings)")
+    return strip_module_prefix(state)
+
+
+def _check_rng(rng: Any, path: str) -> None:
+    """``rng`` restores (tried on this process's generators, which are put back after)."""
+    problem = None
+    if not isinstance(rng, dict) or not {"python", "numpy", "torch"} <= set(rng):
+        problem = "not a dict with 'python', 'numpy' and 'torch' states"
+    elif "cuda" in rng and not (isinstance(rng["cuda"], (list, tuple))
+                                and all(torch.is_tensor(t) and t.dtype == torch.uint8 for t in rng["cuda"])):
+        problem = "its 'cuda' entry is not a list of byte tensors"
+    else:
+        saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        try:
+            restore_rng_state({k: v for k, v in rng.items() if k != "cuda"})
+        except Exception as exc:  # noqa: BLE001 - random / numpy / torch reject a bad state in many ways
+            problem = f"it does not restore ({type(exc).__name__}: {_torch_problem(exc)})"
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
+    if problem:
+        raise CheckpointError(f"Checkpoint '{path}': 'rng' = {_show(rng)} is not a saved RNG state: {problem}")
+
+
+def check_checkpoint(ckpt: Any, path: str, resume: bool = False) -> Dict[str, Any]:
+    """``ckpt`` (read from ``path``) checked to hold what loading it uses, so that a crafted or
+    damaged file is one :class:`CheckpointError` naming the file and the key, before any work:
+    a dict whose state dict has string keys; with ``resume`` also a non-negative integer ``epoch``,
+    an optimizer state ``{'state': dict, 'param_groups': [dict with 'params', ...]}``, a scheduler
+    state dict, RNG states that restore, and the engine's counters and history of the right types."""
+    state_dict_of(ckpt, path)
+    if not resume:
+        return ckpt
+
+    def bad(key: str, allowed: str) -> CheckpointError:
+        return CheckpointError(f"Checkpoint '{path}': '{key}' = {_show(ckpt[key])} is not valid; expected {allowed}")
+
+    if "epoch" in ckpt and not (is_int(ckpt["epoch"]) and ckpt["epoch"] >= 0):
+        raise bad("epoch", "the number of finished epochs, an integer >= 0")
+    if ckpt.get("max_epoch") is not None and not (is_int(ckpt["max_epoch"]) and ckpt["max_epoch"] >= 0):
+        raise bad("max_epoch", "an integer >= 0 or None")
+    for key, check, allowed in (("rank1", is_number, "a number"), ("train_seconds", is_number, "a number >= 0"),
+                                ("train_images", is_int, "an integer >= 0")):
+        if key in ckpt and not (check(ckpt[key]) and (key == "rank1" or ckpt[key] >= 0)):
+            raise bad(key, allowed)
+    history = ckpt.get("history", [])
+    if not (isinstance(history, list) and all(isinstance(e, dict) for e in history)):
+        raise bad("history", "a list of per-evaluation dicts")
+    opt = ckpt.get("optimizer")
+    if opt is not None and not (
+            isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in opt["param_groups"])):
+        raise bad("optimizer", "an optimizer's state dict {'state': {...}, 'param_groups': [{'params': [...], ...}]}")
+    if ckpt.get("scheduler") is not None and not isinstance(ckpt["scheduler"], dict):
+        raise bad("scheduler", "an LR scheduler's state dict or None")
+    if "rng" in ckpt:
+        _check_rng(ckpt["rng"], path)
+    return ckpt
+
+
+def _fit_problem(model_state: Dict[str, torch.Tensor], state: Dict[str, Any]) -> str:
+    """How ``state`` fails to fit a model with ``model_state``, summarised (counts and the first
+    few keys), or '' when every tensor has its counterpart of the same shape."""
+    def first(keys: list, show: Callable[[str], str] = lambda k: f"'{k}'") -> str:
+        return ", ".join(show(k) for k in keys[:3]) + (" ..." if len(keys) > 3 else "")
+
+    # BatchNorm fills a missing num_batches_tracked itself (checkpoints of torch < 0.4.1 lack it)
+    missing = [k for k in model_state if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in model_state]
+    reshaped = [k for k in state if k in model_state and not (
+        torch.is_tensor(state[k]) and state[k].shape == model_state[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of the model's {len(model_state)} tensors are missing from the file "
+                     f"({first(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} of the file's {len(state)} entries are not in the model ({first(unexpected)})")
+    if reshaped:
+        def shape(k: str) -> str:
+            found = tuple(state[k].shape) if torch.is_tensor(state[k]) else type(state[k]).__name__
+            return f"'{k}' {found} in the file vs {tuple(model_state[k].shape)}"
+        parts.append(f"{len(reshaped)} differ in shape or are not tensors ({first(reshaped, shape)})")
+    return "; ".join(parts)
 
 
 def capture_rng_state() -> Dict[str, Any]:
@@ -209,18 +384,28 @@ def resume_from_checkpoint(
     are restored last."""
     ckpt = load_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
     path = checkpoint if isinstance(checkpoint, str) else source
-    state_dict = strip_module_prefix(ckpt.get("state_dict", ckpt))
-    try:
-        unwrap_model(model).load_state_dict(state_dict)
-    except RuntimeError as exc:
-        raise CheckpointError(f"Checkpoint '{path}' does not fit this model: {exc}") from exc
-    if optimizer is not None and "optimizer" in ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
+    check_checkpoint(ckpt, path, resume=True)
+    state_dict = state_dict_of(ckpt, path)
+    target = unwrap_model(model)
+    problem = _fit_problem(target.state_dict(), state_dict)
+    if problem:
+        raise CheckpointError(f"Checkpoint '{path}' does not fit this model ({type(target).__name__}): {problem}")
+    parts = [("state_dict", target, state_dict)]
+    if optimizer is not None and ckpt.get("optimizer") is not None:
+        parts.append(("optimizer", optimizer, ckpt["optimizer"]))
     if scheduler is not None and ckpt.get("scheduler") is not None:
-        scheduler.load_state_dict(ckpt["scheduler"])
-    for key, obj in (extra or {}).items():
-        if obj is not None and key in ckpt:
-            obj.load_state_dict(ckpt[key])
+        unknown = sorted(set(ckpt["scheduler"]) - set(scheduler.state_dict()))
+        if unknown:
+            raise CheckpointError(f"Checkpoint '{path}': 'scheduler' has entries {type(scheduler).__name__} does "
+                                  f"not have: {unknown[:5]}")
+        parts.append(("scheduler", scheduler, ckpt["scheduler"]))
+    parts += [(key, obj, ckpt[key]) for key, obj in (extra or {}).items() if obj is not None and key in ckpt]
+    for key, obj, value in parts:
+        try:
+            obj.load_state_dict(value)
+        except Exception as exc:  # noqa: BLE001 - torch's loaders reject a mismatching state in many ways
+            raise CheckpointError(f"Checkpoint '{path}': its '{key}' does not fit this run's "
+                                  f"{type(obj).__name__} ({_torch_problem(exc)})") from exc
     if restore_rng and "rng" in ckpt:
         restore_rng_state(ckpt["rng"])
     epoch = int(ckpt.get("epoch", 0))
@@ -250,9 +435,7 @@ def load_model_weights(model: torch.nn.Module, path: str, strict: bool = False,
     """
     ckpt = load_checkpoint(path)
     name = f"model '{model_name}'" if model_name else type(unwrap_model(model)).__name__
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f"Weights file '{path}' holds a {type(ckpt).__name__}, not a state dict")
-    state_dict = strip_module_prefix(ckpt.get("state_dict", ckpt))
+    state_dict = state_dict_of(ckpt, path)
     target = unwrap_model(model).state_dict()
     matched, skipped = OrderedDict(), []
     for key, value in state_dict.items():

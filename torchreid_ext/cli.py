@@ -10,9 +10,11 @@ Same arguments as upstream (``--config-file`` too, ``--root``, ``-s``, ``-t``,
 2. the save dir is locked for this run, stale temporary files of killed runs are removed and
    the checkpoint to resume from is chosen (:mod:`torchreid_ext.savedir`);
 3. the data manager is built and its lists checked (:func:`torchreid_ext.builders.build_datamanager`);
-4. only then is the log file (``train.log-*`` / ``test.log-*``) opened, with everything printed
-   so far; the model, optimizer, scheduler and engine are built, and the engine trains and
-   evaluates. An error from here on is written to the log file too.
+4. the model (with ``model.load_weights``), optimizer, scheduler and engine are built and the
+   checkpoint resumed, so that weights or a checkpoint that do not fit leave nothing behind;
+5. only then is the log file (``train.log-*`` / ``test.log-*``) opened, with everything printed
+   so far, and the engine trains and evaluates. An error from here on is written to the log
+   file too.
 
 Bad input is one line on stderr and exit status 2, with nothing written to the save dir
 (:mod:`torchreid_ext.console`); success is exit status 0.
@@ -55,6 +57,7 @@ from .console import error_line, run_command
 from .data.loaders import distribute_train_loader
 from .errors import UserError
 from .log import RunLog
+from .memory import allocation_failures
 from .preflight import preflight
 from .savedir import SaveDirLock, remove_stale_temp_files, resolve_resume
 
@@ -141,9 +144,14 @@ def _run(cfg, config_path: str, info: "distributed.DistInfo") -> Dict[str, Any]:
                         info.world_size, cfg.train.batch_size)
             with distributed.main_first():  # rank 0 generates a synthetic dataset first
                 datamanager = build_datamanager(cfg)
+            lower = "data.height / data.width, train.batch_size or test.batch_size"
+            # weights that do not fit, a checkpoint that does not resume: refused before the log opens
+            with allocation_failures(f"building '{cfg.model.name}'", lower):
+                engine, start_epoch = _build(cfg, config_path, info, datamanager, resume)
             log.open(osp.join(save_dir, log_name))
             try:
-                return _train(cfg, config_path, info, datamanager, resume)
+                with allocation_failures(f"the run of '{cfg.model.name}' at {cfg.data.height}x{cfg.data.width}", lower):
+                    return engine.run(**engine_run_kwargs(cfg, start_epoch=start_epoch))
             except BaseException as exc:
                 log.record(_error_report(exc))
                 raise
@@ -151,7 +159,9 @@ def _run(cfg, config_path: str, info: "distributed.DistInfo") -> Dict[str, Any]:
             lock.release(remove_created=log.path is None)
 
 
-def _train(cfg, config_path: str, info: "distributed.DistInfo", datamanager, resume: str) -> Dict[str, Any]:
+def _build(cfg, config_path: str, info: "distributed.DistInfo", datamanager, resume: str):
+    """``(engine, start epoch)``: the model (with ``model.load_weights``), optimizer, scheduler and
+    engine, resumed from ``resume`` when given."""
     if info.world_size > 1:
         distribute_train_loader(datamanager, cfg)
     logger.info("Building model: %s", cfg.model.name)
@@ -161,7 +171,7 @@ def _train(cfg, config_path: str, info: "distributed.DistInfo", datamanager, res
         logger.info("Model complexity: params=%s (classifier excluded), MACs=%s at %dx%d",
                     f"{stats['params']:,}", f"{stats['macs']:,}", cfg.data.height, cfg.data.width)
     if cfg.model.load_weights:
-        load_model_weights(model, cfg.model.load_weights)
+        load_model_weights(model, cfg.model.load_weights, model_name=cfg.model.name)
     model = distributed.prepare_model(model, info.device, sync_bn=cfg.train.sync_bn,
                                       channels_last=cfg.train.channels_last)
     optimizer = build_optimizer(cfg, model)
@@ -171,7 +181,7 @@ def _train(cfg, config_path: str, info: "distributed.DistInfo", datamanager, res
     engine = build_engine(cfg, datamanager, model, optimizer, scheduler, run_info=run_info)
     start_epoch = engine.resume(resume) if resume else cfg.train.start_epoch
     logger.info("Building %s-engine%s for image-reid", cfg.loss.name, " with MSGR" if cfg.msgr.enabled else "")
-    return engine.run(**engine_run_kwargs(cfg, start_epoch=start_epoch))
+    return engine, start_epoch
 
 
 def _error_report(exc: BaseException) -> str:

@@ -41,10 +41,18 @@ def import_plugins() -> None:
                 raise ConfigError(f"{env} names module '{module}', which cannot be imported: {exc}") from exc
 
 
+# the longest message an error line shows; the rest is cut (messages summarise long lists themselves)
+MAX_ERROR_CHARS = 2000
+
+
 def error_line(exc: BaseException) -> str:
-    """``error: <message>`` on one line (a multi-line message is joined)."""
+    """``error: <message>`` on one line (a multi-line message is joined; beyond
+    :data:`MAX_ERROR_CHARS` characters it is cut, saying how much was left out)."""
     text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-    return "error: " + " ".join(part.strip() for part in text.splitlines() if part.strip())
+    line = " ".join(part.strip() for part in text.splitlines() if part.strip())
+    if len(line) > MAX_ERROR_CHARS:
+        line = f"{line[:MAX_ERROR_CHARS]} ... [{len(line) - MAX_ERROR_CHARS} more characters]"
+    return "error: " + line
 
 
 def run_command(body: Callable[[], Optional[int]]) -> int:

@@ -22,6 +22,8 @@ __all__ = [
     "UnreadableImageError",
     "CheckpointError",
     "DiskFullError",
+    "OutputPathError",
+    "MemoryLimitError",
     "BackboneWeightsError",
     "PretrainedWeightsUnavailable",
     "DeployInputError",
@@ -78,6 +80,15 @@ class CheckpointError(UserError, RuntimeError):
 class DiskFullError(UserError, OSError):
     """A file could not be written for lack of space (``errno`` ENOSPC or EDQUOT); the file it was
     to replace, if any, is unchanged and no temporary file is left."""
+
+
+class OutputPathError(UserError, ValueError):
+    """An output path that must not be written as asked: not a regular file (a device, a FIFO, a
+    symbolic link), an input of the same command, or an existing file of another kind."""
+
+
+class MemoryLimitError(UserError, MemoryError):
+    """A step needs more memory than this machine (or its GPU) has; the message says what to lower."""
 
 
 class BackboneWeightsError(UserError, RuntimeError):

@@ -7,7 +7,10 @@
   are removed the next time a file is written there.
 * :func:`probe_writable`: a folder is writable when a file can really be created and removed
   there (``os.access`` says yes for root on a read-only mount, or in ``/proc``).
-* :func:`check_output_path`: an output file's folder exists, is a folder and is writable.
+* :func:`check_output_path`: an output file's folder exists, is a folder and is writable; what is
+  at the path now is nothing or a regular file (never a device, a FIFO or a symbolic link), not
+  an input of the same command, and, unless forced, a file of the kind the command writes.
+* Only a regular file is ever replaced: :func:`atomic_output` refuses anything else at the path.
 """
 from __future__ import annotations
 
@@ -18,13 +21,15 @@ import os
 import os.path as osp
 import re
 import shutil
+import stat
 import tempfile
-from typing import Iterator, List, Optional
+from typing import Callable, Iterator, List, Mapping, Optional, Tuple
 
-from .errors import DeployInputError, DiskFullError, InputNotFound
+from .errors import DeployInputError, DiskFullError, InputNotFound, OutputPathError
 
 __all__ = ["TEMP_SUFFIX", "pid_alive", "temp_path", "remove_stale_temps", "probe_writable",
-           "missing_folder_reason", "missing_file_reason", "check_output_path", "atomic_output", "disk_full_errno"]
+           "missing_folder_reason", "missing_file_reason", "check_output_path", "atomic_output", "disk_full_errno",
+           "not_a_regular_file", "OutputKind"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,12 +80,12 @@ def remove_stale_temps(folder: str, stem: Optional[str] = None) -> List[str]:
 
 
 def missing_folder_reason(folder: str) -> str:
-    """Why ``folder`` cannot be used: 'does not exist', or that an ancestor is a file."""
-    parent = osp.abspath(folder)
+    """Why ``folder`` cannot be used: it is a file, an ancestor is a file, or it does not exist."""
+    full = parent = osp.abspath(folder)
     while parent and not osp.exists(parent):
         parent = osp.dirname(parent)
     if parent and osp.exists(parent) and not osp.isdir(parent):
-        return f"'{parent}' is a file, not a folder"
+        return "is a file, not a folder" if parent == full else f"cannot exist: '{parent}' is a file, not a folder"
     return "does not exist (create it first)"
 
 
@@ -89,11 +94,11 @@ def missing_file_reason(path: str) -> str:
     exist."""
     if osp.isdir(path):
         return "is a folder, not a file"
-    folder = osp.dirname(osp.abspath(path))
-    if not osp.isdir(folder):
-        reason = missing_folder_reason(folder)
-        if "is a file" in reason:
-            return f"cannot exist: {reason}"
+    parent = osp.dirname(osp.abspath(path))
+    while parent and not osp.exists(parent):
+        parent = osp.dirname(parent)
+    if parent and not osp.isdir(parent):
+        return f"cannot exist: '{parent}' is a file, not a folder"
     return "does not exist"
 
 
@@ -111,17 +116,61 @@ def probe_writable(folder: str) -> Optional[str]:
     return None
 
 
-def check_output_path(path: str, what: str = "output") -> str:
+def not_a_regular_file(path: str) -> Optional[str]:
+    """What is at ``path`` when it exists and is not a regular file ('a symbolic link to ...', 'a FIFO',
+    'a character device' ...), else None. A symbolic link is never followed."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISLNK(mode):
+        return f"a symbolic link (to '{os.readlink(path)}')"
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _refuse_replacing(path: str, what: str = "output") -> None:
+    """OutputPathError unless ``path`` is absent or a regular file (the only thing an output replaces)."""
+    found = not_a_regular_file(path)
+    if found:
+        raise OutputPathError(f"{what} '{path}' is {found}; only a regular file is ever replaced: "
+                              "give the path of a new or regular file")
+
+
+# (what the command writes, e.g. "an HDF5 features file"; whether an existing file is one)
+OutputKind = Tuple[str, Callable[[str], bool]]
+
+
+def check_output_path(path: str, what: str = "output", inputs: Optional[Mapping[str, str]] = None,
+                      kind: Optional[OutputKind] = None, force: bool = False) -> str:
     """``path`` made absolute, after checking that its folder exists and is writable (a file is
-    really created and removed there) and that ``path`` is not a folder."""
+    really created and removed there), that ``path`` is not a folder, a device, a FIFO or a symbolic
+    link, that it is none of ``inputs`` (``{option: path}`` of the same command, compared by real
+    path) and, unless ``force``, that an existing file there is of ``kind``."""
     if not path:
         raise DeployInputError(f"no {what} path given")
     full = osp.abspath(osp.expanduser(path))
     folder = osp.dirname(full)
     if not osp.isdir(folder):
         raise InputNotFound(f"{what} '{path}': folder '{folder}' {missing_folder_reason(folder)}")
-    if osp.isdir(full):
+    if osp.isdir(full) and not osp.islink(full):
         raise DeployInputError(f"{what} '{path}' is a folder; give a file name")
+    _refuse_replacing(full, what)
+    for option, given in (inputs or {}).items():
+        if given and osp.exists(given) and osp.realpath(given) == osp.realpath(full):
+            raise OutputPathError(f"{what} '{path}' is also this command's {option} '{given}' (an input); "
+                                  "writing it would destroy the input: give another output path")
+    if kind is not None and osp.exists(full) and not force:
+        description, is_kind = kind
+        if not is_kind(full):
+            raise OutputPathError(f"{what} '{path}' exists and is not {description}; it is left alone: "
+                                  "give another path, or --force to replace it")
     problem = probe_writable(folder)
     if problem:
         raise DeployInputError(f"{what} '{path}': cannot write in folder '{folder}' ({problem})")
@@ -166,8 +215,10 @@ def _free_space(directory: str) -> str:
 def atomic_output(path: str, durable: bool = False) -> Iterator[str]:
     """``with atomic_output(path) as tmp:`` write ``tmp``; on leaving the block it is renamed to
     ``path`` (fsync'ed first with ``durable``). Stale temporary files of ``path`` are removed
-    first; on any failure the temporary file goes and ``path`` is unchanged."""
+    first; on any failure the temporary file goes and ``path`` is unchanged. Only a regular file is
+    replaced: a device, a FIFO or a symbolic link at ``path`` is an :class:`OutputPathError`."""
     directory = osp.dirname(osp.abspath(path))
+    _refuse_replacing(path)
     os.makedirs(directory, exist_ok=True)
     remove_stale_temps(directory, osp.basename(path))
     tmp = temp_path(path)
@@ -176,6 +227,7 @@ def atomic_output(path: str, durable: bool = False) -> Iterator[str]:
         if durable:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
+        _refuse_replacing(path)  # what is there may have changed while the file was written
         os.replace(tmp, path)
     except BaseException as exc:
         if osp.exists(tmp):

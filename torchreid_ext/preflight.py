@@ -7,6 +7,8 @@ DatasetError/DatasetNotFound) that names the bad value and what is allowed:
 * ``model.load_weights`` is a checkpoint that loads safely; torchrun-only rules (:func:`check_torchrun`);
 * ``msgr.stages`` name modules of the model, resolved on a model built on the ``meta``
   device (no memory, no weights);
+* training and evaluation batches fit in memory, activations included, measured on that model
+  (:mod:`torchreid_ext.memory`);
 * the save dir and its ``model/`` folder are writable folders (:func:`savedir.check_writable`);
 * every dataset is present, and Market-1501-style split folders are non-empty, with parseable
   file names and enough training identities for the sampler (:mod:`torchreid_ext.data.checks`).
@@ -24,17 +26,19 @@ import torch
 
 from .adapter import torchreid
 from .config import IDENTITY_SAMPLERS, ConfigError
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, state_dict_of
 from .errors import CheckpointError, InputNotFound
 from .files import missing_file_reason
 from .data.loaders import check_distributed_sampler
 from .data.checks import DatasetError, check_dataset_present, check_train_identities, scan_image_folders
 from .data.image_list import ImageListSpec, register_config_datasets, scan_image_list
-from .models import available_models, build_model_from_config
+from .memory import check_memory, meta_model
+from .models import available_models
 from .savedir import check_writable
-from .torchrun import env_world_size
+from .torchrun import env_local_rank, env_world_size
 
-__all__ = ["preflight", "check_names", "check_torchrun", "check_weights_file", "check_msgr_stages", "check_datasets"]
+__all__ = ["preflight", "check_names", "check_torchrun", "check_weights_file", "check_msgr_stages",
+           "check_memory_need", "check_datasets"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,21 +77,39 @@ def check_msgr_stages(cfg) -> None:
         return
     from .msgr import stage_modules
 
-    meta_cfg = cfg.clone()
-    meta_cfg.defrost()
-    meta_cfg.model.pretrained = False  # no download, no weights file read
-    meta_cfg.model.backbone_weights = ""
-    try:
-        with torch.device("meta"):
-            model = build_model_from_config(meta_cfg, 2)
-    except Exception as exc:  # noqa: BLE001 - the engine resolves the stages again later
-        logger.debug("msgr.stages not checked up front: %s cannot be built on the meta device (%s)",
-                     cfg.model.name, exc)
+    model = meta_model(cfg)
+    if model is None:  # the engine resolves the stages again later
+        logger.debug("msgr.stages not checked up front: %s cannot be built on the meta device", cfg.model.name)
         return
     try:
         stage_modules(model, list(cfg.msgr.stages))
     except ValueError as exc:
         raise ConfigError(f"msgr.stages = {list(cfg.msgr.stages)}: {exc}") from None
+
+
+def check_memory_need(cfg) -> None:
+    """Training at ``train.batch_size`` and evaluating at ``test.batch_size``, at ``data.height`` x
+    ``data.width``, fit in the memory of the device the run uses (:func:`torchreid_ext.memory.check_memory`:
+    parameters and activations, measured on the meta device)."""
+    # under torchrun each process trains on its own GPU (LOCAL_RANK) with train.batch_size images
+    gpu = cfg.use_gpu and torch.cuda.is_available()
+    device = torch.device("cuda", env_local_rank() % torch.cuda.device_count()) if gpu else torch.device("cpu")
+    size = f"{cfg.data.height}x{cfg.data.width}"
+    steps = [] if cfg.test.evaluate else [
+        (cfg.train.batch_size, True, f"training '{cfg.model.name}' at {size} with train.batch_size = "
+                                     f"{cfg.train.batch_size}", "data.height / data.width or train.batch_size")]
+    steps.append((cfg.test.batch_size, False, f"evaluating '{cfg.model.name}' at {size} with test.batch_size = "
+                                              f"{cfg.test.batch_size}", "data.height / data.width or test.batch_size"))
+    built = {}
+
+    def model():
+        if "model" not in built:
+            built["model"] = meta_model(cfg)
+        return built["model"]
+
+    for batch, train, what, lower in steps:
+        check_memory(model, batch=batch, height=cfg.data.height, width=cfg.data.width, train=train, device=device,
+                     what=what, lower=lower, half_precision=train and cfg.train.amp != "none")
 
 
 def _scan(name: str, root: str):
@@ -130,10 +152,9 @@ def check_weights_file(path: str) -> None:
         return
     if not osp.isfile(path):
         raise InputNotFound(f"model.load_weights = '{path}' {missing_file_reason(path)}")
-    ckpt = load_checkpoint(path)
-    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict) or not any(torch.is_tensor(v) for v in state.values()):
-        raise CheckpointError(f"model.load_weights = '{path}' holds no tensors (a {type(ckpt).__name__}); "
+    state = state_dict_of(load_checkpoint(path), path)
+    if not any(torch.is_tensor(v) for v in state.values()):
+        raise CheckpointError(f"model.load_weights = '{path}' holds no tensors; "
                               "expected a state dict or a checkpoint with 'state_dict'")
 
 
@@ -143,5 +164,6 @@ def preflight(cfg) -> None:
     check_weights_file(cfg.model.load_weights)
     check_torchrun(cfg)
     check_msgr_stages(cfg)
+    check_memory_need(cfg)
     check_writable(cfg.data.save_dir)
     check_datasets(cfg)

@@ -24,10 +24,10 @@ import socket
 import time
 from typing import Any, Dict, List, Optional
 
-from .checkpoint import CHECKPOINT_NAME, latest_checkpoint, load_checkpoint
+from .checkpoint import CHECKPOINT_NAME, check_checkpoint, latest_checkpoint, load_checkpoint
 from .config import ConfigError
 from .errors import InputNotFound, SaveDirError
-from .files import pid_alive, probe_writable, remove_stale_temps
+from .files import missing_file_reason, pid_alive, probe_writable, remove_stale_temps
 
 __all__ = [
     "LOCK_NAME",
@@ -207,11 +207,14 @@ def remove_stale_temp_files(save_dir: str) -> List[str]:
 
 
 def checkpoint_epoch(path: str) -> int:
-    """How many epochs the checkpoint at ``path`` finished (its name, else its ``epoch``)."""
+    """How many epochs the checkpoint at ``path`` finished (its name, else its ``epoch``); the file
+    is read and its structure checked (:func:`~torchreid_ext.checkpoint.check_checkpoint`) either way,
+    so that a damaged or crafted checkpoint is refused before any work."""
+    ckpt = check_checkpoint(load_checkpoint(path), path, resume=True)
     m = CHECKPOINT_NAME.search(osp.basename(path))
     if m:
         return int(m.group(1))
-    return int(load_checkpoint(path).get("epoch", 0))
+    return int(ckpt.get("epoch", 0))
 
 
 def resolve_resume(save_dir: str, resume: str, evaluate: bool, max_epoch: int) -> str:
@@ -221,10 +224,12 @@ def resolve_resume(save_dir: str, resume: str, evaluate: bool, max_epoch: int) -
     if resume == "auto":
         path = latest_checkpoint(model_dir) or ""
     elif resume and not osp.isfile(resume):
-        raise InputNotFound(f"model.resume = '{resume}' does not exist")
+        raise InputNotFound(f"model.resume = '{resume}' {missing_file_reason(resume)}")
     else:
         path = resume
     if evaluate:
+        if path:
+            check_checkpoint(load_checkpoint(path), path, resume=True)
         return path
     existing = latest_checkpoint(model_dir)
     if existing and not path:

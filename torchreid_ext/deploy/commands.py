@@ -30,6 +30,8 @@ def extract_main(argv: Optional[List[str]] = None) -> int:
     src.add_argument("--dataset", help="registered dataset name (under data.root); needs --split")
     p.add_argument("--split", choices=SPLITS, help="split of --dataset")
     p.add_argument("--out", required=True, help="output HDF5 file (its folder must exist)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out that is not an HDF5 file (any regular file)")
     _opts(p)
     args = p.parse_args(argv)
     if args.dataset and not args.split:
@@ -43,7 +45,7 @@ def extract_main(argv: Optional[List[str]] = None) -> int:
 
         cfg = load_config(args.config, args.opts)
         extract_features(cfg, args.out, images=args.images, dataset=args.dataset, split=args.split,
-                         weights=args.weights)  # logs what it wrote
+                         weights=args.weights, force=args.force, config_file=args.config)  # logs what it wrote
 
     return run_command(step)
 
@@ -81,6 +83,8 @@ def export_main(argv: Optional[List[str]] = None) -> int:
                    "else the newest in <data.save_dir>/model")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, help="output file (its folder must exist)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out that is not an ONNX or TorchScript file (any regular file)")
     p.add_argument("--height", type=int, default=None, help="input height (default: data.height)")
     p.add_argument("--width", type=int, default=None, help="input width (default: data.width)")
     p.add_argument("--check-image", default=None,
@@ -94,7 +98,8 @@ def export_main(argv: Optional[List[str]] = None) -> int:
 
         cfg = load_config(args.config, args.opts)
         export_model(cfg, args.out, args.format, weights=args.weights, height=args.height, width=args.width,
-                     check_image=args.check_image)  # logs the check's max |difference|
+                     check_image=args.check_image, force=args.force,
+                     config_file=args.config)  # logs the check's max |difference|
 
     return run_command(step)
 

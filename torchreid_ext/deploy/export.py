@@ -30,14 +30,16 @@ import numpy as np
 import torch
 
 from ..config import check_input_size
+from ..checkpoint import is_torchscript
 from ..data.checks import set_max_image_side
 from ..errors import InputNotFound, UserError
-from ..files import atomic_output
+from ..files import atomic_output, missing_file_reason
+from ..memory import allocation_failures, check_memory, meta_model
 from .errors import DeployInputError, ExportCheckError, check_output_path, require
 from .images import dataset_images, eval_transform, load_image
 from .model import build_eval_model, resolve_weights
 
-__all__ = ["FORMATS", "ONNX_OPSET", "ExportResult", "export_model", "run_exported"]
+__all__ = ["FORMATS", "ONNX_OPSET", "EXPORT_KIND", "ExportResult", "export_model", "is_export_file", "run_exported"]
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +140,24 @@ def run_exported(path: str, fmt: str) -> Callable[[np.ndarray], np.ndarray]:
     return run
 
 
+def is_export_file(path: str) -> bool:
+    """Whether ``path`` is a TorchScript archive or an ONNX model (what an export writes; any other
+    file at the output path is left alone unless forced)."""
+    if is_torchscript(path):
+        return True
+    try:
+        import onnx
+
+        proto = onnx.load(path, load_external_data=False)
+    except Exception:  # noqa: BLE001 - protobuf rejects a file that is not ONNX in many ways (or onnx is absent)
+        return False
+    return proto.ir_version > 0 and len(proto.graph.node) > 0
+
+
+# what an export writes, for check_output_path
+EXPORT_KIND = ("an ONNX or TorchScript file (an earlier export)", is_export_file)
+
+
 def _default_check_image(cfg) -> str:
     """The first query image of the first target dataset, or '' (with a warning) when there is
     none: the export is then checked on the random batch only."""
@@ -165,11 +185,16 @@ def export_model(
     rtol: float = 1e-5,
     check_batch: int = 3,
     opset: int = ONNX_OPSET,
+    force: bool = False,
+    config_file: str = "",
 ) -> ExportResult:
     """Export ``cfg.model.name`` with ``weights`` (as :func:`~torchreid_ext.deploy.extract_features`
     finds them) to ``out`` in ``format`` ('onnx' or 'torchscript') at ``height`` x ``width``
     (default ``data.height`` x ``data.width``), on the CPU in float32, and check it (module
-    docstring). ``check_image`` defaults to the first query image of ``data.targets[0]``."""
+    docstring). ``check_image`` defaults to the first query image of ``data.targets[0]``. ``out`` must
+    not be the weights file, the check image or ``config_file``, nor an existing file other than an
+    ONNX or TorchScript one unless ``force``; the memory the model needs at that size is checked
+    before it is built."""
     if format not in FORMATS:
         raise DeployInputError(f"format = {format!r} is not valid; choose one of {list(FORMATS)}")
     height = int(cfg.data.height if height is None else height)
@@ -183,14 +208,25 @@ def export_model(
         if opset < ONNX_OPSET:
             raise DeployInputError(f"opset = {opset}: torch's exporter needs at least {ONNX_OPSET}")
         require("onnx", "onnxscript", "onnxruntime")
-    out = check_output_path(out, "export file")
-    transform = eval_transform(height, width, cfg.data.norm_mean, cfg.data.norm_std)
     weights = resolve_weights(cfg, weights)
+    out = check_output_path(out, "export file", inputs={"weights file": weights, "--check-image": check_image or "",
+                                                        "--config": config_file}, kind=EXPORT_KIND, force=force)
+    transform = eval_transform(height, width, cfg.data.norm_mean, cfg.data.norm_std)
     if check_image and not osp.isfile(check_image):
-        raise InputNotFound(f"check image '{check_image}' does not exist")
+        raise InputNotFound(f"check image '{check_image}' {missing_file_reason(check_image)}")
+    lower = "--height / --width" if (height, width) != (cfg.data.height, cfg.data.width) else "data.height / data.width"
+    check_memory(lambda: meta_model(cfg), batch=max(check_batch, EXAMPLE_BATCH), height=height, width=width,
+                 train=False, what=f"export of '{cfg.model.name}' at {height}x{width}", lower=lower)
     set_max_image_side(cfg.data.max_image_side)  # a check image declaring a larger side is refused unread
     check_image = check_image or _default_check_image(cfg)
     image = load_image(check_image, transform) if check_image else None
+    with allocation_failures(f"export of '{cfg.model.name}' at {height}x{width}", lower):
+        return _export(cfg, out, format, weights, height, width, check_image, image, atol, rtol, check_batch, opset)
+
+
+def _export(cfg, out: str, format: str, weights: str, height: int, width: int, check_image: str,
+            image: Optional[torch.Tensor], atol: float, rtol: float, check_batch: int, opset: int) -> ExportResult:
+    """:func:`export_model`'s work, once every input is checked."""
     model, weights = build_eval_model(cfg, weights, torch.device("cpu"))
     model = model.float()
 

@@ -17,10 +17,11 @@ import torch
 
 from ..data.checks import set_max_image_side
 from ..features import extract_loader
+from ..memory import allocation_failures, check_memory, meta_model
 from .errors import DeployInputError, check_output_path
 from .images import SPLITS, CheckedBatches, ImageSet, dataset_images, eval_transform, folder_images, image_loader
 from .model import build_eval_model, file_sha256, model_device, resolve_weights
-from .saved_features import FeatureSet, save_features
+from .saved_features import FEATURES_KIND, FeatureSet, save_features
 
 __all__ = ["eval_model", "image_features", "extract_features"]
 
@@ -69,6 +70,8 @@ def extract_features(
     split: Optional[str] = None,
     weights: str = "",
     progress: bool = True,
+    force: bool = False,
+    config_file: str = "",
 ) -> FeatureSet:
     """Features of the images in folder ``images``, or of ``split`` of registered ``dataset``.
 
@@ -76,7 +79,9 @@ def extract_features(
     newest in ``<data.save_dir>/model``). Writes ``out`` (HDF5, see
     :mod:`~torchreid_ext.deploy.saved_features`) when given and returns the :class:`FeatureSet`.
     Every input is checked (output folder, weights file, images, dataset, split) before the
-    model is built; nothing is written unless extraction succeeds.
+    model is built; nothing is written unless extraction succeeds. ``out`` must not be the weights
+    file or ``config_file`` (the config's file, if any), nor an existing file other than HDF5 unless
+    ``force``; the memory extraction needs at ``test.batch_size`` is checked too.
     """
     if (images is None) == (dataset is None):
         raise DeployInputError("give either images (a folder) or dataset (a registered dataset name, with split)")
@@ -84,18 +89,25 @@ def extract_features(
         raise DeployInputError(f"split = {split!r} is not valid; choose one of {list(SPLITS)}")
     if images is not None and split is not None:
         raise DeployInputError(f"split = {split!r} goes with dataset, not with images (a folder)")
-    if out is not None:
-        out = check_output_path(out, "features file")
     weights_path = resolve_weights(cfg, weights)
+    if out is not None:
+        out = check_output_path(out, "features file", inputs={"weights file": weights_path, "--config": config_file},
+                                kind=FEATURES_KIND, force=force)
     set_max_image_side(cfg.data.max_image_side)  # images declaring a larger side are refused unread
     image_set = (folder_images(images, max_side=cfg.data.max_image_side) if images is not None
                  else dataset_images(cfg, dataset, split))
     device = model_device(cfg)
-    model, weights_path = eval_model(cfg, weights_path, device)
-    flip = bool(cfg.test.get("flip", False))
-    logger.info("Extracting %d images (%s) with '%s'%s on %s", len(image_set.paths), image_set.source,
-                cfg.model.name, " (flip)" if flip else "", device)
-    feats = image_features(cfg, model, image_set, device, progress=progress)
+    size = f"{cfg.data.height}x{cfg.data.width}"
+    lower = "data.height / data.width or test.batch_size"
+    check_memory(lambda: meta_model(cfg), batch=cfg.test.batch_size, height=cfg.data.height, width=cfg.data.width,
+                 train=False, device=device, lower=lower, half_precision=cfg.train.amp != "none",
+                 what=f"extracting with '{cfg.model.name}' at {size} with test.batch_size = {cfg.test.batch_size}")
+    with allocation_failures(f"extraction with '{cfg.model.name}' at {size}", lower):
+        model, weights_path = eval_model(cfg, weights_path, device)
+        flip = bool(cfg.test.get("flip", False))
+        logger.info("Extracting %d images (%s) with '%s'%s on %s", len(image_set.paths), image_set.source,
+                    cfg.model.name, " (flip)" if flip else "", device)
+        feats = image_features(cfg, model, image_set, device, progress=progress)
     from .. import __version__
 
     fs = FeatureSet(

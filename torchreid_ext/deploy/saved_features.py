@@ -23,10 +23,12 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from ..errors import InputNotFound
-from ..files import atomic_output
+from ..files import atomic_output, missing_file_reason
+from ..memory import available_memory, gib
 from .errors import FeatureFileError, check_output_path
 
-__all__ = ["FORMAT_VERSION", "FeatureSet", "save_features", "load_features", "check_extraction"]
+__all__ = ["FORMAT_VERSION", "FEATURES_KIND", "FeatureSet", "is_features_file", "save_features", "load_features",
+           "check_extraction"]
 
 FORMAT_VERSION = 1
 
@@ -64,6 +66,21 @@ class FeatureSet:
         return self.pids is not None and self.camids is not None
 
 
+def is_features_file(path: str) -> bool:
+    """Whether ``path`` is an HDF5 file (what :func:`save_features` writes; any other file at an
+    output path is left alone unless forced)."""
+    import h5py
+
+    try:
+        return bool(h5py.is_hdf5(path))
+    except OSError:
+        return False
+
+
+# what extraction writes, for check_output_path
+FEATURES_KIND = ("an HDF5 file (features written by extract)", is_features_file)
+
+
 def save_features(fs: FeatureSet, path: str) -> str:
     """Write ``fs`` to ``path`` (HDF5) atomically; return the absolute path."""
     import h5py
@@ -89,7 +106,7 @@ def load_features(path: str) -> FeatureSet:
     import h5py
 
     if not osp.isfile(path):
-        raise InputNotFound(f"features file '{path}' does not exist")
+        raise InputNotFound(f"features file '{path}' {missing_file_reason(path)}")
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
@@ -98,6 +115,7 @@ def load_features(path: str) -> FeatureSet:
         missing = [k for k in ("features", "paths") if k not in f]
         if missing:
             raise FeatureFileError(f"features file '{path}' lacks {missing}; was it written by scripts/extract.py?")
+        _check_declared_size(f, path)
         version = int(f.attrs.get("format_version", 0))
         if version > FORMAT_VERSION:
             raise FeatureFileError(f"features file '{path}' has format_version {version}; this version of "
@@ -113,6 +131,36 @@ def load_features(path: str) -> FeatureSet:
             meta=meta,
             path=osp.abspath(path),
         )
+
+
+# bytes a path takes once read (a Python str object and its characters), at least
+_PATH_BYTES = 64
+
+
+def _check_declared_size(f, path: str) -> None:
+    """Refuse a file whose datasets, as their headers declare them, need more memory to read than is
+    available (a small HDF5 file can declare any shape: its chunks need not be written), before
+    anything is read. Each dataset also has to be an array (the paths one-dimensional)."""
+    import h5py
+
+    need = 0
+    shapes = {}
+    for key in ("features", "paths", "pids", "camids"):
+        if key not in f:
+            continue
+        ds = f[key]
+        if not isinstance(ds, h5py.Dataset) or ds.shape is None:
+            raise FeatureFileError(f"features file '{path}': '{key}' is not an array")
+        shapes[key] = ds.shape
+        n = int(np.prod(ds.shape, dtype=np.float64))
+        # features are read in their stored type and converted to float32
+        per = _PATH_BYTES if key == "paths" else ds.dtype.itemsize + (4 if key == "features" else 0)
+        need += n * per
+    room, where = available_memory()
+    if room is not None and need > room:
+        declared = ", ".join(f"{k} {tuple(v)}" for k, v in shapes.items())
+        raise FeatureFileError(f"features file '{path}' declares {declared}: reading it needs at least {gib(need)}, "
+                               f"more than the {gib(room)} {where}; is it damaged, or written for a larger machine?")
 
 
 def _plain(value: Any) -> Any:
