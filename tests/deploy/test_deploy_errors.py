@@ -67,9 +67,13 @@ def test_weights_of_another_model_name_the_model_and_the_first_key(main, argv, e
     line = _fails(main, argv(env, "--weights", env["msfl"], model="resnet50_bnfc512"), capsys,
                   "resnet50_bnfc512", "'neck.lateral.", out=env["out"])
     assert env["msfl"] in line
-    # nothing of an OSNet fits a ResNet: the first key of the file is named
+    # nothing of an OSNet fits a ResNet: MSFL's backbone check names the backbone and its first key
     _fails(main, argv(env, "--weights", env["osnet"], model="msfl_resnet50"), capsys,
-           "msfl_resnet50", "first mismatching key 'conv1.conv.weight'", out=env["out"])
+           "msfl_resnet50", "its resnet50 backbone: 0 of", "first missing 'conv1.weight'",
+           "weights of another backbone", out=env["out"])
+    # a model without that check names the file's first key
+    _fails(main, argv(env, "--weights", env["msfl"], model="osnet_x0_25"), capsys,
+           "osnet_x0_25", "first mismatching key 'conv1.weight'", out=env["out"])
 
 
 def test_weights_missing_a_tensor_name_it(env, capsys, tmp_path):

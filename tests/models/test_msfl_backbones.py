@@ -210,9 +210,9 @@ def test_weights_of_another_backbone_are_refused(tmp_path):
     r50 = make("resnet50_bnfc512")
     r50_path = str(tmp_path / "r50.pth")
     torch.save({k: v for k, v in r50.state_dict().items() if k.split(".")[0] in r50.backbone_layers}, r50_path)
-    with pytest.raises(BackboneWeightsError, match=r"osnet_x0_25 backbone: 0 of its 558 tensors found"):
+    with pytest.raises(BackboneWeightsError, match=r"model 'msfl_osnet_x0_25' \(its osnet_x0_25 backbone: 0 of its 558 tensors found"):
         load_model_weights(make("msfl_osnet_x0_25"), r50_path)
-    with pytest.raises(BackboneWeightsError, match=r"resnet50 backbone: 0 of its \d+ tensors"):
+    with pytest.raises(BackboneWeightsError, match=r"model 'msfl_resnet50_csip' \(its resnet50 backbone: 0 of its \d+ tensors"):
         load_model_weights(make("msfl_resnet50_csip"), _osnet_file(tmp_path))
     x0_5 = torchreid().models.build_model("osnet_x0_5", num_classes=3, pretrained=False, use_gpu=False)
     half = str(tmp_path / "x0_5.pth")

@@ -179,6 +179,7 @@ class MSFLNet(nn.Module):
         # of the backbone's weights files; MSGR's stage names).
         for name, layer in backbone.build():
             self.add_module(name, layer)
+        self.model_name = backbone.name  # the registered name, set by the factory
         self.backbone_name = backbone.name
         self.backbone_layers = backbone.layer_names
         self.backbone_file_extras = backbone.file_extras
@@ -242,8 +243,8 @@ class MSFLNet(nn.Module):
         if missing:
             got = len(backbone) - len(missing)
             raise BackboneWeightsError(
-                f"Weights file '{source}' does not fit the {self.backbone_name} backbone: "
-                f"{got} of its {len(backbone)} tensors found, first missing '{missing[0]}'"
+                f"Weights file '{source}' does not fit model '{self.model_name}' (its {self.backbone_name} "
+                f"backbone: {got} of its {len(backbone)} tensors found, first missing '{missing[0]}')"
                 + (" (weights of another backbone?)" if got == 0 else ""))
         own = any(k.split(".", 1)[0] in ("neck", "head") for k in state)
         take = dict(matched) if own else {k: matched[k] for k in backbone}
@@ -418,8 +419,10 @@ def _factory(name: str, backbone_name: str, neck_kind: str, doc: str):
         if extra:
             raise TypeError(f"{name}() got unexpected option(s) {extra}; it takes {list(allowed)}")
         plain = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
-        return _build(backbone_name, neck_kind, num_classes, loss, pretrained, backbone_weights,
-                      MSFLOptions(**plain))
+        model = _build(backbone_name, neck_kind, num_classes, loss, pretrained, backbone_weights,
+                       MSFLOptions(**plain))
+        model.model_name = name
+        return model
 
     factory.__name__ = factory.__qualname__ = name
     factory.__doc__ = doc
