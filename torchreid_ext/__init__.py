@@ -5,10 +5,11 @@ nothing else: no logging handler (the command lines install one; :mod:`torchreid
 loss plug-ins from the environment (:mod:`torchreid_ext.console`).
 """
 from .adapter import torchreid as _torchreid  # noqa: F401
-from .config import engine_run_kwargs, get_default_config, load_config  # noqa: F401
-from .engines import build_engine  # noqa: F401
+from .builders import build_engine  # noqa: F401
+from .config import get_default_config, load_config  # noqa: F401
 from .models import available_models, build_model, register_model  # noqa: F401
 from .plugin import register
+from .run_options import engine_run_kwargs  # noqa: F401
 
 register()
 

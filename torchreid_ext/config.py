@@ -48,10 +48,6 @@ __all__ = [
     "validate_config",
     "check_input_size",
     "flat_keys",
-    "imagedata_kwargs",
-    "optimizer_kwargs",
-    "lr_scheduler_kwargs",
-    "engine_run_kwargs",
 ]
 
 BASE_KEY = "_BASE_"
@@ -431,7 +427,7 @@ def _validate_losses(cfg: CN) -> None:
                                                  require_positive=False)
                 if spec.builder is not None:
                     loss_registry.build_loss(spec.name, section)
-        weight_x, terms = loss_registry.loss_terms(cfg)
+        weight_x, terms = loss_registry.loss_terms(loss_registry.LossOptions.from_config(cfg))
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     # upstream's check_cfg: with no ID-loss term the classifier gets no gradient
@@ -493,54 +489,3 @@ def load_config(
     if validate:
         validate_config(cfg)
     return cfg
-
-
-# ---------------------------------------------------------------------------
-# cfg -> Torchreid keyword arguments (upstream's helpers of the same names)
-# ---------------------------------------------------------------------------
-def imagedata_kwargs(cfg: CN) -> dict:
-    """Arguments of Torchreid 1.4.0's ``ImageDataManager``."""
-    return dict(
-        root=cfg.data.root, sources=list(cfg.data.sources), targets=list(cfg.data.targets),
-        height=cfg.data.height, width=cfg.data.width, transforms=list(cfg.data.transforms),
-        k_tfm=cfg.data.k_tfm, norm_mean=list(cfg.data.norm_mean), norm_std=list(cfg.data.norm_std),
-        use_gpu=cfg.use_gpu, split_id=cfg.data.split_id, combineall=cfg.data.combineall,
-        load_train_targets=cfg.data.load_train_targets, batch_size_train=cfg.train.batch_size,
-        batch_size_test=cfg.test.batch_size, workers=cfg.data.workers,
-        num_instances=cfg.sampler.num_instances, num_cams=cfg.sampler.num_cams,
-        num_datasets=cfg.sampler.num_datasets, train_sampler=cfg.sampler.train_sampler,
-        train_sampler_t=cfg.sampler.train_sampler_t, cuhk03_labeled=cfg.cuhk03.labeled_images,
-        cuhk03_classic_split=cfg.cuhk03.classic_split,
-        market1501_500k=cfg.market1501.use_500k_distractors,
-    )
-
-
-def optimizer_kwargs(cfg: CN) -> dict:
-    return dict(
-        optim=cfg.train.optim, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-        momentum=cfg.sgd.momentum, sgd_dampening=cfg.sgd.dampening, sgd_nesterov=cfg.sgd.nesterov,
-        rmsprop_alpha=cfg.rmsprop.alpha, adam_beta1=cfg.adam.beta1, adam_beta2=cfg.adam.beta2,
-        staged_lr=cfg.train.staged_lr, new_layers=list(cfg.train.new_layers),
-        base_lr_mult=cfg.train.base_lr_mult,
-    )
-
-
-def lr_scheduler_kwargs(cfg: CN) -> dict:
-    return dict(
-        lr_scheduler=cfg.train.lr_scheduler, stepsize=list(cfg.train.stepsize),
-        gamma=cfg.train.gamma, max_epoch=cfg.train.max_epoch,
-    )
-
-
-def engine_run_kwargs(cfg: CN, start_epoch: Optional[int] = None) -> dict:
-    """Arguments of ``Engine.run`` (Torchreid's and ours)."""
-    return dict(
-        save_dir=cfg.data.save_dir, max_epoch=cfg.train.max_epoch,
-        start_epoch=cfg.train.start_epoch if start_epoch is None else start_epoch,
-        fixbase_epoch=cfg.train.fixbase_epoch, open_layers=list(cfg.train.open_layers),
-        start_eval=cfg.test.start_eval, eval_freq=cfg.test.eval_freq, test_only=cfg.test.evaluate,
-        print_freq=cfg.train.print_freq, dist_metric=cfg.test.dist_metric,
-        normalize_feature=cfg.test.normalize_feature, visrank=cfg.test.visrank,
-        visrank_topk=cfg.test.visrank_topk, use_metric_cuhk03=cfg.cuhk03.use_metric_cuhk03,
-        ranks=list(cfg.test.ranks), rerank=cfg.test.rerank,
-    )

@@ -50,7 +50,7 @@ __all__ = [
     "scan_folder",
     "spec_class",
     "register_image_dataset",
-    "register_config_datasets",
+    "register_dataset_files",
     "scan_image_list",
     "load_spec_file",
 ]
@@ -510,11 +510,11 @@ def _check_name_free(spec: ImageListSpec, path: str) -> None:
     raise DatasetError(f"dataset file '{path}': name: '{spec.name}' is taken by {owner}; choose another name")
 
 
-def register_config_datasets(cfg) -> None:
-    """Register every dataset file named in ``data.custom_datasets`` (harmless if done before).
+def register_dataset_files(paths: Sequence[str]) -> None:
+    """Register every dataset file of ``paths`` (``data.custom_datasets``; harmless if done before).
     Two files naming one dataset, or a file taking a built-in dataset's name, are refused."""
     specs: Dict[str, Tuple[str, ImageListSpec]] = {}
-    for path in cfg.data.custom_datasets:
+    for path in paths:
         spec = load_spec_file(path)
         if spec.name in specs:
             first = specs[spec.name][0]

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..adapter import torchreid
 from ..data.checks import UnreadableImageError, check_dataset_present, check_images, read_image, set_max_image_side
-from ..data.image_list import register_config_datasets
+from ..data.image_list import register_dataset_files
 from ..errors import InputNotFound
 from ..log import without_prints
 from .errors import DeployInputError
@@ -72,7 +72,7 @@ def dataset_images(cfg, name: str, split: str) -> ImageSet:
     ``data.root``, in the order of Torchreid's loaders; headers checked."""
     if split not in SPLITS:
         raise DeployInputError(f"split = '{split}' is not valid; choose one of {list(SPLITS)}")
-    register_config_datasets(cfg)
+    register_dataset_files(cfg.data.custom_datasets)
     set_max_image_side(cfg.data.max_image_side)
     check_dataset_present(name, cfg.data.root)  # unknown name: KeyError listing the datasets
     with without_prints():  # Torchreid prints dataset statistics; our warnings still show

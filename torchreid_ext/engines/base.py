@@ -50,6 +50,7 @@ from ..checkpoint import (
     seed_epoch,
 )
 from ..distributed import unwrap_model
+from ..errors import ConfigError
 from ..log import show_output
 from .hooks import CheckpointHook, EngineHook, EvaluationHook, RunState, TensorBoardHook
 from .options import AMP_DTYPES, EngineOptions
@@ -99,8 +100,10 @@ class ReIDEngine(torchreid().engine.Engine):
         show_output()  # in a plain script, the lines Torchreid's engines print
         from ..metrics import EvaluationOptions
 
-        EvaluationOptions(evaluator=evaluator)  # ConfigErrors naming the bad value
-        EngineOptions(amp=amp, checkpoint_freq=int(checkpoint_freq))
+        # ConfigErrors naming the bad value and its config key
+        EvaluationOptions.check_value("evaluator", evaluator, EvaluationOptions.key_of("evaluator"), ConfigError)
+        for name, value in (("amp", amp), ("checkpoint_freq", int(checkpoint_freq))):
+            EngineOptions.check_value(name, value, EngineOptions.key_of(name), ConfigError)
         self.device = torch.device("cuda" if self.use_gpu else "cpu")
         self.autocast_dtype: Optional[torch.dtype] = AMP_DTYPES[amp]
         # fp16 needs loss scaling (its range underflows small gradients); bf16 does not
@@ -385,7 +388,7 @@ class ReIDEngine(torchreid().engine.Engine):
 
     # ------------------------------------------------------------------ evaluation
     #: Test-time options beyond ``run``'s Torchreid arguments (re-ranking k1 / k2 / lambda, flip, AQE):
-    #: an :class:`~torchreid_ext.metrics.EvaluationOptions`; ``build_engine`` sets it from ``cfg.test``.
+    #: an :class:`~torchreid_ext.metrics.EvaluationOptions`; the builder sets the run's (``test.*``).
     #: The Torchreid-named arguments of ``run`` / ``test`` (dist_metric, rerank, ...) override its fields.
     evaluation_options = None
 

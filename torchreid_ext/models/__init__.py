@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from ..adapter import torchreid
 from ..losses import get_loss
+from .options import ModelOptions
 from .registry import MODEL_OPTIONS, MODELS, UnknownModelError, register_model
 
 __all__ = [
@@ -20,7 +21,8 @@ __all__ = [
     "register_model",
     "available_models",
     "build_model",
-    "build_model_from_config",
+    "build_model_from_options",
+    "ModelOptions",
     "UnknownModelError",
 ]
 
@@ -61,23 +63,10 @@ def build_model(
     )
 
 
-def build_model_from_config(cfg, num_classes: int) -> nn.Module:
-    """Build ``cfg.model.name`` with the options its factory declares."""
-    name = cfg.model.name
-    kwargs = {}
-    for key in MODEL_OPTIONS.get(name, ()):
-        value = cfg
-        for part in key.split("."):
-            value = value[part]
-        kwargs[key.rsplit(".", 1)[-1]] = value
-    return build_model(
-        name,
-        num_classes=num_classes,
-        loss=cfg.loss.name,
-        pretrained=cfg.model.pretrained,
-        use_gpu=cfg.use_gpu,
-        **kwargs,
-    )
+def build_model_from_options(options: ModelOptions, num_classes: int, use_gpu: bool = True) -> nn.Module:
+    """Build ``options.name`` with the options its factory declares (:class:`ModelOptions`)."""
+    return build_model(options.name, num_classes=num_classes, loss=options.loss, pretrained=options.pretrained,
+                       use_gpu=use_gpu, **options.factory_options)
 
 
 from . import complexity, msfl  # noqa: E402,F401
