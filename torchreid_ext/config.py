@@ -10,7 +10,7 @@ docs/configuration.md. Loading differs from plain yacs in three ways:
 * values are coerced where the intent is unambiguous: int -> float, a numeric string
   (``inf``) -> float, a scalar -> a one-element list, list <-> tuple.
 
-Why one module of ~590 lines: half of it is the default tree (upstream's keys, one line each, kept
+Why one module of ~490 lines: half of it is the default tree (upstream's keys, one line each, kept
 together so a diff against upstream's ``default_config.py`` stays readable); the rest is loading
 and ``validate_config``, the single home of every cross-key rule.
 """
