@@ -49,7 +49,7 @@ def check_names(options: RunOptions) -> None:
     tr = torchreid()
     names = available_models()
     if options.model.name not in names:
-        raise ConfigError(f"model.name = '{options.model.name}' is unknown. Available models: {', '.join(names)}")
+        raise ConfigError(f"model.name = '{options.model.name}' is unknown; choose one of {names}")
     samplers = list(tr.sampler.AVAI_SAMPLERS)
     for key in ("train_sampler", "train_sampler_t"):
         if options.datamanager_args[key] not in samplers:
@@ -134,7 +134,7 @@ def check_datasets(options: RunOptions) -> None:
     root, sources, combineall = data["root"], list(data["sources"]), data["combineall"]
     names = list(dict.fromkeys(sources + list(data["targets"])))
     for name in names:
-        check_dataset_present(name, root)
+        check_dataset_present(name, root, key="data.sources" if name in sources else "data.targets")
     scans = {name: _scan(name, root) for name in names}
     for name in sources:
         if scans[name] is not None and not scans[name].train_pids and not combineall:

@@ -358,7 +358,7 @@ def _bad_cases():
         (dict(qf=f, gf=np.zeros((50, 3)), q_pids=qp, g_pids=gp, q_camids=qc, g_camids=gc), ValueError,
          "same feature dimension"),
         (dict(qf=f, gf=np.zeros((50, 4)), q_pids=qp, g_pids=gp, q_camids=qc, g_camids=gc, metric="l1"),
-         ValueError, "unknown metric 'l1'; allowed: 'euclidean', 'cosine'"),
+         ValueError, r"metric = 'l1' is unknown; choose one of \['euclidean', 'cosine'\]"),
         (dict(qf=f[0], gf=np.zeros((50, 4)), q_pids=qp, g_pids=gp, q_camids=qc, g_camids=gc), ValueError,
          r"qf must be 2-D \(num_samples x feature_dim\), got shape \(4,\)"),
         (dict(qf=f.astype(str), gf=np.zeros((50, 4)), q_pids=qp, g_pids=gp, q_camids=qc, g_camids=gc), TypeError,

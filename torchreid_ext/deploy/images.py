@@ -74,7 +74,7 @@ def dataset_images(cfg, name: str, split: str) -> ImageSet:
         raise DeployInputError(f"split = '{split}' is not valid; choose one of {list(SPLITS)}")
     register_dataset_files(cfg.data.custom_datasets)
     set_max_image_side(cfg.data.max_image_side)
-    check_dataset_present(name, cfg.data.root)  # unknown name: KeyError listing the datasets
+    check_dataset_present(name, cfg.data.root, key="dataset")  # unknown name: KeyError listing the datasets
     with without_prints():  # Torchreid prints dataset statistics; our warnings still show
         dataset = torchreid().datasets.init_image_dataset(
             name, transform=None, mode=split, combineall=cfg.data.combineall, root=cfg.data.root,

@@ -188,9 +188,10 @@ def _check_protocol(runs: Sequence[Run]) -> None:
 def _check_data(run: Run) -> None:
     from ..data.checks import check_dataset_present
 
-    for name in dict.fromkeys(list(run.cfg.data.sources) + list(run.cfg.data.targets)):
+    sources = list(run.cfg.data.sources)
+    for name in dict.fromkeys(sources + list(run.cfg.data.targets)):
         try:
-            check_dataset_present(name, run.cfg.data.root)
+            check_dataset_present(name, run.cfg.data.root, key="data.sources" if name in sources else "data.targets")
         except (KeyError, FileNotFoundError) as exc:
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
             raise HarnessError(f"{run.config}: {msg}") from exc

@@ -89,7 +89,7 @@ def _prepare(
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Check inputs; return (q, g, |q|^2, |g|^2) ready for row blocks (norms only for euclidean)."""
     if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; allowed: {', '.join(map(repr, METRICS))}")
+        raise ValueError(f"metric = {metric!r} is unknown; choose one of {list(METRICS)}")
     q = _as_features(qf, "qf")
     g = _as_features(gf, "gf")
     if q.shape[1] != g.shape[1]:

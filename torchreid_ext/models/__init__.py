@@ -52,9 +52,7 @@ def build_model(
         )
     factory = torchreid().model_factory()
     if name not in factory:
-        raise UnknownModelError(
-            f"Unknown model '{name}'. Available models: {', '.join(available_models())}"
-        )
+        raise UnknownModelError(f"model.name = {name!r} is unknown; choose one of {available_models()}")
     if kwargs:
         raise TypeError(f"Torchreid model '{name}' takes no extra options, got {sorted(kwargs)}")
     tr_loss = "triplet" if get_loss(loss).needs_features else "softmax"
