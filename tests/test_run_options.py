@@ -79,3 +79,29 @@ def test_loss_options_copy_every_section(data_root, tmp_path):
     loss = LossOptions.from_config(cfg)
     assert set(loss.sections) >= {"softmax", "triplet", "drsl", "sn"} and loss.name == "softmax"
     assert loss.label_smooth == cfg.loss.softmax.label_smooth
+
+
+def test_errors_of_user_input_at_run_time_are_user_errors():
+    """Values a user set (config keys) that only fail once the run has data or a device: one line,
+    exit status 2 (a ConfigError, still a ValueError for Python callers)."""
+    from torchreid_ext.config import ConfigError
+    from torchreid_ext.data.sampler import DistributedIdentitySampler
+    from torchreid_ext.distributed import init_distributed
+    from torchreid_ext.errors import UserError
+
+    opts = EvaluationOptions(aqe=True, aqe_k=30, rerank=True, rerank_k1=20)
+    with pytest.raises(ConfigError, match=r"test\.rerank_k1 = 20 needs at least"):
+        opts.check_sizes(10, 5)
+    with pytest.raises(ConfigError, match=r"test\.aqe_k = 30 exceeds the number of query \+ gallery features"):
+        EvaluationOptions(aqe=True, aqe_k=30).check_sizes(10, 5)
+    items = [(f"{i}.jpg", i // 4, 0) for i in range(8)]  # 2 identities
+    with pytest.raises(ConfigError, match="2 identities, fewer than P x world size = 2 x 2 = 4"):
+        DistributedIdentitySampler(items, batch_size=8, num_instances=4, num_replicas=2, rank=0)
+    assert issubclass(ConfigError, UserError) and issubclass(ConfigError, ValueError)
+    if not torch.cuda.is_available():
+        import os
+        from unittest import mock
+
+        with mock.patch.dict(os.environ, {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}):
+            with pytest.raises(ConfigError, match="dist.backend = 'nccl' needs GPUs"):
+                init_distributed("nccl", use_gpu=False)

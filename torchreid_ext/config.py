@@ -368,6 +368,9 @@ def validate_config(cfg: CN) -> None:
                 "RandomIdentitySampler draws batch_size / num_instances identities with "
                 f"num_instances images each (e.g. batch_size {k * max(bs // k, 1)})"
             )
+    if cfg.test.visrank and not cfg.test.evaluate:
+        raise ConfigError("test.visrank = True draws rank lists of an evaluation-only run; set test.evaluate True "
+                          "(or draw them after training with scripts/visualize_ranks.py)")
     if cfg.train.fixbase_epoch > 0 and cfg.msgr.enabled and cfg.msgr.mode == "fast" and env_world_size() > 1:
         # fixbase freezes parameters, so DDP needs find_unused_parameters, with which fast
         # mode's second forward loses its perturbation (measured: R_fd = 0, no R gradient)

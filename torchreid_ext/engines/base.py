@@ -250,10 +250,10 @@ class ReIDEngine(torchreid().engine.Engine):
         the hooks of :meth:`build_hooks` at each moment (:mod:`~torchreid_ext.engines.hooks`);
         returns the last evaluation's results per target dataset."""
         if visrank and not test_only:
-            raise ValueError("visrank can be set to True only if test_only=True")
+            raise ConfigError("visrank (test.visrank) can be True only with test_only (test.evaluate) True")
         if not test_only and start_epoch > max_epoch:
-            raise ValueError(f"start_epoch = {start_epoch} is past max_epoch = {max_epoch}: the run already "
-                             f"finished at epoch {start_epoch}; evaluate it with test_only=True")
+            raise ConfigError(f"start_epoch = {start_epoch} is past max_epoch = {max_epoch}: the run already "
+                              f"finished at epoch {start_epoch}; evaluate it with test_only=True")
         self.save_dir = save_dir
         # an evaluation-only run must not overwrite the training run's record
         self.metrics_file = "metrics-test.json" if test_only else "metrics.json"

@@ -123,14 +123,17 @@ class EvaluationOptions(ConfigOptions):
         return {f.name: asdict(self.knn) if f.name == "knn" else getattr(self, f.name) for f in fields(self)}
 
     def check_sizes(self, num_query: int, num_gallery: int) -> None:
-        """Raise ``ValueError`` (naming the config key) unless the options fit a query and gallery
-        of these sizes: re-ranking's ``k1`` and AQE's ``k`` need that many items."""
+        """Raise :class:`ConfigError` (naming the config key) unless the options fit a query and
+        gallery of these sizes: re-ranking's ``k1`` and AQE's ``k`` need that many items."""
         n = num_query + num_gallery
         if self.rerank:
-            check_rerank_args(self.rerank_k1, self.rerank_k2, self.rerank_lambda, num_items=n,
-                              names=self._rerank_keys)
+            try:
+                check_rerank_args(self.rerank_k1, self.rerank_k2, self.rerank_lambda, num_items=n,
+                                  names=self._rerank_keys)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         if self.aqe and self.aqe_k > n:
-            raise ValueError(f"{self.describe('aqe_k')} = {self.aqe_k} exceeds the number of query + gallery features "
+            raise ConfigError(f"{self.describe('aqe_k')} = {self.aqe_k} exceeds the number of query + gallery features "
                              f"({num_query} + {num_gallery} = {n})")
 
 

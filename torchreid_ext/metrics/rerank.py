@@ -28,6 +28,7 @@ from typing import Iterator, Optional, Tuple
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from ..options import is_int, is_number
 from .distance import ArrayLike, _block, _prepare, as_real_matrix, auto_chunk_rows, torch_threads
 from .knn import RunningTopK
@@ -136,8 +137,8 @@ class _FeatureSource:
         with torch_threads(self.matmul_threads):
             _, rank = index.search(self.x, k)
         if bool((rank < 0).any()):
-            raise ValueError(f"knn.backend '{knn.backend}' found fewer than k1 + 1 = {k} neighbours for some items; "
-                             "search more of the index (knn.ivf_nprobe)")
+            raise ConfigError(f"knn.backend = '{knn.backend}' found fewer than k1 + 1 = {k} neighbours for some "
+                              "items; search more of the index (knn.ivf_nprobe)")
         rank = rank.to(self.device)
         me = torch.arange(n, device=self.device)
         missing = ~(rank == me.unsqueeze(1)).any(1)  # an approximate search may miss the item itself
