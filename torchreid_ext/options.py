@@ -22,7 +22,7 @@ from typing import Any, Callable, ClassVar, Dict, Optional, Sequence
 
 from .errors import ConfigError
 
-__all__ = ["ConfigOptions", "is_int", "is_number", "positive_int", "non_negative_number", "config_value", "plain_value"]
+__all__ = ["ConfigOptions", "is_int", "is_number", "positive_int", "config_value", "plain_value"]
 
 
 def is_int(x: Any) -> bool:
@@ -38,11 +38,6 @@ def is_number(x: Any) -> bool:
 def positive_int(x: Any) -> Optional[str]:
     """None for an integer >= 1, else what it must be."""
     return None if is_int(x) and x >= 1 else "must be an integer >= 1"
-
-
-def non_negative_number(x: Any) -> Optional[str]:
-    """None for a number >= 0, else what it must be."""
-    return None if is_number(x) and x >= 0 else "must be a number >= 0"
 
 
 def config_value(cfg, key: str) -> Any:

@@ -20,7 +20,7 @@ from ..features import extract_loader
 from ..memory import allocation_failures, check_memory, meta_model
 from ..models import ModelOptions
 from .errors import DeployInputError, check_output_path
-from .images import SPLITS, CheckedBatches, ImageSet, dataset_images, eval_transform, folder_images, image_loader
+from .images import DATASET_SPLITS, CheckedBatches, ImageSet, dataset_images, eval_transform, folder_images, image_loader
 from .model import build_eval_model, file_sha256, model_device, resolve_weights
 from .saved_features import FEATURES_KIND, FeatureSet, save_features
 
@@ -86,8 +86,8 @@ def extract_features(
     """
     if (images is None) == (dataset is None):
         raise DeployInputError("give either images (a folder) or dataset (a registered dataset name, with split)")
-    if dataset is not None and split not in SPLITS:
-        raise DeployInputError(f"split = {split!r} is not valid; choose one of {list(SPLITS)}")
+    if dataset is not None and split not in DATASET_SPLITS:
+        raise DeployInputError(f"split = {split!r} is not valid; choose one of {list(DATASET_SPLITS)}")
     if images is not None and split is not None:
         raise DeployInputError(f"split = {split!r} goes with dataset, not with images (a folder)")
     weights_path = resolve_weights(cfg, weights)

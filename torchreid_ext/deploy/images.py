@@ -25,11 +25,11 @@ from ..errors import InputNotFound
 from ..log import without_prints
 from .errors import DeployInputError
 
-__all__ = ["IMAGE_EXTENSIONS", "SPLITS", "ImageSet", "image_files", "folder_images", "dataset_images",
+__all__ = ["IMAGE_EXTENSIONS", "DATASET_SPLITS", "ImageSet", "image_files", "folder_images", "dataset_images",
            "eval_transform", "image_loader", "CheckedBatches", "load_image"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-SPLITS = ("query", "gallery", "train")
+DATASET_SPLITS = ("query", "gallery", "train")  # the parts of a registered dataset extraction reads
 
 
 class ImageSet(NamedTuple):
@@ -70,8 +70,8 @@ def folder_images(folder: str, max_side: Optional[int] = None) -> ImageSet:
 def dataset_images(cfg, name: str, split: str) -> ImageSet:
     """The ``split`` ('query', 'gallery' or 'train') of registered dataset ``name`` under
     ``data.root``, in the order of Torchreid's loaders; headers checked."""
-    if split not in SPLITS:
-        raise DeployInputError(f"split = '{split}' is not valid; choose one of {list(SPLITS)}")
+    if split not in DATASET_SPLITS:
+        raise DeployInputError(f"split = '{split}' is not valid; choose one of {list(DATASET_SPLITS)}")
     register_dataset_files(cfg.data.custom_datasets)
     set_max_image_side(cfg.data.max_image_side)
     check_dataset_present(name, cfg.data.root, key="dataset")  # unknown name: KeyError listing the datasets

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import logging
 import os
 import os.path as osp
@@ -42,7 +41,6 @@ import torch
 from .. import distributed
 from ..adapter import torchreid
 from ..checkpoint import (
-    atomic_write_bytes,
     capture_rng_state,
     load_checkpoint,
     resume_from_checkpoint,
@@ -51,18 +49,14 @@ from ..checkpoint import (
 )
 from ..distributed import unwrap_model
 from ..errors import ConfigError
+from ..files import METRICS_FILE, TEST_METRICS_FILE, write_json_atomic
 from ..log import show_output
 from .hooks import CheckpointHook, EngineHook, EvaluationHook, RunState, TensorBoardHook
 from .options import AMP_DTYPES, EngineOptions
 
-__all__ = ["ReIDEngine", "AMP_DTYPES", "write_json_atomic"]
+__all__ = ["ReIDEngine", "AMP_DTYPES"]
 
 logger = logging.getLogger(__name__)
-
-
-def write_json_atomic(obj: Any, path: str) -> None:
-    data = json.dumps(obj, indent=2, sort_keys=False).encode()
-    atomic_write_bytes(path, lambda f: f.write(data))
 
 
 def _to_channels_last(model: torch.nn.Module) -> None:
@@ -124,7 +118,7 @@ class ReIDEngine(torchreid().engine.Engine):
         self.extra_state: Dict[str, Any] = {}  # objects with state_dict() saved in checkpoints
         self._train_seconds = 0.0
         self._train_images = 0
-        self.metrics_file = "metrics.json"
+        self.metrics_file = METRICS_FILE
         self.hooks: List[EngineHook] = []  # the run's, from build_hooks
         self.run_state: Optional[RunState] = None  # the current (or last) run's, shared with its hooks
         if evaluation_options is not None:
@@ -256,7 +250,7 @@ class ReIDEngine(torchreid().engine.Engine):
                               f"finished at epoch {start_epoch}; evaluate it with test_only=True")
         self.save_dir = save_dir
         # an evaluation-only run must not overwrite the training run's record
-        self.metrics_file = "metrics-test.json" if test_only else "metrics.json"
+        self.metrics_file = TEST_METRICS_FILE if test_only else METRICS_FILE
         test_kwargs = dict(
             dist_metric=dist_metric, normalize_feature=normalize_feature, visrank=visrank,
             visrank_topk=visrank_topk, save_dir=save_dir, use_metric_cuhk03=use_metric_cuhk03,

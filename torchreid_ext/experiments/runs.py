@@ -26,15 +26,13 @@ import yaml
 
 from ..config import CN, ConfigError, load_config
 from ..errors import HarnessError
-from ..files import read_text
+from ..files import METRICS_FILE, TEST_METRICS_FILE, read_text
 from ..options import is_int
 
 __all__ = ["HarnessError", "Run", "plan_runs", "read_spec", "final_epoch", "is_finished", "launch",
            "load_metrics", "check_seeds", "test_time_options", "test_time_runs", "PROTOCOL_KEYS"]
 
 SPEC_FILE = "run.json"
-METRICS_FILE = "metrics.json"
-TEST_METRICS_FILE = "metrics-test.json"  # an evaluation-only run's record (the engine's name)
 # Settings that must be equal across the runs of one comparison (same evaluation harness).
 PROTOCOL_KEYS = ("data.root", "train.seed", "test.evaluator", "test.dist_metric",
                  "test.normalize_feature", "test.rerank", "data.height", "data.width")
