@@ -149,9 +149,11 @@ def test_existing_checkpoints_are_never_overwritten(tiny, finished, tmp_path):
 @pytest.mark.parametrize(
     "overrides, error, pattern",
     [
-        ({"model.name": "resnet5O"}, ConfigError, r"model\.name = 'resnet5O' is unknown; choose one of \[.*'osnet_x1_0'"),
+        ({"model.name": "resnet5O"}, ConfigError,
+         r"model\.name = 'resnet5O' is unknown; choose one of \[.*'osnet_x1_0'"),
         ({"loss.name": "arcface"}, ConfigError, r"arcface.*softmax.*triplet"),
-        ({"data.sources": "[marked1501]"}, KeyError, r"data\.sources = 'marked1501' is unknown; choose one of \[.*'market1501'"),
+        ({"data.sources": "[marked1501]"}, KeyError,
+         r"data\.sources = 'marked1501' is unknown; choose one of \[.*'market1501'"),
         ({"sampler.train_sampler": "PKSampler"}, ConfigError, r"PKSampler.*RandomIdentitySampler"),
         ({"train.batch_size": 18}, ConfigError, r"batch_size = 18 is not divisible by .*num_instances = 4"),
         ({"train.optim": "adamw"}, ConfigError, r"adamw.*amsgrad"),

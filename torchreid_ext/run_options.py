@@ -31,8 +31,8 @@ __all__ = ["RunOptions", "imagedata_kwargs", "optimizer_kwargs", "lr_scheduler_k
 class RunOptions:
     """Everything a training run reads from its config ``cfg`` (validated by
     :func:`torchreid_ext.config.validate_config`): ``use_gpu`` (``cfg.use_gpu`` when a GPU is
-    present, unless given), ``seed`` (``train.seed``), ``resume`` (``model.resume``), each component's options and Torchreid's
-    arguments. Read-only."""
+    present, unless given), ``seed`` (``train.seed``), ``resume`` (``model.resume``), each
+    component's options and Torchreid's arguments. Read-only."""
 
     use_gpu: bool
     seed: int

@@ -20,7 +20,8 @@ from ..features import extract_loader
 from ..memory import allocation_failures, check_memory, meta_model
 from ..models import ModelOptions
 from .errors import DeployInputError, check_output_path
-from .images import DATASET_SPLITS, CheckedBatches, ImageSet, dataset_images, eval_transform, folder_images, image_loader
+from .images import (DATASET_SPLITS, CheckedBatches, ImageSet, dataset_images, eval_transform, folder_images,
+                     image_loader)
 from .model import build_eval_model, file_sha256, model_device, resolve_weights
 from .saved_features import FEATURES_KIND, FeatureSet, save_features
 
@@ -101,8 +102,8 @@ def extract_features(
     size = f"{cfg.data.height}x{cfg.data.width}"
     lower = "data.height / data.width or test.batch_size"
     model_options = ModelOptions.from_config(cfg)
-    check_memory(lambda: meta_model(model_options), batch=cfg.test.batch_size, height=cfg.data.height, width=cfg.data.width,
-                 train=False, device=device, lower=lower, half_precision=cfg.train.amp != "none",
+    check_memory(lambda: meta_model(model_options), batch=cfg.test.batch_size, height=cfg.data.height,
+                 width=cfg.data.width, train=False, device=device, lower=lower, half_precision=cfg.train.amp != "none",
                  what=f"extracting with '{cfg.model.name}' at {size} with test.batch_size = {cfg.test.batch_size}")
     with allocation_failures(f"extraction with '{cfg.model.name}' at {size}", lower):
         model, weights_path = eval_model(cfg, weights_path, device)
