@@ -19,7 +19,7 @@ except ImportError:  # running from a source checkout that is not installed
     sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from torchreid_ext.config import load_config
-from torchreid_ext.models import MODELS, build_model, build_model_from_config
+from torchreid_ext.models import MODELS, ModelOptions, build_model, build_model_from_options
 from torchreid_ext.models.complexity import count_macs, count_params
 
 # Paper Table II (params M, GFLOPs at 256x128; its "flops" are MACs).
@@ -44,7 +44,7 @@ def stats_rows(args: argparse.Namespace) -> List[Sequence[str]]:
         rows.append(_row(name, model, args, PAPER.get(name, "")))
     for path in args.config:
         cfg = load_config(path, ["model.pretrained", "False"])
-        model = build_model_from_config(cfg, args.num_classes)
+        model = build_model_from_options(ModelOptions.from_config(cfg), args.num_classes, use_gpu=cfg.use_gpu)
         rows.append(_row(f"{cfg.model.name} ({osp.basename(path)})", model, args, ""))
     return rows
 

@@ -76,17 +76,26 @@ def tiny_opts(root, save_dir, **overrides):
     return [x for kv in opts.items() for x in kv]
 
 
+def model_for(cfg, num_classes):
+    """The model a (validated) config names, built as a run builds it."""
+    from torchreid_ext.builders import build_run_model
+    from torchreid_ext.run_options import RunOptions
+
+    return build_run_model(RunOptions(cfg).model, num_classes, use_gpu=cfg.use_gpu)
+
+
 def tiny_setup(root, save_dir, **base):
     """``make(**overrides) -> (cfg, datamanager)`` for tiny runs (``base`` overrides first);
     the datamanager is built on the first call and shared."""
-    from torchreid_ext import cli
+    from torchreid_ext import builders, cli
+    from torchreid_ext.run_options import RunOptions
 
     cache = {}
 
     def make(**overrides):
         cfg, _ = cli.load_run_config(tiny_opts(root, save_dir, **{**base, **overrides}))
         if "dm" not in cache:
-            cache["dm"] = cli.build_datamanager(cfg)
+            cache["dm"] = builders.build_datamanager(RunOptions(cfg))
         return cfg, cache["dm"]
 
     return make

@@ -23,9 +23,10 @@ from torchreid_ext.checkpoint import load_checkpoint
 from torchreid_ext.config import ConfigError
 from torchreid_ext.data import SynthSpec, generate
 from torchreid_ext.data.checks import DatasetNotFound, UnreadableImageError
-from torchreid_ext.engines import ImageMetricEngine, build_engine
+from torchreid_ext.engines import ImageMetricEngine
+from torchreid_ext.run_options import RunOptions
 
-from conftest import REPO, tiny_opts
+from conftest import REPO, model_for, tiny_opts
 from readonly import read_only
 
 
@@ -148,9 +149,11 @@ def test_existing_checkpoints_are_never_overwritten(tiny, finished, tmp_path):
 @pytest.mark.parametrize(
     "overrides, error, pattern",
     [
-        ({"model.name": "resnet5O"}, ConfigError, r"resnet5O.*Available models:.*osnet_x1_0"),
+        ({"model.name": "resnet5O"}, ConfigError,
+         r"model\.name = 'resnet5O' is unknown; choose one of \[.*'osnet_x1_0'"),
         ({"loss.name": "arcface"}, ConfigError, r"arcface.*softmax.*triplet"),
-        ({"data.sources": "[marked1501]"}, KeyError, r"marked1501.*Available datasets:.*market1501"),
+        ({"data.sources": "[marked1501]"}, KeyError,
+         r"data\.sources = 'marked1501' is unknown; choose one of \[.*'market1501'"),
         ({"sampler.train_sampler": "PKSampler"}, ConfigError, r"PKSampler.*RandomIdentitySampler"),
         ({"train.batch_size": 18}, ConfigError, r"batch_size = 18 is not divisible by .*num_instances = 4"),
         ({"train.optim": "adamw"}, ConfigError, r"adamw.*amsgrad"),
@@ -195,7 +198,7 @@ def test_real_market1501_loader_on_generated_files_and_unreadable_image(tiny, tm
     opts = {"data.root": str(root), "data.sources": "[market1501]", "data.targets": "[market1501]",
             "train.batch_size": 8}
     cfg, _ = cli.load_run_config(tiny(save_dir=str(tmp_path / "run"), **opts))
-    dm = builders.build_datamanager(cfg)
+    dm = builders.build_datamanager(RunOptions(cfg))
     assert dm.num_train_pids == 8
     assert len(dm.test_dataset["market1501"]["query"]) == counts["query"]
     bad = sorted(glob.glob(str(market / "bounding_box_train" / "*.jpg")))[3]
@@ -239,10 +242,10 @@ def test_scripts_main_accepts_upstream_arguments(data_root, tmp_path):
 def test_build_engine_from_python(tiny, tmp_path):
     cfg, _ = cli.load_run_config(tiny(save_dir=str(tmp_path / "run"), **{"loss.name": "triplet",
                                                                          "loss.triplet.weight_x": 0.5}))
-    dm = builders.build_datamanager(cfg)
-    model = builders.build_model(cfg, dm.num_train_pids)
+    dm = builders.build_datamanager(RunOptions(cfg))
+    model = model_for(cfg, dm.num_train_pids)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    engine = build_engine(cfg, dm, model, opt)
+    engine = builders.build_engine(cfg, dm, model, opt)
     assert isinstance(engine, ImageMetricEngine)
     assert engine.device == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     assert engine.weight_x == 0.5 and list(engine.metric_losses) == ["triplet"]
@@ -541,7 +544,7 @@ def test_header_only_image_check_lets_a_truncated_gallery_jpeg_through(tiny, mar
     opts = {"data.root": str(root), "data.sources": "[market1501]", "data.targets": "[market1501]",
             "train.batch_size": 8}
     cfg, _ = cli.load_run_config(tiny(**opts, **{"data.image_check": "header"}))
-    assert builders.build_datamanager(cfg).num_train_pids == 8
+    assert builders.build_datamanager(RunOptions(cfg)).num_train_pids == 8
     cfg, _ = cli.load_run_config(tiny(**opts))
     with pytest.raises(UnreadableImageError, match="image file is truncated"):
-        builders.build_datamanager(cfg)
+        builders.build_datamanager(RunOptions(cfg))

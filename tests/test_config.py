@@ -118,6 +118,8 @@ def test_base_inheritance_and_cycle(tmp_path):
         (["msgr.enabled", "True", "msgr.eps", "[0.1, 0.2, 0.3]"], r"msgr\.eps has 3 values for 2 stages"),
         (["loss.name", "triplet", "train.fixbase_epoch", "2"], r"no cross-entropy term"),
         (["data.transforms", "[random_flip, random_rotate]"], r"unknown entries \['random_rotate'\].*random_crop"),
+        (["test.visrank", "True"], r"test\.visrank = True draws rank lists of an evaluation-only run; set "
+                                   r"test\.evaluate True"),
     ],
 )
 def test_invalid_values_fail_with_allowed_values(opts, pattern):

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from torchreid_ext import build_engine
-from torchreid_ext.adapter import torchreid
-from torchreid_ext.cli import build_datamanager, build_model
-from torchreid_ext.config import get_default_config, load_config, lr_scheduler_kwargs, optimizer_kwargs
+from torchreid_ext.builders import build_datamanager, build_optimizer, build_run_model, build_scheduler
+from torchreid_ext.config import get_default_config, load_config
+from torchreid_ext.run_options import RunOptions
 
 from conftest import REPO
 
@@ -52,7 +52,7 @@ def test_config_glob_sees_every_dataset():
 def shared(data_root):
     cfg = load_config(None, tiny_step_opts(data_root))
     cfg.use_gpu = False
-    dm = build_datamanager(cfg)
+    dm = build_datamanager(RunOptions(cfg))
     batch = next(iter(dm.train_loader))
     return dm, batch
 
@@ -70,9 +70,10 @@ STEPS = {}  # signature -> (loss, whether the stem changed)
 
 def one_step(cfg, dm, batch):
     torch.manual_seed(0)
-    model = build_model(cfg, dm.num_train_pids)
-    optimizer = torchreid().optim.build_optimizer(model, **optimizer_kwargs(cfg))
-    scheduler = torchreid().optim.build_lr_scheduler(optimizer, **lr_scheduler_kwargs(cfg))
+    options = RunOptions(cfg)
+    model = build_run_model(options.model, dm.num_train_pids, use_gpu=options.use_gpu)
+    optimizer = build_optimizer(options, model)
+    scheduler = build_scheduler(options, optimizer)
     engine = build_engine(cfg, dm, model, optimizer, scheduler)
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     model.train()

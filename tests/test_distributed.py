@@ -214,17 +214,17 @@ def test_prepare_model_converts_and_wrap_ddp_is_a_no_op_alone():
 def test_torchrun_rules_apply_under_torchrun_only(monkeypatch):
     from torchreid_ext.config import ConfigError, get_default_config
     from torchreid_ext.preflight import check_torchrun
+    from torchreid_ext.run_options import RunOptions
 
     cfg = get_default_config()
     cfg.sampler.train_sampler = "RandomDomainSampler"
     cfg.train.sync_bn = True
-    check_torchrun(cfg)  # one process: anything goes
+    check_torchrun(RunOptions(cfg))  # one process: anything goes
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match=r"'RandomDomainSampler' has no distributed form"):
-        check_torchrun(cfg)
+        check_torchrun(RunOptions(cfg))
     cfg.sampler.train_sampler = "RandomSampler"
-    cfg.use_gpu = False
     with pytest.raises(ConfigError, match=r"train.sync_bn = True under torchrun needs GPUs"):
-        check_torchrun(cfg)
+        check_torchrun(RunOptions(cfg, use_gpu=False))
     cfg.train.sync_bn = False
-    check_torchrun(cfg)
+    check_torchrun(RunOptions(cfg, use_gpu=False))

@@ -1,8 +1,10 @@
-"""Config -> objects: the data manager, model, optimizer, scheduler and engine of a run.
+"""Options -> objects: the data manager, model, optimizer, scheduler and engine of a run.
 
-The one place that turns a yacs config into the objects a run needs; ``cli.py`` (the
-command line), ``experiments/`` and the deployment tools all build through it, so a run,
-a rank list and an exported model are built the same way.
+Each builder takes the run's options (:class:`~torchreid_ext.run_options.RunOptions`, the
+config read once) or the component's own options, never the config; ``cli.py`` (the command
+line), ``experiments/`` and the deployment tools all build through here, so a run, a rank list
+and an exported model are built the same way. :func:`build_engine` is the one builder that takes
+a config: Torchreid scripts call it with theirs.
 """
 from __future__ import annotations
 
@@ -14,20 +16,21 @@ from typing import Any, Dict, Optional
 import torch
 
 from .adapter import torchreid
-from .config import imagedata_kwargs, lr_scheduler_kwargs, optimizer_kwargs
 from .data.checks import IMAGE_CHECKS, check_images, check_queries, set_max_image_side
-from .data.image_list import register_config_datasets
-from .engines import build_engine
+from .data.image_list import register_dataset_files
+from .engines import ENGINES, engine_name
 from .errors import ConfigError, PretrainedWeightsUnavailable
-from .metrics.evaluation import EvaluationOptions
-from .models import build_model_from_config
+from .losses import build_loss_terms
+from .models import ModelOptions, build_model_from_options
+from .run_options import RunOptions
 
 __all__ = [
     "PretrainedWeightsUnavailable",
     "build_datamanager",
-    "build_model",
+    "build_run_model",
     "build_optimizer",
     "build_scheduler",
+    "build_run_engine",
     "build_engine",
     "model_complexity",
     "run_record",
@@ -36,23 +39,22 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def build_datamanager(cfg, image_check: Optional[str] = None):
-    """Torchreid's ``ImageDataManager`` for ``cfg``, checked: each target has a valid query,
+def build_datamanager(options: RunOptions, image_check: Optional[str] = None):
+    """Torchreid's ``ImageDataManager`` for ``options``, checked: each target has a valid query,
     and every image opens. ``image_check`` (default ``data.image_check``): ``decode_test``
     also decodes the query and gallery images fully, ``decode_all`` the training images too,
     ``header`` neither; an evaluation-only run (``test.evaluate``) reads headers only by
     default, since a failure there loses no training."""
-    register_config_datasets(cfg)
-    set_max_image_side(cfg.data.max_image_side)  # for our checks and Torchreid's loaders alike
-    dm = torchreid().data.ImageDataManager(**imagedata_kwargs(cfg))
-    mode = image_check or ("header" if cfg.test.evaluate else cfg.data.image_check)
+    register_dataset_files(options.data.custom_datasets)
+    set_max_image_side(options.data.max_image_side)  # for our checks and Torchreid's loaders alike
+    dm = torchreid().data.ImageDataManager(**options.datamanager_args)
+    mode = image_check or ("header" if options.evaluate_only else options.data.image_check)
     train = [item[0] for item in dm.train_loader.dataset.train]
     test = []
-    options = EvaluationOptions.from_config(cfg)
     for name, sets in dm.test_dataset.items():
         check_queries(name, sets["query"], sets["gallery"])
         try:  # re-ranking's k1 / AQE's k against this target's size, before any training
-            options.check_sizes(len(sets["query"]), len(sets["gallery"]))
+            options.evaluation.check_sizes(len(sets["query"]), len(sets["gallery"]))
         except ValueError as exc:
             raise ConfigError(f"target dataset '{name}': {exc}") from None
         test += [item[0] for item in sets["query"]] + [item[0] for item in sets["gallery"]]
@@ -78,28 +80,58 @@ def _weights_hint(name: str) -> str:
     return f"put the file in '{hub}'"
 
 
-def build_model(cfg, num_classes: int) -> torch.nn.Module:
-    """``cfg.model.name`` with its options; offline ImageNet weights are a clear error."""
+def build_run_model(options: ModelOptions, num_classes: int, use_gpu: bool = True) -> torch.nn.Module:
+    """``options.name`` with its factory's options; offline ImageNet weights are a clear error."""
     try:
-        return build_model_from_config(cfg, num_classes)
+        return build_model_from_options(options, num_classes, use_gpu=use_gpu)
     except OSError as exc:
-        if not cfg.model.pretrained:
+        if not options.pretrained:
             raise
         raise PretrainedWeightsUnavailable(
-            f"ImageNet weights for '{cfg.model.name}' could not be downloaded ({exc}). "
-            f"This machine may be offline: {_weights_hint(cfg.model.name)}, "
+            f"ImageNet weights for '{options.name}' could not be downloaded ({exc}). "
+            f"This machine may be offline: {_weights_hint(options.name)}, "
             "or train from scratch with `model.pretrained False`."
         ) from exc
 
 
-def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """Torchreid's ``build_optimizer`` with ``cfg.train`` / ``cfg.adam`` / ``cfg.sgd`` ..."""
-    return torchreid().optim.build_optimizer(model, **optimizer_kwargs(cfg))
+def build_optimizer(options: RunOptions, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Torchreid's ``build_optimizer`` with ``train`` / ``adam`` / ``sgd`` ... (``options.optimizer_args``)."""
+    return torchreid().optim.build_optimizer(model, **options.optimizer_args)
 
 
-def build_scheduler(cfg, optimizer: torch.optim.Optimizer):
-    """Torchreid's ``build_lr_scheduler`` with ``cfg.train``'s schedule."""
-    return torchreid().optim.build_lr_scheduler(optimizer, **lr_scheduler_kwargs(cfg))
+def build_scheduler(options: RunOptions, optimizer: torch.optim.Optimizer):
+    """Torchreid's ``build_lr_scheduler`` with ``train``'s schedule (``options.scheduler_args``)."""
+    return torchreid().optim.build_lr_scheduler(optimizer, **options.scheduler_args)
+
+
+def build_run_engine(options: RunOptions, datamanager, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     scheduler=None, run_info: Optional[Dict[str, Any]] = None):
+    """The engine ``train.engine`` names (by default ``msgr`` with ``msgr.enabled``, else ``metric``),
+    built by its class's ``from_options`` with the base engines' arguments and the loss terms of
+    ``loss.name`` (docs/methods.md D5, S4)."""
+    engine_cls = ENGINES.get(engine_name(options.engine.engine, options.msgr.enabled), key="train.engine")
+    weight_x, metric_losses = build_loss_terms(options.loss)
+    common = dict(
+        use_gpu=options.use_gpu,
+        weight_x=weight_x,
+        label_smooth=options.loss.label_smooth,
+        metric_losses=metric_losses,
+        evaluator=options.evaluation.evaluator,
+        checkpoint_freq=options.engine.checkpoint_freq,
+        run_info=run_info,
+        amp=options.engine.amp,
+        channels_last=options.engine.channels_last,
+        seed=options.seed,
+        gather_features=options.dist.gather_features,
+        evaluation_options=options.evaluation,
+    )
+    return engine_cls.from_options(options, datamanager, model, optimizer, scheduler, **common)
+
+
+def build_engine(cfg, datamanager, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler=None):
+    """The engine a config asks for, in one line of a Torchreid script:
+    ``engine = torchreid_ext.build_engine(cfg, datamanager, model, optimizer, scheduler)``."""
+    return build_run_engine(RunOptions(cfg), datamanager, model, optimizer, scheduler)
 
 
 def model_complexity(model: torch.nn.Module, height: int, width: int) -> Dict[str, Optional[float]]:
@@ -117,20 +149,21 @@ def _display_path(path: str) -> str:
     return full if rel.startswith(os.pardir) else rel
 
 
-def run_record(cfg, config_path: str = "", world_size: int = 1,
+def run_record(options: RunOptions, config_path: str = "", world_size: int = 1,
                stats: Optional[Dict[str, Optional[float]]] = None) -> Dict[str, Any]:
     """What ``metrics.json`` records about a run besides its results (the engine's ``run_info``)."""
+    data = options.datamanager_args
     return {
         "config": _display_path(config_path) if config_path else "",
-        "max_epoch": cfg.train.max_epoch,
-        "model": cfg.model.name,
-        "loss": cfg.loss.name,
-        "msgr": {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in cfg.msgr.items()},
-        "sources": list(cfg.data.sources),
-        "targets": list(cfg.data.targets),
-        "seed": cfg.train.seed,
-        "input_size": [cfg.data.height, cfg.data.width],
+        "max_epoch": options.max_epoch,
+        "model": options.model.name,
+        "loss": options.loss.name,
+        "msgr": options.msgr.as_config(),
+        "sources": list(data["sources"]),
+        "targets": list(data["targets"]),
+        "seed": options.seed,
+        "input_size": [data["height"], data["width"]],
         "world_size": world_size,
-        "amp": cfg.train.amp,
+        "amp": options.engine.amp,
         **(stats or {}),
     }

@@ -5,8 +5,9 @@
 Same arguments as upstream (``--config-file`` too, ``--root``, ``-s``, ``-t``,
 ``--transforms``, trailing overrides). This module parses them and runs the sequence:
 
-1. the config is read and validated (:mod:`torchreid_ext.config`), then every check that needs
-   no data (:func:`torchreid_ext.preflight.preflight`);
+1. the config is read, validated (:mod:`torchreid_ext.config`) and frozen, then read once into
+   the options of each component (:class:`~torchreid_ext.run_options.RunOptions`; nothing below
+   takes the config), and every check that needs no data runs (:func:`torchreid_ext.preflight.preflight`);
 2. the save dir is locked for this run, stale temporary files of killed runs are removed and
    the checkpoint to resume from is chosen (:mod:`torchreid_ext.savedir`);
 3. the data manager is built and its lists checked (:func:`torchreid_ext.builders.build_datamanager`);
@@ -42,23 +43,24 @@ import torch
 
 from . import distributed
 from .adapter import torchreid
-from .builders import (  # noqa: F401  (build_datamanager / build_model: also cli's public names)
+from .builders import (  # noqa: F401  (build_datamanager / build_run_model: also cli's public names)
     build_datamanager,
-    build_engine,
-    build_model,
     build_optimizer,
+    build_run_engine,
+    build_run_model,
     build_scheduler,
     model_complexity,
     run_record,
 )
 from .checkpoint import load_model_weights
-from .config import engine_run_kwargs, get_default_config, merge_from_file, merge_from_list, validate_config
+from .config import get_default_config, merge_from_file, merge_from_list, validate_config
 from .console import error_line, run_command
 from .data.loaders import distribute_train_loader
 from .errors import UserError
 from .log import RunLog
 from .memory import allocation_failures
 from .preflight import preflight
+from .run_options import RunOptions
 from .savedir import SaveDirLock, remove_stale_temp_files, resolve_resume
 
 __all__ = ["build_parser", "load_run_config", "set_determinism", "run", "train", "main"]
@@ -81,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_run_config(argv: Optional[Sequence[str]] = None):
-    """``(cfg, args)``: defaults, then ``--config``, the upstream options, the overrides; validated."""
+    """``(cfg, args)``: defaults, then ``--config``, the upstream options, the overrides; validated,
+    then frozen: nothing changes the config after this."""
     args = build_parser().parse_args(argv)
     cfg = get_default_config()
     if args.config:
@@ -96,28 +99,32 @@ def load_run_config(argv: Optional[Sequence[str]] = None):
         cfg.data.transforms = args.transforms
     merge_from_list(cfg, args.opts or [])
     validate_config(cfg)
+    cfg.freeze()
     return cfg, args
 
 
-def set_determinism(cfg) -> None:
+def set_determinism(seed: int, deterministic: bool, use_gpu: bool) -> None:
     """Seed Torchreid's RNGs (``train.seed``); deterministic kernels with ``train.deterministic``."""
-    torchreid().utils.set_random_seed(cfg.train.seed)
-    deterministic = bool(cfg.train.deterministic)
+    torchreid().utils.set_random_seed(seed)
+    deterministic = bool(deterministic)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.deterministic = deterministic
-    torch.backends.cudnn.benchmark = bool(cfg.use_gpu and not deterministic)
+    torch.backends.cudnn.benchmark = bool(use_gpu and not deterministic)
 
 
 def run(cfg, config_path: str = "") -> Dict[str, Any]:
-    """Check, build everything ``cfg`` describes, resume if asked, train and evaluate (on every
-    rank of a torchrun job); returns the last evaluation's results per target."""
-    preflight(cfg)
-    cfg.use_gpu = bool(cfg.use_gpu and torch.cuda.is_available())
-    info = distributed.init_distributed(cfg.dist.backend, cfg.use_gpu)
+    """Freeze ``cfg`` (a validated config, e.g. from :func:`load_run_config`) and read it once
+    (:class:`~torchreid_ext.run_options.RunOptions`); then check, build everything it describes,
+    resume if asked, train and evaluate (on every rank of a torchrun job); returns the last
+    evaluation's results per target."""
+    cfg.freeze()
+    options = RunOptions(cfg)
+    preflight(options)
+    info = distributed.init_distributed(options.dist.backend, options.use_gpu)
     try:
-        results = _run(cfg, config_path, info)
+        results = _run(options, str(cfg), config_path, info)
     except BaseException:
         distributed.cleanup_distributed(wait=False)
         raise
@@ -125,33 +132,34 @@ def run(cfg, config_path: str = "") -> Dict[str, Any]:
     return results
 
 
-def _run(cfg, config_path: str, info: "distributed.DistInfo") -> Dict[str, Any]:
-    save_dir, main_rank = cfg.data.save_dir, info.rank == 0
-    log_name = ("test.log" if cfg.test.evaluate else "train.log") + time.strftime("-%Y-%m-%d-%H-%M-%S")
+def _run(options: RunOptions, config_text: str, config_path: str, info: "distributed.DistInfo") -> Dict[str, Any]:
+    save_dir, main_rank = options.save_dir, info.rank == 0
+    log_name = ("test.log" if options.evaluate_only else "train.log") + time.strftime("-%Y-%m-%d-%H-%M-%S")
+    data, name = options.datamanager_args, options.model.name
     lock = SaveDirLock(save_dir)
     with RunLog(enabled=main_rank) as log:
         if main_rank:
             lock.acquire()
         try:
-            resume = resolve_resume(save_dir, cfg.model.resume, cfg.test.evaluate, cfg.train.max_epoch)
+            resume = resolve_resume(save_dir, options.resume, options.evaluate_only, options.max_epoch)
             if main_rank:
                 remove_stale_temp_files(save_dir)
-            set_determinism(cfg)
-            logger.info("Show configuration\n%s\n", cfg)
+            set_determinism(options.seed, options.engine.deterministic, options.use_gpu)
+            logger.info("Show configuration\n%s\n", config_text)
             logger.info("torch %s, torchreid layout '%s', python %s, device %s, threads %d, processes %d "
                         "(batch size %d per process)", torch.__version__, torchreid().layout,
-                        platform.python_version(), "cuda" if cfg.use_gpu else "cpu", torch.get_num_threads(),
-                        info.world_size, cfg.train.batch_size)
+                        platform.python_version(), "cuda" if options.use_gpu else "cpu", torch.get_num_threads(),
+                        info.world_size, data["batch_size_train"])
             with distributed.main_first():  # rank 0 generates a synthetic dataset first
-                datamanager = build_datamanager(cfg)
+                datamanager = build_datamanager(options)
             lower = "data.height / data.width, train.batch_size or test.batch_size"
             # weights that do not fit, a checkpoint that does not resume: refused before the log opens
-            with allocation_failures(f"building '{cfg.model.name}'", lower):
-                engine, start_epoch = _build(cfg, config_path, info, datamanager, resume)
+            with allocation_failures(f"building '{name}'", lower):
+                engine, start_epoch = _build(options, config_path, info, datamanager, resume)
             log.open(osp.join(save_dir, log_name))
             try:
-                with allocation_failures(f"the run of '{cfg.model.name}' at {cfg.data.height}x{cfg.data.width}", lower):
-                    return engine.run(**engine_run_kwargs(cfg, start_epoch=start_epoch))
+                with allocation_failures(f"the run of '{name}' at {data['height']}x{data['width']}", lower):
+                    return engine.run(**{**options.run_args, "start_epoch": start_epoch})
             except BaseException as exc:
                 log.record(_error_report(exc))
                 raise
@@ -159,28 +167,29 @@ def _run(cfg, config_path: str, info: "distributed.DistInfo") -> Dict[str, Any]:
             lock.release(remove_created=log.path is None)
 
 
-def _build(cfg, config_path: str, info: "distributed.DistInfo", datamanager, resume: str):
+def _build(options: RunOptions, config_path: str, info: "distributed.DistInfo", datamanager, resume: str):
     """``(engine, start epoch)``: the model (with ``model.load_weights``), optimizer, scheduler and
     engine, resumed from ``resume`` when given."""
+    data, model_options = options.datamanager_args, options.model
     if info.world_size > 1:
-        distribute_train_loader(datamanager, cfg)
-    logger.info("Building model: %s", cfg.model.name)
-    model = build_model(cfg, datamanager.num_train_pids)
-    stats = model_complexity(model, cfg.data.height, cfg.data.width)
+        distribute_train_loader(datamanager, data["train_sampler"], data["num_instances"], options.seed)
+    logger.info("Building model: %s", model_options.name)
+    model = build_run_model(model_options, datamanager.num_train_pids, use_gpu=options.use_gpu)
+    stats = model_complexity(model, data["height"], data["width"])
     if stats["params"] is not None:
         logger.info("Model complexity: params=%s (classifier excluded), MACs=%s at %dx%d",
-                    f"{stats['params']:,}", f"{stats['macs']:,}", cfg.data.height, cfg.data.width)
-    if cfg.model.load_weights:
-        load_model_weights(model, cfg.model.load_weights, model_name=cfg.model.name)
-    model = distributed.prepare_model(model, info.device, sync_bn=cfg.train.sync_bn,
-                                      channels_last=cfg.train.channels_last)
-    optimizer = build_optimizer(cfg, model)
-    scheduler = build_scheduler(cfg, optimizer)
-    model = distributed.wrap_ddp(model, info, find_unused_parameters=cfg.train.fixbase_epoch > 0)
-    run_info = run_record(cfg, config_path, info.world_size, stats)
-    engine = build_engine(cfg, datamanager, model, optimizer, scheduler, run_info=run_info)
-    start_epoch = engine.resume(resume) if resume else cfg.train.start_epoch
-    logger.info("Building %s-engine%s for image-reid", cfg.loss.name, " with MSGR" if cfg.msgr.enabled else "")
+                    f"{stats['params']:,}", f"{stats['macs']:,}", data["height"], data["width"])
+    if model_options.load_weights:
+        load_model_weights(model, model_options.load_weights, model_name=model_options.name)
+    model = distributed.prepare_model(model, info.device, sync_bn=options.engine.sync_bn,
+                                      channels_last=options.engine.channels_last)
+    optimizer = build_optimizer(options, model)
+    scheduler = build_scheduler(options, optimizer)
+    model = distributed.wrap_ddp(model, info, find_unused_parameters=options.run_args["fixbase_epoch"] > 0)
+    run_info = run_record(options, config_path, info.world_size, stats)
+    engine = build_run_engine(options, datamanager, model, optimizer, scheduler, run_info=run_info)
+    start_epoch = engine.resume(resume) if resume else options.run_args["start_epoch"]
+    logger.info("Building %s-engine%s for image-reid", options.loss.name, " with MSGR" if options.msgr.enabled else "")
     return engine, start_epoch
 
 

@@ -10,7 +10,7 @@ docs/configuration.md. Loading differs from plain yacs in three ways:
 * values are coerced where the intent is unambiguous: int -> float, a numeric string
   (``inf``) -> float, a scalar -> a one-element list, list <-> tuple.
 
-Why one module of ~590 lines: half of it is the default tree (upstream's keys, one line each, kept
+Why one module of ~490 lines: half of it is the default tree (upstream's keys, one line each, kept
 together so a diff against upstream's ``default_config.py`` stays readable); the rest is loading
 and ``validate_config``, the single home of every cross-key rule.
 """
@@ -48,10 +48,6 @@ __all__ = [
     "validate_config",
     "check_input_size",
     "flat_keys",
-    "imagedata_kwargs",
-    "optimizer_kwargs",
-    "lr_scheduler_kwargs",
-    "engine_run_kwargs",
 ]
 
 BASE_KEY = "_BASE_"
@@ -372,6 +368,9 @@ def validate_config(cfg: CN) -> None:
                 "RandomIdentitySampler draws batch_size / num_instances identities with "
                 f"num_instances images each (e.g. batch_size {k * max(bs // k, 1)})"
             )
+    if cfg.test.visrank and not cfg.test.evaluate:
+        raise ConfigError("test.visrank = True draws rank lists of an evaluation-only run; set test.evaluate True "
+                          "(or draw them after training with scripts/visualize_ranks.py)")
     if cfg.train.fixbase_epoch > 0 and cfg.msgr.enabled and cfg.msgr.mode == "fast" and env_world_size() > 1:
         # fixbase freezes parameters, so DDP needs find_unused_parameters, with which fast
         # mode's second forward loses its perturbation (measured: R_fd = 0, no R gradient)
@@ -431,7 +430,7 @@ def _validate_losses(cfg: CN) -> None:
                                                  require_positive=False)
                 if spec.builder is not None:
                     loss_registry.build_loss(spec.name, section)
-        weight_x, terms = loss_registry.loss_terms(cfg)
+        weight_x, terms = loss_registry.loss_terms(loss_registry.LossOptions.from_config(cfg))
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     # upstream's check_cfg: with no ID-loss term the classifier gets no gradient
@@ -493,54 +492,3 @@ def load_config(
     if validate:
         validate_config(cfg)
     return cfg
-
-
-# ---------------------------------------------------------------------------
-# cfg -> Torchreid keyword arguments (upstream's helpers of the same names)
-# ---------------------------------------------------------------------------
-def imagedata_kwargs(cfg: CN) -> dict:
-    """Arguments of Torchreid 1.4.0's ``ImageDataManager``."""
-    return dict(
-        root=cfg.data.root, sources=list(cfg.data.sources), targets=list(cfg.data.targets),
-        height=cfg.data.height, width=cfg.data.width, transforms=list(cfg.data.transforms),
-        k_tfm=cfg.data.k_tfm, norm_mean=list(cfg.data.norm_mean), norm_std=list(cfg.data.norm_std),
-        use_gpu=cfg.use_gpu, split_id=cfg.data.split_id, combineall=cfg.data.combineall,
-        load_train_targets=cfg.data.load_train_targets, batch_size_train=cfg.train.batch_size,
-        batch_size_test=cfg.test.batch_size, workers=cfg.data.workers,
-        num_instances=cfg.sampler.num_instances, num_cams=cfg.sampler.num_cams,
-        num_datasets=cfg.sampler.num_datasets, train_sampler=cfg.sampler.train_sampler,
-        train_sampler_t=cfg.sampler.train_sampler_t, cuhk03_labeled=cfg.cuhk03.labeled_images,
-        cuhk03_classic_split=cfg.cuhk03.classic_split,
-        market1501_500k=cfg.market1501.use_500k_distractors,
-    )
-
-
-def optimizer_kwargs(cfg: CN) -> dict:
-    return dict(
-        optim=cfg.train.optim, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-        momentum=cfg.sgd.momentum, sgd_dampening=cfg.sgd.dampening, sgd_nesterov=cfg.sgd.nesterov,
-        rmsprop_alpha=cfg.rmsprop.alpha, adam_beta1=cfg.adam.beta1, adam_beta2=cfg.adam.beta2,
-        staged_lr=cfg.train.staged_lr, new_layers=list(cfg.train.new_layers),
-        base_lr_mult=cfg.train.base_lr_mult,
-    )
-
-
-def lr_scheduler_kwargs(cfg: CN) -> dict:
-    return dict(
-        lr_scheduler=cfg.train.lr_scheduler, stepsize=list(cfg.train.stepsize),
-        gamma=cfg.train.gamma, max_epoch=cfg.train.max_epoch,
-    )
-
-
-def engine_run_kwargs(cfg: CN, start_epoch: Optional[int] = None) -> dict:
-    """Arguments of ``Engine.run`` (Torchreid's and ours)."""
-    return dict(
-        save_dir=cfg.data.save_dir, max_epoch=cfg.train.max_epoch,
-        start_epoch=cfg.train.start_epoch if start_epoch is None else start_epoch,
-        fixbase_epoch=cfg.train.fixbase_epoch, open_layers=list(cfg.train.open_layers),
-        start_eval=cfg.test.start_eval, eval_freq=cfg.test.eval_freq, test_only=cfg.test.evaluate,
-        print_freq=cfg.train.print_freq, dist_metric=cfg.test.dist_metric,
-        normalize_feature=cfg.test.normalize_feature, visrank=cfg.test.visrank,
-        visrank_topk=cfg.test.visrank_topk, use_metric_cuhk03=cfg.cuhk03.use_metric_cuhk03,
-        ranks=list(cfg.test.ranks), rerank=cfg.test.rerank,
-    )

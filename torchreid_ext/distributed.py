@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Dict, Iterator, NamedTuple, Sequence
 import torch
 import torch.distributed as dist
 
+from .errors import ConfigError
 from .options import ConfigOptions
 from .torchrun import env_local_rank, env_world_size
 
@@ -100,7 +101,7 @@ def init_distributed(backend: str = "auto", use_gpu: bool = True) -> DistInfo:
     if backend == "auto":
         backend = "nccl" if use_gpu else "gloo"
     if backend == "nccl" and not use_gpu:
-        raise ValueError("dist.backend = 'nccl' needs GPUs; this run is on the CPU: use 'gloo' or 'auto'")
+        raise ConfigError("dist.backend = 'nccl' needs GPUs; this run is on the CPU: use 'gloo' or 'auto'")
     dist.init_process_group(backend=backend, init_method="env://")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 

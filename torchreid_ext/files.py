@@ -11,11 +11,15 @@
   at the path now is nothing or a regular file (never a device, a FIFO or a symbolic link), not
   an input of the same command, and, unless forced, a file of the kind the command writes.
 * Only a regular file is ever replaced: :func:`atomic_output` refuses anything else at the path.
+* :func:`write_json_atomic`: a JSON record written that way; :data:`METRICS_FILE` and
+  :data:`TEST_METRICS_FILE` name the records a run writes into its save dir (and an evaluation of
+  saved features into its folder), which the other commands read.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import os.path as osp
@@ -23,17 +27,19 @@ import re
 import shutil
 import stat
 import tempfile
-from typing import Callable, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Iterator, List, Mapping, Optional, Tuple
 
 from .errors import DeployInputError, DiskFullError, InputNotFound, OutputPathError
 
 __all__ = ["TEMP_SUFFIX", "pid_alive", "temp_path", "remove_stale_temps", "probe_writable",
            "missing_folder_reason", "missing_file_reason", "check_output_path", "atomic_output", "disk_full_errno",
-           "not_a_regular_file", "OutputKind"]
+           "not_a_regular_file", "OutputKind", "write_json_atomic", "METRICS_FILE", "TEST_METRICS_FILE"]
 
 logger = logging.getLogger(__name__)
 
 TEMP_SUFFIX = re.compile(r"\.tmp-(\d+)$")  # <file>.tmp-<pid>: a temporary file of process <pid>
+METRICS_FILE = "metrics.json"  # a run's record: run info and every evaluation's results
+TEST_METRICS_FILE = "metrics-test.json"  # an evaluation-only run's (test.evaluate), beside the training run's
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -250,6 +256,14 @@ def atomic_output(path: str, durable: bool = False) -> Iterator[str]:
                 os.close(fd)
         except OSError:
             pass
+
+
+def write_json_atomic(obj: Any, path: str) -> None:
+    """Write ``obj`` as indented JSON to ``path``, whole or not at all (:func:`atomic_output`)."""
+    data = json.dumps(obj, indent=2, sort_keys=False).encode()
+    with atomic_output(path, durable=True) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
 
 
 def read_text(path: str, what: str, error: type) -> str:

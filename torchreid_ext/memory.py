@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import resource
 import weakref
+from dataclasses import replace
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
@@ -29,6 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from .errors import MemoryLimitError, UserError
+from .models import ModelOptions, build_model_from_options
 
 __all__ = ["available_memory", "forward_peak_bytes", "meta_model", "check_memory", "is_allocation_failure",
            "allocation_failures", "gib"]
@@ -167,20 +168,16 @@ def forward_peak_bytes(model: torch.nn.Module, batch: int, height: int, width: i
     return counter.peak
 
 
-def meta_model(cfg, num_classes: int = 2) -> Optional[torch.nn.Module]:
-    """``cfg.model.name`` built on the ``meta`` device (no weights read, no memory), or None when
-    that model cannot be built there."""
-    from .models import build_model_from_config
-
-    meta_cfg = cfg.clone()
-    meta_cfg.defrost()
-    meta_cfg.model.pretrained = False  # no download, no weights file read
-    meta_cfg.model.backbone_weights = ""
+def meta_model(options: ModelOptions, num_classes: int = 2) -> Optional[torch.nn.Module]:
+    """The model of ``options`` (:class:`~torchreid_ext.models.ModelOptions`) built on the ``meta``
+    device (no weights read, no memory), or None when that model cannot be built there."""
+    factory = {k: ("" if k == "backbone_weights" else v) for k, v in options.factory_options.items()}
+    meta = replace(options, pretrained=False, factory_options=factory)  # no download, no weights file read
     try:
         with torch.device("meta"):
-            return build_model_from_config(meta_cfg, num_classes)
+            return build_model_from_options(meta, num_classes)
     except Exception as exc:  # noqa: BLE001 - a model that needs real tensors to build is measured by running it
-        logger.debug("%s cannot be built on the meta device (%s)", cfg.model.name, exc)
+        logger.debug("%s cannot be built on the meta device (%s)", options.name, exc)
         return None
 
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, ClassVar, Dict, Optional, Sequence
 
 from .errors import ConfigError
 
-__all__ = ["ConfigOptions", "is_int", "is_number", "positive_int", "non_negative_number", "config_value"]
+__all__ = ["ConfigOptions", "is_int", "is_number", "positive_int", "config_value", "plain_value"]
 
 
 def is_int(x: Any) -> bool:
@@ -40,11 +40,6 @@ def positive_int(x: Any) -> Optional[str]:
     return None if is_int(x) and x >= 1 else "must be an integer >= 1"
 
 
-def non_negative_number(x: Any) -> Optional[str]:
-    """None for a number >= 0, else what it must be."""
-    return None if is_number(x) and x >= 0 else "must be a number >= 0"
-
-
 def config_value(cfg, key: str) -> Any:
     """``cfg`` at dotted ``key``."""
     for part in key.split("."):
@@ -52,9 +47,9 @@ def config_value(cfg, key: str) -> Any:
     return cfg
 
 
-def _plain(value: Any) -> Any:
-    """A config value as the dataclass holds it: lists become tuples (hashable, frozen)."""
-    return tuple(_plain(v) for v in value) if isinstance(value, (list, tuple)) else value
+def plain_value(value: Any) -> Any:
+    """A config value as an options object holds it: lists become tuples (hashable, frozen)."""
+    return tuple(plain_value(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def _shown(value: Any) -> Any:
@@ -99,9 +94,14 @@ class ConfigOptions:
     def from_config(cls, cfg, **overrides):
         """The options ``cfg`` sets (``overrides`` for fields that are not config keys, or to
         change one); a bad value raises :class:`ConfigError` naming its key."""
-        values = {name: _plain(config_value(cfg, key)) for key, name in cls.config_keys().items()}
+        values = {name: plain_value(config_value(cfg, key)) for key, name in cls.config_keys().items()}
         values.update(overrides)
         return cls(**values)
+
+    def as_config(self) -> Dict[str, Any]:
+        """``{field name: value}`` of the fields that are config keys, as the config writes them
+        (lists for tuples), in declaration order."""
+        return {f.name: _shown(getattr(self, f.name)) for f in fields(self) if self.key_of(f.name) is not None}
 
     # ---------------------------------------------------------------- checking
     def describe(self, name: str) -> str:

@@ -31,9 +31,10 @@ from .errors import CheckpointError, InputNotFound
 from .files import missing_file_reason
 from .data.loaders import check_distributed_sampler
 from .data.checks import DatasetError, check_dataset_present, check_train_identities, scan_image_folders
-from .data.image_list import ImageListSpec, register_config_datasets, scan_image_list
+from .data.image_list import ImageListSpec, register_dataset_files, scan_image_list
 from .memory import check_memory, meta_model
 from .models import available_models
+from .run_options import RunOptions
 from .savedir import check_writable
 from .torchrun import env_local_rank, env_world_size
 
@@ -43,73 +44,77 @@ __all__ = ["preflight", "check_names", "check_torchrun", "check_weights_file", "
 logger = logging.getLogger(__name__)
 
 
-def check_names(cfg) -> None:
+def check_names(options: RunOptions) -> None:
     """model.name, sampler.train_sampler(_t), train.optim and train.lr_scheduler are known."""
     tr = torchreid()
     names = available_models()
-    if cfg.model.name not in names:
-        raise ConfigError(f"model.name = '{cfg.model.name}' is unknown. Available models: {', '.join(names)}")
+    if options.model.name not in names:
+        raise ConfigError(f"model.name = '{options.model.name}' is unknown; choose one of {names}")
     samplers = list(tr.sampler.AVAI_SAMPLERS)
     for key in ("train_sampler", "train_sampler_t"):
-        if cfg.sampler[key] not in samplers:
-            raise ConfigError(f"sampler.{key} = '{cfg.sampler[key]}' is unknown; choose one of {samplers}")
+        if options.datamanager_args[key] not in samplers:
+            raise ConfigError(f"sampler.{key} = '{options.datamanager_args[key]}' is unknown; choose one of {samplers}")
     optims = list(tr.submodule("optim.optimizer").AVAI_OPTIMS)
-    if cfg.train.optim not in optims:
-        raise ConfigError(f"train.optim = '{cfg.train.optim}' is unknown; choose one of {optims}")
+    if options.optimizer_args["optim"] not in optims:
+        raise ConfigError(f"train.optim = '{options.optimizer_args['optim']}' is unknown; choose one of {optims}")
     scheds = list(tr.submodule("optim.lr_scheduler").AVAI_SCH)
-    if cfg.train.lr_scheduler not in scheds:
-        raise ConfigError(f"train.lr_scheduler = '{cfg.train.lr_scheduler}' is unknown; choose one of {scheds}")
+    scheduler = options.scheduler_args["lr_scheduler"]
+    if scheduler not in scheds:
+        raise ConfigError(f"train.lr_scheduler = '{scheduler}' is unknown; choose one of {scheds}")
 
 
-def check_torchrun(cfg) -> None:
+def check_torchrun(options: RunOptions) -> None:
     """What cannot work under torchrun with more than one process (a ConfigError)."""
     if env_world_size() == 1:
         return
-    check_distributed_sampler(cfg.sampler.train_sampler)
-    if cfg.train.sync_bn and not (cfg.use_gpu and torch.cuda.is_available()):
+    check_distributed_sampler(options.datamanager_args["train_sampler"])
+    if options.engine.sync_bn and not options.use_gpu:
         raise ConfigError("train.sync_bn = True under torchrun needs GPUs (torch's SyncBatchNorm synchronises "
                           "CUDA tensors only); set train.sync_bn False on the CPU")
 
 
-def check_msgr_stages(cfg) -> None:
+def check_msgr_stages(options: RunOptions) -> None:
     """With ``msgr.enabled``: every name in ``msgr.stages`` is a submodule of the model."""
-    if not cfg.msgr.enabled:
+    if not options.msgr.enabled:
         return
     from .msgr import stage_modules
 
-    model = meta_model(cfg)
+    model = meta_model(options.model)
     if model is None:  # the engine resolves the stages again later
-        logger.debug("msgr.stages not checked up front: %s cannot be built on the meta device", cfg.model.name)
+        logger.debug("msgr.stages not checked up front: %s cannot be built on the meta device", options.model.name)
         return
     try:
-        stage_modules(model, list(cfg.msgr.stages))
+        stage_modules(model, list(options.msgr.stages))
     except ValueError as exc:
-        raise ConfigError(f"msgr.stages = {list(cfg.msgr.stages)}: {exc}") from None
+        raise ConfigError(f"msgr.stages = {list(options.msgr.stages)}: {exc}") from None
 
 
-def check_memory_need(cfg) -> None:
+def check_memory_need(options: RunOptions) -> None:
     """Training at ``train.batch_size`` and evaluating at ``test.batch_size``, at ``data.height`` x
     ``data.width``, fit in the memory of the device the run uses (:func:`torchreid_ext.memory.check_memory`:
     parameters and activations, measured on the meta device)."""
     # under torchrun each process trains on its own GPU (LOCAL_RANK) with train.batch_size images
-    gpu = cfg.use_gpu and torch.cuda.is_available()
+    gpu = options.use_gpu
     device = torch.device("cuda", env_local_rank() % torch.cuda.device_count()) if gpu else torch.device("cpu")
-    size = f"{cfg.data.height}x{cfg.data.width}"
-    steps = [] if cfg.test.evaluate else [
-        (cfg.train.batch_size, True, f"training '{cfg.model.name}' at {size} with train.batch_size = "
-                                     f"{cfg.train.batch_size}", "data.height / data.width or train.batch_size")]
-    steps.append((cfg.test.batch_size, False, f"evaluating '{cfg.model.name}' at {size} with test.batch_size = "
-                                              f"{cfg.test.batch_size}", "data.height / data.width or test.batch_size"))
+    data, name = options.datamanager_args, options.model.name
+    height, width = data["height"], data["width"]
+    train_batch, test_batch = data["batch_size_train"], data["batch_size_test"]
+    size = f"{height}x{width}"
+    steps = [] if options.evaluate_only else [
+        (train_batch, True, f"training '{name}' at {size} with train.batch_size = {train_batch}",
+         "data.height / data.width or train.batch_size")]
+    steps.append((test_batch, False, f"evaluating '{name}' at {size} with test.batch_size = {test_batch}",
+                  "data.height / data.width or test.batch_size"))
     built = {}
 
     def model():
         if "model" not in built:
-            built["model"] = meta_model(cfg)
+            built["model"] = meta_model(options.model)
         return built["model"]
 
     for batch, train, what, lower in steps:
-        check_memory(model, batch=batch, height=cfg.data.height, width=cfg.data.width, train=train, device=device,
-                     what=what, lower=lower, half_precision=train and cfg.train.amp != "none")
+        check_memory(model, batch=batch, height=height, width=width, train=train, device=device,
+                     what=what, lower=lower, half_precision=train and options.engine.amp != "none")
 
 
 def _scan(name: str, root: str):
@@ -121,28 +126,31 @@ def _scan(name: str, root: str):
     return scan_image_folders(name, root)
 
 
-def check_datasets(cfg) -> None:
+def check_datasets(options: RunOptions) -> None:
     """Every source and target is present; split folders and lists parse; sources have a training
     split; enough training identities."""
-    register_config_datasets(cfg)
-    names = list(dict.fromkeys(list(cfg.data.sources) + list(cfg.data.targets)))
+    register_dataset_files(options.data.custom_datasets)
+    data = options.datamanager_args
+    root, sources, combineall = data["root"], list(data["sources"]), data["combineall"]
+    names = list(dict.fromkeys(sources + list(data["targets"])))
     for name in names:
-        check_dataset_present(name, cfg.data.root)
-    scans = {name: _scan(name, cfg.data.root) for name in names}
-    for name in cfg.data.sources:
-        if scans[name] is not None and not scans[name].train_pids and not cfg.data.combineall:
+        check_dataset_present(name, root, key="data.sources" if name in sources else "data.targets")
+    scans = {name: _scan(name, root) for name in names}
+    for name in sources:
+        if scans[name] is not None and not scans[name].train_pids and not combineall:
             raise DatasetError(f"data.sources names '{name}', which has no training split (a test-only "
                                "protocol); use it in data.targets, or train on all of it with data.combineall True")
-    sources = [scans[name] for name in cfg.data.sources]
-    if sources and all(scan is not None for scan in sources):
+    found = [scans[name] for name in sources]
+    if found and all(scan is not None for scan in found):
         need, why = 2, " (re-ID learns to tell identities apart)"
-        if cfg.sampler.train_sampler in IDENTITY_SAMPLERS:
-            p = cfg.train.batch_size // max(cfg.sampler.num_instances, 1)
+        if data["train_sampler"] in IDENTITY_SAMPLERS:
+            batch, k = data["batch_size_train"], data["num_instances"]
+            p = batch // max(k, 1)
             if p >= need:
                 need = p
                 why = (f" for RandomIdentitySampler: train.batch_size / sampler.num_instances = "
-                       f"{cfg.train.batch_size} / {cfg.sampler.num_instances} = {p} identities per batch")
-        check_train_identities(sources, need, why, combineall=cfg.data.combineall)
+                       f"{batch} / {k} = {p} identities per batch")
+        check_train_identities(found, need, why, combineall=combineall)
 
 
 def check_weights_file(path: str) -> None:
@@ -158,12 +166,12 @@ def check_weights_file(path: str) -> None:
                               "expected a state dict or a checkpoint with 'state_dict'")
 
 
-def preflight(cfg) -> None:
+def preflight(options: RunOptions) -> None:
     """All checks that need no data loading and write nothing (see the module docstring)."""
-    check_names(cfg)
-    check_weights_file(cfg.model.load_weights)
-    check_torchrun(cfg)
-    check_msgr_stages(cfg)
-    check_memory_need(cfg)
-    check_writable(cfg.data.save_dir)
-    check_datasets(cfg)
+    check_names(options)
+    check_weights_file(options.model.load_weights)
+    check_torchrun(options)
+    check_msgr_stages(options)
+    check_memory_need(options)
+    check_writable(options.save_dir)
+    check_datasets(options)

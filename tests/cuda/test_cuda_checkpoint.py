@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from torchreid_ext import build_engine
-from torchreid_ext.builders import build_model, build_optimizer
+from torchreid_ext.builders import build_optimizer
+from torchreid_ext.run_options import RunOptions
 from torchreid_ext.checkpoint import load_checkpoint
 
-from conftest import tiny_setup
+from conftest import model_for, tiny_setup
 from cuda_env import DEVICE, MARKS, ON_GPU, strict_fp32
 
 pytestmark = MARKS
@@ -37,8 +38,8 @@ def no_tf32():
 def engine_on(setup, device, seed):
     cfg, dm = setup(use_gpu=device.type == "cuda")
     torch.manual_seed(seed)
-    model = build_model(cfg, dm.num_train_pids).to(device)
-    engine = build_engine(cfg, dm, model, build_optimizer(cfg, model))
+    model = model_for(cfg, dm.num_train_pids).to(device)
+    engine = build_engine(cfg, dm, model, build_optimizer(RunOptions(cfg), model))
     assert engine.device.type == device.type
     return engine, model, dm
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from torchreid_ext import build_engine
-from torchreid_ext.builders import build_model, build_optimizer
+from torchreid_ext.builders import build_optimizer
+from torchreid_ext.run_options import RunOptions
 
-from conftest import tiny_setup
+from conftest import model_for, tiny_setup
 from cuda_env import DEVICE, FORCED_CPU, MARKS, ON_GPU
 
 pytestmark = MARKS
@@ -49,6 +50,8 @@ def config(setup, engine, amp, channels_last, **extra):
     if amp == "fp16" and FORCED_CPU:
         # the config refuses fp16 without CUDA; the CPU development run sets it after the checks
         cfg, dm = setup(**over)
+        cfg = cfg.clone()  # a frozen config: a changed copy
+        cfg.defrost()
         cfg.train.amp = "fp16"
         return cfg, dm
     return setup(**over, **{"train.amp": amp})
@@ -56,8 +59,8 @@ def config(setup, engine, amp, channels_last, **extra):
 
 def engine_for(cfg, dm):
     torch.manual_seed(0)
-    model = build_model(cfg, dm.num_train_pids).to(DEVICE)
-    return build_engine(cfg, dm, model, build_optimizer(cfg, model)), model
+    model = model_for(cfg, dm.num_train_pids).to(DEVICE)
+    return build_engine(cfg, dm, model, build_optimizer(RunOptions(cfg), model)), model
 
 
 def endless(loader):

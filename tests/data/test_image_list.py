@@ -12,6 +12,7 @@ from torchreid_ext.data import ImageListSpec, load_spec_file, register_image_dat
 from torchreid_ext.data.checks import DatasetError
 from torchreid_ext.data.image_list import load_items
 from torchreid_ext.preflight import check_datasets
+from torchreid_ext.run_options import RunOptions
 
 # (split, pid, camera, index): train ids 7 and 9 (relabelled 0, 1), test ids 3 and 5.
 ROWS = [("train", 9, 1, 0), ("train", 9, 2, 1), ("train", 7, 1, 0), ("train", 7, 2, 1),
@@ -165,7 +166,7 @@ def test_a_dataset_file_in_the_config_is_registered_and_checked(crops, tmp_path)
     assert load_spec_file(str(spec_file)) == ImageListSpec(name="t_from_file", folder="crops", list_file="mine.csv")
     cfg, _ = cli.load_run_config(["data.root", crops, "data.custom_datasets", f"[{spec_file}]",
                                   "data.sources", "[t_from_file]", "data.targets", "[t_from_file]"])
-    check_datasets(cfg)  # registers, reads and checks the list
+    check_datasets(RunOptions(cfg))  # registers, reads and checks the list
     assert "t_from_file" in torchreid().image_datasets()
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: t_bad_file\nfolder: crops\nlst: mine.csv\n")
@@ -184,7 +185,7 @@ def test_a_test_only_dataset_is_refused_as_a_source(tmp_path):
     cfg, _ = cli.load_run_config(["data.root", str(root), "data.custom_datasets", f"[{spec_file}]",
                                   "data.sources", "[t_test_only]", "data.targets", "[t_test_only]"])
     with pytest.raises(DatasetError, match="'t_test_only', which has no training split"):
-        check_datasets(cfg)
+        check_datasets(RunOptions(cfg))
 
 
 def _list_rows(crops, name, rows, spec=None):
@@ -248,16 +249,16 @@ def test_dataset_file_values_are_converted_or_named(tmp_path):
 
 
 def test_the_same_dataset_file_twice_is_harmless_but_a_taken_name_is_named(crops, tmp_path):
-    from torchreid_ext.data.image_list import register_config_datasets
+    from torchreid_ext.data.image_list import register_dataset_files
 
     _write_list(crops, "twice.csv", GOOD, "csv")
     spec_file = tmp_path / "twice.yaml"
     spec_file.write_text("name: t_twice\nfolder: crops\nlist: twice.csv\n")
     cfg, _ = cli.load_run_config(["data.root", crops, "data.custom_datasets", f"[{spec_file}, {spec_file}]"])
-    register_config_datasets(cfg)
-    register_config_datasets(cfg)  # again, as each step of a run does
+    register_dataset_files(cfg.data.custom_datasets)
+    register_dataset_files(cfg.data.custom_datasets)  # again, as each step of a run does
     assert "t_twice" in torchreid().image_datasets()
     spec_file.write_text("name: t_twice\nfolder: crops\nlist: twice.csv\nindependent_ids: true\n")
     with pytest.raises(DatasetError, match=r"twice\.yaml': name: 't_twice' is taken by the dataset of '.*twice\.yaml', "
                                            "registered earlier in this process with other keys"):
-        register_config_datasets(cfg)
+        register_dataset_files(cfg.data.custom_datasets)

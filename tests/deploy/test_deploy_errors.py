@@ -145,7 +145,7 @@ def test_unreadable_image_is_named(damage, env, capsys):
 
 @pytest.mark.parametrize("argv,needle", [
     (["--split", "probe"], "invalid choice: 'probe'"),
-    (["--dataset", "nope_dataset", "--split", "query"], "Unknown dataset 'nope_dataset'"),
+    (["--dataset", "nope_dataset", "--split", "query"], "dataset = 'nope_dataset' is unknown; choose one of ["),
     ([], "--dataset needs --split"),
 ])
 def test_unknown_split_or_dataset(argv, needle, env, capsys):

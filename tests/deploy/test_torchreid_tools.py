@@ -12,6 +12,7 @@ from conftest import tiny_setup
 from deploy_fixtures import calibrated_model, deploy_cfg, one_thread, query_images  # noqa: F401
 from torchreid_ext.adapter import torchreid
 from torchreid_ext.builders import build_engine, build_optimizer, build_scheduler
+from torchreid_ext.run_options import RunOptions
 from torchreid_ext.deploy import extract_features
 from torchreid_ext.models import build_model
 from torchreid_ext.models.msfl import BackboneWeightsError
@@ -23,8 +24,9 @@ def engine_checkpoint(data_root, tmp_path_factory):
     folder = tmp_path_factory.mktemp("engine-ckpt")
     cfg, dm = tiny_setup(data_root, str(folder))(**{"model.name": "msfl_resnet50"})
     model = calibrated_model("msfl_resnet50")
-    optimizer = build_optimizer(cfg, model)
-    engine = build_engine(cfg, dm, model, optimizer, build_scheduler(cfg, optimizer))
+    options = RunOptions(cfg)
+    optimizer = build_optimizer(options, model)
+    engine = build_engine(cfg, dm, model, optimizer, build_scheduler(options, optimizer))
     engine.max_epoch = 1
     engine.save_model(0, 0.5, str(folder))
     return str(folder / "model" / "model.pth.tar-1")

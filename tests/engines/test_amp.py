@@ -4,11 +4,10 @@ import math
 import pytest
 import torch
 
-from torchreid_ext import cli
+from torchreid_ext import build_engine, cli
 from torchreid_ext.config import ConfigError
-from torchreid_ext.engines import build_engine
 
-from conftest import tiny_setup
+from conftest import model_for, tiny_setup
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +18,7 @@ def setup(data_root, tmp_path_factory):
 
 def engine_for(cfg, dm):
     torch.manual_seed(0)
-    model = cli.build_model(cfg, dm.num_train_pids).to("cuda" if cfg.use_gpu else "cpu")
+    model = model_for(cfg, dm.num_train_pids).to("cuda" if cfg.use_gpu else "cpu")
     return build_engine(cfg, dm, model, torch.optim.SGD(model.parameters(), lr=0.05)), model
 
 

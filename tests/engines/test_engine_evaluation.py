@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from torchreid_ext import cli
+from torchreid_ext import build_engine, cli
 from torchreid_ext.adapter import torchreid
-from torchreid_ext.engines import ReIDEngine, build_engine
+from torchreid_ext.engines import ReIDEngine
 from torchreid_ext.metrics import EvaluationOptions, alpha_query_expansion
 
-from conftest import tiny_setup
+from conftest import model_for, tiny_setup
 
 MAX_RANK = 50
 
@@ -25,7 +25,7 @@ def setup(data_root, tmp_path_factory):
     make = tiny_setup(data_root, str(tmp_path_factory.mktemp("eval") / "log"))
     cfg, dm = make()
     torch.manual_seed(0)
-    model = cli.build_model(cfg, dm.num_train_pids)
+    model = model_for(cfg, dm.num_train_pids)
     real_extract = ReIDEngine.extract
 
     def extract(self, loader, desc, flip=False):

@@ -8,10 +8,13 @@ import sys
 
 import pytest
 
-from conftest import REPO, tiny_opts
+from conftest import REPO, model_for, tiny_opts
 from torchreid_ext import cli
 from torchreid_ext.config import ConfigError
-from torchreid_ext.engines import ENGINES, ImageMetricEngine, MSGREngine, build_engine, engine_name, register_engine
+from torchreid_ext import build_engine
+from torchreid_ext.builders import build_datamanager, build_optimizer
+from torchreid_ext.engines import ENGINES, ImageMetricEngine, MSGREngine, engine_name, register_engine
+from torchreid_ext.run_options import RunOptions
 
 PLUGIN = '''
 from torchreid_ext.engines import ImageMetricEngine, register_engine
@@ -21,8 +24,8 @@ class HalvedLossEngine(ImageMetricEngine):
     """The metric engine with its loss halved, and a summary key of its own."""
 
     @classmethod
-    def from_config(cls, cfg, datamanager, model, optimizer, scheduler=None, **common):
-        engine = super().from_config(cfg, datamanager, model, optimizer, scheduler, **common)
+    def from_options(cls, options, datamanager, model, optimizer, scheduler=None, **common):
+        engine = super().from_options(options, datamanager, model, optimizer, scheduler, **common)
         engine.factor = 0.5
         return engine
 
@@ -37,19 +40,14 @@ register_engine("halved_loss", HalvedLossEngine)
 
 
 def test_the_default_engine_follows_msgr_enabled():
-    from torchreid_ext.config import get_default_config
-
-    cfg = get_default_config()
-    assert engine_name(cfg) == "metric" and ENGINES.get("metric") is ImageMetricEngine
-    cfg.msgr.enabled = True
-    assert engine_name(cfg) == "msgr" and ENGINES.get("msgr") is MSGREngine
-    cfg.train.engine = "metric"
-    assert engine_name(cfg) == "metric"
+    assert engine_name("", msgr_enabled=False) == "metric" and ENGINES.get("metric") is ImageMetricEngine
+    assert engine_name("", msgr_enabled=True) == "msgr" and ENGINES.get("msgr") is MSGREngine
+    assert engine_name("metric", msgr_enabled=True) == "metric"
 
 
 def test_registration_rules():
-    with pytest.raises(TypeError, match="has no from_config"):
-        register_engine("no_from_config", object)
+    with pytest.raises(TypeError, match="has no from_options"):
+        register_engine("no_from_options", object)
     with pytest.raises(ValueError, match="engine name 'metric' is already registered"):
         register_engine("metric", MSGREngine)
     register_engine("metric", ImageMetricEngine)  # the same class again: harmless
@@ -85,9 +83,10 @@ def test_build_engine_looks_the_name_up(data_root, tmp_path):
     register_engine("marked_for_test", Marked)
     try:
         cfg, _ = cli.load_run_config(tiny_opts(data_root, str(tmp_path / "run"), **{"train.engine": "marked_for_test"}))
-        dm = cli.build_datamanager(cfg)
-        model = cli.build_model(cfg, dm.num_train_pids)
-        engine = build_engine(cfg, dm, model, cli.build_optimizer(cfg, model))
+        options = RunOptions(cfg)
+        dm = build_datamanager(options)
+        model = model_for(cfg, dm.num_train_pids)
+        engine = build_engine(cfg, dm, model, build_optimizer(options, model))
         assert type(engine) is Marked and engine.evaluation_options.rerank_k1 == cfg.test.rerank_k1
     finally:
         ENGINES.unregister("marked_for_test")

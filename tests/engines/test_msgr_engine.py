@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from torchreid_ext import cli
 from torchreid_ext.adapter import torchreid
 from torchreid_ext.config import ConfigError, load_config
-from torchreid_ext.engines import build_engine
+from torchreid_ext import build_engine
 from torchreid_ext.engines.msgr import MSGREngine, penalty_due
 from torchreid_ext.msgr import StageCapture, feature_gradient_penalty
 
-from conftest import REPO, tiny_opts, tiny_setup
+from conftest import REPO, model_for, tiny_opts, tiny_setup
 
 OSNET_STAGES = ["conv2", "conv3"]
 
@@ -33,7 +33,7 @@ def setup(data_root, tmp_path_factory):
 
 def engine_for(cfg, dm):
     torch.manual_seed(0)
-    model = cli.build_model(cfg, dm.num_train_pids)
+    model = model_for(cfg, dm.num_train_pids)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     return build_engine(cfg, dm, model, opt), model
 
@@ -104,7 +104,7 @@ def test_build_engine_and_construction_errors(setup):
     assert type(engine) is MSGREngine
     assert engine.msgr_stages == OSNET_STAGES and engine.msgr_eps == {"conv2": 0.01, "conv3": 0.01}
     assert engine.msgr_fast_h is None  # config default fast_h 0: automatic step
-    cfg.msgr.fast_h = 0.1
+    cfg, _ = setup(**{"msgr.fast_h": 0.1})
     assert engine_for(cfg, dm)[0].msgr_fast_h == pytest.approx(0.1)  # a fixed G5 step
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match=r"'layer1' is not a submodule.*\['conv1', 'maxpool', 'conv2'"):

@@ -11,8 +11,10 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, model_for
 from torchreid_ext import build_engine, cli
+from torchreid_ext.builders import build_datamanager
+from torchreid_ext.run_options import RunOptions
 from torchreid_ext.adapter import torchreid
 from torchreid_ext.config import ConfigError, get_default_config, load_config, validate_config
 from torchreid_ext.losses import (
@@ -93,8 +95,8 @@ def test_registered_loss_trains_one_epoch_through_cli_main(toy, tiny, tmp_path):
 def test_registered_loss_through_build_engine(toy, data_root, tmp_path):
     cfg = load_config(None, tiny_opts_list(data_root, tmp_path, **{"loss.name": "toy", "loss.toy.weight_t": 0.5}))
     cfg.use_gpu = False
-    dm = cli.build_datamanager(cfg)
-    model = cli.build_model(cfg, dm.num_train_pids)
+    dm = build_datamanager(RunOptions(cfg))
+    model = model_for(cfg, dm.num_train_pids)
     engine = build_engine(cfg, dm, model, torch.optim.SGD(model.parameters(), lr=0.01))
     assert engine.weight_x == 0.5
     assert {n: (w, type(m).__name__) for n, (w, m) in engine.metric_losses.items()} == {

@@ -12,7 +12,7 @@ loss stops training the embedding (a sign error, a detached term, vanishing grad
 import pytest
 import torch
 
-from conftest import tiny_setup
+from conftest import model_for, tiny_setup
 from torchreid_ext import build_engine, cli
 
 EPOCHS = 25  # x 9 batches of 4 identities x 4 images = 225 steps
@@ -35,10 +35,9 @@ def setup(data_root, tmp_path_factory):
 
 @pytest.mark.parametrize("loss, weight_key", [("drsl", "loss.drsl.weight_x"), ("sn", "loss.sn.weight_x")])
 def test_metric_loss_alone_improves_map(setup, loss, weight_key, tmp_path):
-    cfg, dm = setup(**{"loss.name": loss, weight_key: 0.0})
-    cfg.use_gpu = False
-    cli.set_determinism(cfg)
-    model = cli.build_model(cfg, dm.num_train_pids)
+    cfg, dm = setup(**{"loss.name": loss, weight_key: 0.0, "use_gpu": False})
+    cli.set_determinism(cfg.train.seed, cfg.train.deterministic, use_gpu=False)
+    model = model_for(cfg, dm.num_train_pids)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     engine = build_engine(cfg, dm, model, optimizer)
     assert engine.weight_x == 0.0 and list(engine.metric_losses) == [loss]

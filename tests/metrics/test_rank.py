@@ -234,7 +234,7 @@ def test_features_auto_blocks_are_ranked_in_sub_blocks(monkeypatch):
     monkeypatch.setitem(distance_mod._CHUNK_ELEMENTS, "cpu", 400 * 6)  # rank 6 rows at a time
     monkeypatch.setattr(rank_mod, "_MATMUL_MIN_ROWS", 32)  # distances for 36 rows at a time
     blocks, ranked = [], []
-    add, make_blocks = rank_mod._RankAccumulator.add, rank_mod._blocks
+    add, make_blocks = rank_mod._RankAccumulator.add, rank_mod.distance_blocks
 
     def spy_add(self, start, dist):
         ranked.append((start, len(dist)))
@@ -246,7 +246,7 @@ def test_features_auto_blocks_are_ranked_in_sub_blocks(monkeypatch):
             yield start, block
 
     monkeypatch.setattr(rank_mod._RankAccumulator, "add", spy_add)
-    monkeypatch.setattr(rank_mod, "_blocks", spy_blocks)
+    monkeypatch.setattr(rank_mod, "distance_blocks", spy_blocks)
     rng = np.random.RandomState(12)
     q_pids, g_pids, q_cams, g_cams = make_labels(rng)
     qf, gf = rng.randn(len(q_pids), 8), rng.randn(len(g_pids), 8)
@@ -358,7 +358,7 @@ def _bad_cases():
         (dict(qf=f, gf=np.zeros((50, 3)), q_pids=qp, g_pids=gp, q_camids=qc, g_camids=gc), ValueError,
          "same feature dimension"),
         (dict(qf=f, gf=np.zeros((50, 4)), q_pids=qp, g_pids=gp, q_camids=qc, g_camids=gc, metric="l1"),
-         ValueError, "unknown metric 'l1'; allowed: 'euclidean', 'cosine'"),
+         ValueError, r"metric = 'l1' is unknown; choose one of \['euclidean', 'cosine'\]"),
         (dict(qf=f[0], gf=np.zeros((50, 4)), q_pids=qp, g_pids=gp, q_camids=qc, g_camids=gc), ValueError,
          r"qf must be 2-D \(num_samples x feature_dim\), got shape \(4,\)"),
         (dict(qf=f.astype(str), gf=np.zeros((50, 4)), q_pids=qp, g_pids=gp, q_camids=qc, g_camids=gc), TypeError,

@@ -8,7 +8,7 @@ import pytest
 import torchreid_ext.metrics.rerank as rerank_mod
 from torchreid_ext.config import get_default_config, merge_from_list
 from torchreid_ext.metrics import EvaluationOptions, evaluate_features, evaluate_test_features
-from torchreid_ext.metrics.distance import _prepare
+from torchreid_ext.metrics.distance import prepare_features
 from torchreid_ext.metrics.knn import RunningTopK
 from torchreid_ext.metrics.knn_index import KNNOptions, faiss_available
 
@@ -28,7 +28,7 @@ def test_neighbours_from_an_exact_index_equal_the_exact_pass(metric, monkeypatch
     distances and the largest distances are the exact pass's."""
     monkeypatch.setattr(rerank_mod, "_MAX_SAMPLE", 10 ** 6)
     qf, gf, _ = clustered(0)
-    source = rerank_mod._FeatureSource(*_prepare(qf, gf, metric, False))
+    source = rerank_mod._FeatureSource(*prepare_features(qf, gf, metric, False))
     n, k = source.x.shape[0], 11
     top = RunningTopK(n, k, source.dtype, source.device)
     source.neighbours(top, 37, _Bar())
@@ -47,7 +47,7 @@ def test_neighbours_from_an_exact_index_equal_the_exact_pass(metric, monkeypatch
 def test_a_small_sample_underestimates_the_largest_distance_only(monkeypatch):
     monkeypatch.setattr(rerank_mod, "_MAX_SAMPLE", 16)
     qf, gf, _ = clustered(1)
-    source = rerank_mod._FeatureSource(*_prepare(qf, gf, "euclidean", False))
+    source = rerank_mod._FeatureSource(*prepare_features(qf, gf, "euclidean", False))
     top = RunningTopK(source.x.shape[0], 11, source.dtype, source.device)
     source.neighbours(top, 37, _Bar())
     _, near, amax = source.approximate_neighbours(11, KNNOptions(), _Bar())

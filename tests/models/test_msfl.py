@@ -14,7 +14,7 @@ import torchreid_ext
 from torchreid_ext.adapter import torchreid
 from torchreid_ext.config import load_config
 from torchreid_ext.losses import get_loss
-from torchreid_ext.models import MODEL_OPTIONS, build_model, build_model_from_config
+from torchreid_ext.models import MODEL_OPTIONS, ModelOptions, build_model, build_model_from_options
 from torchreid_ext.models.complexity import count_macs, count_params
 from torchreid_ext.models.msfl import BackboneWeightsError, MSFLNet, msfl_resnet50_csip
 
@@ -387,5 +387,5 @@ def test_configs_load_and_build(path):
     cfg.model.pretrained = False
     name, check = CONFIG_EXPECT[osp.basename(path)[:-5]]
     assert cfg.model.name == name
-    model = build_model_from_config(cfg, 5)
+    model = build_model_from_options(ModelOptions.from_config(cfg), 5)
     assert check(model)

@@ -132,15 +132,16 @@ class FolderScan:
         return next(iter(self.pids.values()))
 
 
-def check_dataset_present(name: str, root: str) -> None:
-    """Raise DatasetNotFound unless dataset ``name`` looks present under ``root``.
+def check_dataset_present(name: str, root: str, key: str = "dataset") -> None:
+    """Raise DatasetNotFound unless dataset ``name`` looks present under ``root``; an unregistered
+    name is an :class:`UnknownNameError` naming ``key`` (the config key or argument that gave it).
 
     Generated datasets (no download URL and a ``generated`` flag) always pass; unknown
     datasets are checked for their top folder only.
     """
     registry = torchreid().image_datasets()
     if name not in registry:
-        raise UnknownNameError(f"Unknown dataset '{name}'. Available datasets: {', '.join(sorted(registry))}")
+        raise UnknownNameError(f"{key} = {name!r} is unknown; choose one of {sorted(registry)}")
     cls = registry[name]
     if getattr(cls, "generated", False):
         return

@@ -41,7 +41,7 @@ from .checks import DatasetError, FolderScan
 
 __all__ = [
     "IMAGE_EXTENSIONS",
-    "SPLITS",
+    "LIST_SPLITS",
     "ImageItem",
     "ImageListSpec",
     "DatasetItems",
@@ -50,7 +50,7 @@ __all__ = [
     "scan_folder",
     "spec_class",
     "register_image_dataset",
-    "register_config_datasets",
+    "register_dataset_files",
     "scan_image_list",
     "load_spec_file",
 ]
@@ -58,7 +58,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
-SPLITS = ("train", "query", "gallery", "test")
+LIST_SPLITS = ("train", "query", "gallery", "test")  # the split of a listed image ("test": query or gallery by camera)
 
 
 @dataclass(frozen=True)
@@ -105,9 +105,9 @@ class ImageListSpec:
                                  f"{missing[0]!r}; it needs (?P<pid>...) and (?P<camid>...), and may have "
                                  "(?P<split>...)")
         for text, split in list(self.split_map.items()) + [("default_split", self.default_split)]:
-            if split and split not in SPLITS:
+            if split and split not in LIST_SPLITS:
                 raise ValueError(f"dataset '{self.name}': split {split!r} (for {text!r}) is not one of "
-                                 f"{list(SPLITS)}")
+                                 f"{list(LIST_SPLITS)}")
 
     def resolve(self, root: str) -> str:
         """The dataset folder for data root ``root``."""
@@ -154,9 +154,9 @@ def _item(spec: ImageListSpec, folder: str, rel: str, pid: str, camid: Optional[
     cam = spec.camid_map[camid] if camid in spec.camid_map else _int(camid, "camid", where)
     split = (split or "").strip()
     split = spec.split_map.get(split, split) or spec.default_split
-    if split not in SPLITS:
+    if split not in LIST_SPLITS:
         shown = f"split {split!r}" if split else "no split"
-        raise DatasetError(f"{where}: image '{rel}' has {shown}; choose one of {list(SPLITS)} (or give the "
+        raise DatasetError(f"{where}: image '{rel}' has {shown}; choose one of {list(LIST_SPLITS)} (or give the "
                            "dataset a default_split)")
     path = osp.normpath(rel if osp.isabs(rel) else osp.join(folder, rel))
     return ImageItem(path=path, pid=_int(pid, "pid", where), camid=cam, split=split, where=where)
@@ -400,8 +400,9 @@ _ALLOWED = {
     "pattern": "a string: a regular expression with the named groups pid and camid",
     "list": "a string: a CSV or YAML list file, relative to the folder unless absolute",
     "camid_map": "a mapping of the camera text a rule or list captures to an integer camera id, e.g. {a: 0, b: 1}",
-    "split_map": f"a mapping of the split text a rule or list captures to one of {list(SPLITS)}, e.g. {{val: test}}",
-    "default_split": f"one of {list(SPLITS)}",
+    "split_map": f"a mapping of the split text a rule or list captures to one of {list(LIST_SPLITS)}, "
+                 "e.g. {val: test}",
+    "default_split": f"one of {list(LIST_SPLITS)}",
     "query_cameras": "a list of integer camera ids, e.g. [0]",
     "independent_ids": "true or false",
     "allow_outside": "true or false",
@@ -441,7 +442,7 @@ def _spec_fields(path: str, data: dict) -> dict:
                 raise bad(key, value)
         elif key == "default_split":
             value = "" if value is None else value
-            if not isinstance(value, str) or (value and value not in SPLITS):
+            if not isinstance(value, str) or (value and value not in LIST_SPLITS):
                 raise bad(key, value)
         elif key in ("independent_ids", "allow_outside"):
             if not isinstance(value, bool):
@@ -453,7 +454,7 @@ def _spec_fields(path: str, data: dict) -> dict:
                 raise bad(key, value)
             if key == "camid_map" and any(_as_int(v) is None for v in value.values()):
                 raise bad(key, value)
-            if key == "split_map" and not all(isinstance(v, str) and v in SPLITS for v in value.values()):
+            if key == "split_map" and not all(isinstance(v, str) and v in LIST_SPLITS for v in value.values()):
                 raise bad(key, value)
             value = {str(k): (_as_int(v) if key == "camid_map" else v) for k, v in value.items()}
         elif key == "query_cameras":
@@ -510,11 +511,11 @@ def _check_name_free(spec: ImageListSpec, path: str) -> None:
     raise DatasetError(f"dataset file '{path}': name: '{spec.name}' is taken by {owner}; choose another name")
 
 
-def register_config_datasets(cfg) -> None:
-    """Register every dataset file named in ``data.custom_datasets`` (harmless if done before).
+def register_dataset_files(paths: Sequence[str]) -> None:
+    """Register every dataset file of ``paths`` (``data.custom_datasets``; harmless if done before).
     Two files naming one dataset, or a file taking a built-in dataset's name, are refused."""
     specs: Dict[str, Tuple[str, ImageListSpec]] = {}
-    for path in cfg.data.custom_datasets:
+    for path in paths:
         spec = load_spec_file(path)
         if spec.name in specs:
             first = specs[spec.name][0]

@@ -38,7 +38,6 @@ def distributed_loader(loader: DataLoader, sampler_name: str, num_instances: int
                       num_workers=loader.num_workers, pin_memory=loader.pin_memory, drop_last=True)
 
 
-def distribute_train_loader(dm, cfg) -> None:
-    """Replace ``dm.train_loader`` by its distributed form for ``cfg.sampler``."""
-    dm.train_loader = distributed_loader(dm.train_loader, cfg.sampler.train_sampler,
-                                         cfg.sampler.num_instances, cfg.train.seed)
+def distribute_train_loader(dm, sampler_name: str, num_instances: int, seed: int) -> None:
+    """Replace ``dm.train_loader`` by its distributed form (:func:`distributed_loader`)."""
+    dm.train_loader = distributed_loader(dm.train_loader, sampler_name, num_instances, seed)

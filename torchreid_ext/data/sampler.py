@@ -18,6 +18,8 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
+from ..errors import ConfigError
+
 __all__ = ["DistributedIdentitySampler"]
 
 
@@ -51,7 +53,7 @@ class DistributedIdentitySampler(Sampler):
         self.pids = list(self.index_dic)
         need = self.num_pids_per_batch * self.num_replicas
         if len(self.pids) < need:
-            raise ValueError(
+            raise ConfigError(
                 f"the training set has {len(self.pids)} identities, fewer than P x world size = "
                 f"{self.num_pids_per_batch} x {self.num_replicas} = {need} needed by one step; "
                 "lower train.batch_size or the number of processes"

@@ -11,7 +11,7 @@ import argparse
 from typing import List, Optional
 
 from ..console import run_command
-from .images import SPLITS
+from .images import DATASET_SPLITS
 
 __all__ = ["extract_main", "evaluate_main", "export_main", "search_main"]
 
@@ -28,7 +28,7 @@ def extract_main(argv: Optional[List[str]] = None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", help="folder of images (searched recursively)")
     src.add_argument("--dataset", help="registered dataset name (under data.root); needs --split")
-    p.add_argument("--split", choices=SPLITS, help="split of --dataset")
+    p.add_argument("--split", choices=DATASET_SPLITS, help="split of --dataset")
     p.add_argument("--out", required=True, help="output HDF5 file (its folder must exist)")
     p.add_argument("--force", action="store_true",
                    help="replace an existing --out that is not an HDF5 file (any regular file)")

@@ -23,7 +23,7 @@ import yaml
 from ..config import CN, ConfigError, get_default_config, merge_dict, merge_from_list
 from ..metrics.evaluation import format_results  # noqa: F401  (re-exported: deploy.format_results)
 from ..errors import InputNotFound
-from ..files import check_output_path, missing_folder_reason
+from ..files import METRICS_FILE, check_output_path, missing_folder_reason, write_json_atomic
 from ..data.checks import check_queries
 from .errors import DeployInputError, FeatureFileError
 from .model import model_device
@@ -33,7 +33,6 @@ __all__ = ["METRICS_FILE", "config_of", "evaluate_saved", "evaluate_files", "for
 
 logger = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.json"
 KIND = "saved_features_evaluation"  # marks a metrics.json written here (safe to overwrite)
 
 
@@ -138,7 +137,6 @@ def evaluate_files(query: str, gallery: str, opts: Sequence[str] = (), out_dir: 
     """Evaluate two feature files (``scripts/extract.py`` output) with the query file's config and
     ``opts`` overrides; write ``<out_dir>/metrics.json`` (default: the query file's folder) unless
     ``write`` is False. Returns ``{"results", "ranks", "options", "metrics_file", ...}``."""
-    from ..engines.base import write_json_atomic
     from ..metrics import EvaluationOptions
 
     q, g = load_features(query), load_features(gallery)

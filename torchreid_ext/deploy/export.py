@@ -35,6 +35,7 @@ from ..data.checks import set_max_image_side
 from ..errors import InputNotFound, UserError
 from ..files import atomic_output, missing_file_reason
 from ..memory import allocation_failures, check_memory, meta_model
+from ..models import ModelOptions
 from .errors import DeployInputError, ExportCheckError, check_output_path, require
 from .images import dataset_images, eval_transform, load_image
 from .model import build_eval_model, resolve_weights
@@ -215,7 +216,8 @@ def export_model(
     if check_image and not osp.isfile(check_image):
         raise InputNotFound(f"check image '{check_image}' {missing_file_reason(check_image)}")
     lower = "--height / --width" if (height, width) != (cfg.data.height, cfg.data.width) else "data.height / data.width"
-    check_memory(lambda: meta_model(cfg), batch=max(check_batch, EXAMPLE_BATCH), height=height, width=width,
+    model_options = ModelOptions.from_config(cfg)
+    check_memory(lambda: meta_model(model_options), batch=max(check_batch, EXAMPLE_BATCH), height=height, width=width,
                  train=False, what=f"export of '{cfg.model.name}' at {height}x{width}", lower=lower)
     set_max_image_side(cfg.data.max_image_side)  # a check image declaring a larger side is refused unread
     check_image = check_image or _default_check_image(cfg)

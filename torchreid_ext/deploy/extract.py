@@ -18,8 +18,10 @@ import torch
 from ..data.checks import set_max_image_side
 from ..features import extract_loader
 from ..memory import allocation_failures, check_memory, meta_model
+from ..models import ModelOptions
 from .errors import DeployInputError, check_output_path
-from .images import SPLITS, CheckedBatches, ImageSet, dataset_images, eval_transform, folder_images, image_loader
+from .images import (DATASET_SPLITS, CheckedBatches, ImageSet, dataset_images, eval_transform, folder_images,
+                     image_loader)
 from .model import build_eval_model, file_sha256, model_device, resolve_weights
 from .saved_features import FEATURES_KIND, FeatureSet, save_features
 
@@ -85,8 +87,8 @@ def extract_features(
     """
     if (images is None) == (dataset is None):
         raise DeployInputError("give either images (a folder) or dataset (a registered dataset name, with split)")
-    if dataset is not None and split not in SPLITS:
-        raise DeployInputError(f"split = {split!r} is not valid; choose one of {list(SPLITS)}")
+    if dataset is not None and split not in DATASET_SPLITS:
+        raise DeployInputError(f"split = {split!r} is not valid; choose one of {list(DATASET_SPLITS)}")
     if images is not None and split is not None:
         raise DeployInputError(f"split = {split!r} goes with dataset, not with images (a folder)")
     weights_path = resolve_weights(cfg, weights)
@@ -99,8 +101,9 @@ def extract_features(
     device = model_device(cfg)
     size = f"{cfg.data.height}x{cfg.data.width}"
     lower = "data.height / data.width or test.batch_size"
-    check_memory(lambda: meta_model(cfg), batch=cfg.test.batch_size, height=cfg.data.height, width=cfg.data.width,
-                 train=False, device=device, lower=lower, half_precision=cfg.train.amp != "none",
+    model_options = ModelOptions.from_config(cfg)
+    check_memory(lambda: meta_model(model_options), batch=cfg.test.batch_size, height=cfg.data.height,
+                 width=cfg.data.width, train=False, device=device, lower=lower, half_precision=cfg.train.amp != "none",
                  what=f"extracting with '{cfg.model.name}' at {size} with test.batch_size = {cfg.test.batch_size}")
     with allocation_failures(f"extraction with '{cfg.model.name}' at {size}", lower):
         model, weights_path = eval_model(cfg, weights_path, device)

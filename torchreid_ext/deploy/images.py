@@ -20,16 +20,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..adapter import torchreid
 from ..data.checks import UnreadableImageError, check_dataset_present, check_images, read_image, set_max_image_side
-from ..data.image_list import register_config_datasets
+from ..data.image_list import register_dataset_files
 from ..errors import InputNotFound
 from ..log import without_prints
 from .errors import DeployInputError
 
-__all__ = ["IMAGE_EXTENSIONS", "SPLITS", "ImageSet", "image_files", "folder_images", "dataset_images",
+__all__ = ["IMAGE_EXTENSIONS", "DATASET_SPLITS", "ImageSet", "image_files", "folder_images", "dataset_images",
            "eval_transform", "image_loader", "CheckedBatches", "load_image"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-SPLITS = ("query", "gallery", "train")
+DATASET_SPLITS = ("query", "gallery", "train")  # the parts of a registered dataset extraction reads
 
 
 class ImageSet(NamedTuple):
@@ -70,11 +70,11 @@ def folder_images(folder: str, max_side: Optional[int] = None) -> ImageSet:
 def dataset_images(cfg, name: str, split: str) -> ImageSet:
     """The ``split`` ('query', 'gallery' or 'train') of registered dataset ``name`` under
     ``data.root``, in the order of Torchreid's loaders; headers checked."""
-    if split not in SPLITS:
-        raise DeployInputError(f"split = '{split}' is not valid; choose one of {list(SPLITS)}")
-    register_config_datasets(cfg)
+    if split not in DATASET_SPLITS:
+        raise DeployInputError(f"split = '{split}' is not valid; choose one of {list(DATASET_SPLITS)}")
+    register_dataset_files(cfg.data.custom_datasets)
     set_max_image_side(cfg.data.max_image_side)
-    check_dataset_present(name, cfg.data.root)  # unknown name: KeyError listing the datasets
+    check_dataset_present(name, cfg.data.root, key="dataset")  # unknown name: KeyError listing the datasets
     with without_prints():  # Torchreid prints dataset statistics; our warnings still show
         dataset = torchreid().datasets.init_image_dataset(
             name, transform=None, mode=split, combineall=cfg.data.combineall, root=cfg.data.root,

@@ -42,27 +42,29 @@ def model_device(cfg) -> torch.device:
 def build_eval_model(cfg, weights: str = "", device: torch.device = torch.device("cpu")
                      ) -> Tuple[torch.nn.Module, str]:
     """``(model in eval mode on device, weights file used or '')`` for ``cfg.model.name``."""
-    from ..builders import build_model
+    from dataclasses import replace
+
+    from ..builders import build_run_model
+    from ..models import ModelOptions
 
     path = resolve_weights(cfg, weights)
-    cfg = cfg.clone()
+    options = ModelOptions.from_config(cfg)
     if path:  # every tensor is replaced by the file's: no ImageNet download needed
-        cfg.defrost()
-        cfg.model.pretrained = False
-    model = build_model(cfg, num_classes=1)  # the classifier is not used in eval mode
+        options = replace(options, pretrained=False)
+    model = build_run_model(options, num_classes=1, use_gpu=cfg.use_gpu)  # the classifier is not used in eval mode
     if path:
-        report = load_model_weights(model, path, strict=True, model_name=cfg.model.name)
+        report = load_model_weights(model, path, strict=True, model_name=options.name)
         # strict covers the model's tensors; a file with more (another model's layers) is refused too
         extra = [k for k in report["skipped"] if not k.startswith("classifier.")]
         if extra:
             raise CheckpointError(
-                f"weights file '{path}' does not fit model.name = '{cfg.model.name}': {len(extra)} of the "
+                f"weights file '{path}' does not fit model.name = '{options.name}': {len(extra)} of the "
                 f"file's tensors have no counterpart of the same shape in the model, the first '{extra[0]}' "
                 "(weights of another model?)")
     else:
         logger.warning("No weights given, no model.load_weights and no checkpoint in '%s': using "
-                       "'%s' as built (%s)", osp.join(cfg.data.save_dir, "model"), cfg.model.name,
-                       "ImageNet init" if cfg.model.pretrained else "random init")
+                       "'%s' as built (%s)", osp.join(cfg.data.save_dir, "model"), options.name,
+                       "ImageNet init" if options.pretrained else "random init")
     return model.to(device).eval(), path
 
 

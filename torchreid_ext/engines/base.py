@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import logging
 import os
 import os.path as osp
@@ -42,7 +41,6 @@ import torch
 from .. import distributed
 from ..adapter import torchreid
 from ..checkpoint import (
-    atomic_write_bytes,
     capture_rng_state,
     load_checkpoint,
     resume_from_checkpoint,
@@ -50,18 +48,15 @@ from ..checkpoint import (
     seed_epoch,
 )
 from ..distributed import unwrap_model
+from ..errors import ConfigError
+from ..files import METRICS_FILE, TEST_METRICS_FILE, write_json_atomic
 from ..log import show_output
 from .hooks import CheckpointHook, EngineHook, EvaluationHook, RunState, TensorBoardHook
 from .options import AMP_DTYPES, EngineOptions
 
-__all__ = ["ReIDEngine", "AMP_DTYPES", "write_json_atomic"]
+__all__ = ["ReIDEngine", "AMP_DTYPES"]
 
 logger = logging.getLogger(__name__)
-
-
-def write_json_atomic(obj: Any, path: str) -> None:
-    data = json.dumps(obj, indent=2, sort_keys=False).encode()
-    atomic_write_bytes(path, lambda f: f.write(data))
 
 
 def _to_channels_last(model: torch.nn.Module) -> None:
@@ -99,8 +94,10 @@ class ReIDEngine(torchreid().engine.Engine):
         show_output()  # in a plain script, the lines Torchreid's engines print
         from ..metrics import EvaluationOptions
 
-        EvaluationOptions(evaluator=evaluator)  # ConfigErrors naming the bad value
-        EngineOptions(amp=amp, checkpoint_freq=int(checkpoint_freq))
+        # ConfigErrors naming the bad value and its config key
+        EvaluationOptions.check_value("evaluator", evaluator, EvaluationOptions.key_of("evaluator"), ConfigError)
+        for name, value in (("amp", amp), ("checkpoint_freq", int(checkpoint_freq))):
+            EngineOptions.check_value(name, value, EngineOptions.key_of(name), ConfigError)
         self.device = torch.device("cuda" if self.use_gpu else "cpu")
         self.autocast_dtype: Optional[torch.dtype] = AMP_DTYPES[amp]
         # fp16 needs loss scaling (its range underflows small gradients); bf16 does not
@@ -121,7 +118,7 @@ class ReIDEngine(torchreid().engine.Engine):
         self.extra_state: Dict[str, Any] = {}  # objects with state_dict() saved in checkpoints
         self._train_seconds = 0.0
         self._train_images = 0
-        self.metrics_file = "metrics.json"
+        self.metrics_file = METRICS_FILE
         self.hooks: List[EngineHook] = []  # the run's, from build_hooks
         self.run_state: Optional[RunState] = None  # the current (or last) run's, shared with its hooks
         if evaluation_options is not None:
@@ -247,13 +244,13 @@ class ReIDEngine(torchreid().engine.Engine):
         the hooks of :meth:`build_hooks` at each moment (:mod:`~torchreid_ext.engines.hooks`);
         returns the last evaluation's results per target dataset."""
         if visrank and not test_only:
-            raise ValueError("visrank can be set to True only if test_only=True")
+            raise ConfigError("visrank (test.visrank) can be True only with test_only (test.evaluate) True")
         if not test_only and start_epoch > max_epoch:
-            raise ValueError(f"start_epoch = {start_epoch} is past max_epoch = {max_epoch}: the run already "
-                             f"finished at epoch {start_epoch}; evaluate it with test_only=True")
+            raise ConfigError(f"start_epoch = {start_epoch} is past max_epoch = {max_epoch}: the run already "
+                              f"finished at epoch {start_epoch}; evaluate it with test_only=True")
         self.save_dir = save_dir
         # an evaluation-only run must not overwrite the training run's record
-        self.metrics_file = "metrics-test.json" if test_only else "metrics.json"
+        self.metrics_file = TEST_METRICS_FILE if test_only else METRICS_FILE
         test_kwargs = dict(
             dist_metric=dist_metric, normalize_feature=normalize_feature, visrank=visrank,
             visrank_topk=visrank_topk, save_dir=save_dir, use_metric_cuhk03=use_metric_cuhk03,
@@ -385,7 +382,7 @@ class ReIDEngine(torchreid().engine.Engine):
 
     # ------------------------------------------------------------------ evaluation
     #: Test-time options beyond ``run``'s Torchreid arguments (re-ranking k1 / k2 / lambda, flip, AQE):
-    #: an :class:`~torchreid_ext.metrics.EvaluationOptions`; ``build_engine`` sets it from ``cfg.test``.
+    #: an :class:`~torchreid_ext.metrics.EvaluationOptions`; the builder sets the run's (``test.*``).
     #: The Torchreid-named arguments of ``run`` / ``test`` (dist_metric, rerank, ...) override its fields.
     evaluation_options = None
 

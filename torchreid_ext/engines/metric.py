@@ -83,9 +83,10 @@ class ImageMetricEngine(ReIDEngine):
         )
 
     @classmethod
-    def from_config(cls, cfg, datamanager, model, optimizer, scheduler=None, **common) -> "ImageMetricEngine":
+    def from_options(cls, options, datamanager, model, optimizer, scheduler=None, **common) -> "ImageMetricEngine":
         """The engine with the base engines' arguments ``common``
-        (:func:`torchreid_ext.engines.engine_arguments`); a subclass reads its own keys here."""
+        (:func:`torchreid_ext.builders.build_run_engine`); a subclass reads its own options from
+        ``options``, the run's (:class:`~torchreid_ext.run_options.RunOptions`)."""
         return cls(datamanager, model, optimizer, scheduler, **common)
 
     def compute_loss_terms(self, outputs, pids: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:

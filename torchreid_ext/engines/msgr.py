@@ -110,10 +110,10 @@ class MSGREngine(ImageMetricEngine):
     msgr_fast_h = property(lambda self: self.msgr_options.step_h, doc="G5's step h, or None: automatic")
 
     @classmethod
-    def from_config(cls, cfg, datamanager, model, optimizer, scheduler=None, **engine_kwargs) -> "MSGREngine":
-        """The engine ``cfg.msgr`` (:class:`~torchreid_ext.msgr.MSGROptions`) describes;
+    def from_options(cls, options, datamanager, model, optimizer, scheduler=None, **engine_kwargs) -> "MSGREngine":
+        """The engine ``options.msgr`` (:class:`~torchreid_ext.msgr.MSGROptions`) describes;
         ``engine_kwargs`` are ImageMetricEngine's arguments."""
-        o = MSGROptions.from_config(cfg)
+        o = options.msgr
         return cls(datamanager, model, optimizer, scheduler, stages=o.stages, eps=o.eps, q=o.q, squared=o.squared,
                    grad_of=o.grad_of, mode=o.mode, fast_h=o.fast_h, interval=o.interval, **engine_kwargs)
 

@@ -40,36 +40,39 @@ def visualize_ranks(cfg, out_dir: str, weights: str = "", num_queries: int = 8,
                     topk: int = 10, dataset: Optional[str] = None) -> List[Dict[str, Any]]:
     """Save ``<out_dir>/<query name>.jpg`` for ``num_queries`` evenly spaced queries of
     ``dataset`` (default: the first target); return their ranked lists (with ``image``)."""
-    from ..builders import build_datamanager, build_model
+    from ..builders import build_datamanager, build_run_model
     from ..metrics import compute_distance_matrix
+    from ..run_options import RunOptions
 
     if num_queries < 1 or topk < 1:
         raise ConfigError(f"num_queries = {num_queries} and topk = {topk}: both must be >= 1")
-    weights = weights or latest_checkpoint(osp.join(cfg.data.save_dir, "model")) or ""
+    options = RunOptions(cfg, use_gpu=False)
+    save_dir, targets = options.save_dir, list(options.datamanager_args["targets"])
+    weights = weights or latest_checkpoint(osp.join(save_dir, "model")) or ""
     if not osp.isfile(weights):
         raise InputNotFound(
-            f"no checkpoint: weights = '{weights}' and none in '{osp.join(cfg.data.save_dir, 'model')}'; "
+            f"no checkpoint: weights = '{weights}' and none in '{osp.join(save_dir, 'model')}'; "
             "pass --weights or the save dir of a trained run")
-    dataset = dataset or cfg.data.targets[0]
-    if dataset not in cfg.data.targets:
-        raise ConfigError(f"dataset = '{dataset}' is not a target; choose one of {list(cfg.data.targets)}")
-    cfg.use_gpu = False
-    dm = build_datamanager(cfg, image_check="header")  # the images are read below anyway
-    model = build_model(cfg, dm.num_train_pids)
+    dataset = dataset or targets[0]
+    if dataset not in targets:
+        raise ConfigError(f"dataset = '{dataset}' is not a target; choose one of {targets}")
+    dm = build_datamanager(options, image_check="header")  # the images are read below anyway
+    model = build_run_model(options.model, dm.num_train_pids, use_gpu=False)
     load_model_weights(model, weights, strict=True)
     model.eval()
     loaders = dm.test_loader[dataset]
-    flip = bool(cfg.test.get("flip", False))
-    qf = extract_loader(model, loaders["query"], torch.device("cpu"), flip=flip, desc="query features")[0]
-    gf = extract_loader(model, loaders["gallery"], torch.device("cpu"), flip=flip, desc="gallery features")[0]
-    if cfg.test.normalize_feature:
+    ev = options.evaluation
+    qf = extract_loader(model, loaders["query"], torch.device("cpu"), flip=ev.flip, desc="query features")[0]
+    gf = extract_loader(model, loaders["gallery"], torch.device("cpu"), flip=ev.flip, desc="gallery features")[0]
+    if ev.normalize_feature:
         qf, gf = torch.nn.functional.normalize(qf, dim=1), torch.nn.functional.normalize(gf, dim=1)
-    distmat = compute_distance_matrix(qf, gf, cfg.test.dist_metric).cpu().numpy()
+    distmat = compute_distance_matrix(qf, gf, ev.dist_metric).cpu().numpy()
     query, gallery = dm.fetch_test_loaders(dataset)
     rows = sorted(set(np.linspace(0, len(query) - 1, min(num_queries, len(query))).round().astype(int).tolist()))
     torchreid().utils.visualize_ranked_results(
         distmat[rows], ([query[q] for q in rows], gallery), "image",
-        width=cfg.data.width, height=cfg.data.height, save_dir=out_dir, topk=topk)
+        width=options.datamanager_args["width"], height=options.datamanager_args["height"], save_dir=out_dir,
+        topk=topk)
     lists = ranked_lists(distmat, query, gallery, rows, topk)
     for item in lists:
         item["image"] = osp.join(out_dir, osp.splitext(osp.basename(query[item["query"]][0]))[0] + ".jpg")

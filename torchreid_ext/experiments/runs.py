@@ -26,15 +26,13 @@ import yaml
 
 from ..config import CN, ConfigError, load_config
 from ..errors import HarnessError
-from ..files import read_text
+from ..files import METRICS_FILE, TEST_METRICS_FILE, read_text
 from ..options import is_int
 
 __all__ = ["HarnessError", "Run", "plan_runs", "read_spec", "final_epoch", "is_finished", "launch",
            "load_metrics", "check_seeds", "test_time_options", "test_time_runs", "PROTOCOL_KEYS"]
 
 SPEC_FILE = "run.json"
-METRICS_FILE = "metrics.json"
-TEST_METRICS_FILE = "metrics-test.json"  # an evaluation-only run's record (the engine's name)
 # Settings that must be equal across the runs of one comparison (same evaluation harness).
 PROTOCOL_KEYS = ("data.root", "train.seed", "test.evaluator", "test.dist_metric",
                  "test.normalize_feature", "test.rerank", "data.height", "data.width")
@@ -188,9 +186,10 @@ def _check_protocol(runs: Sequence[Run]) -> None:
 def _check_data(run: Run) -> None:
     from ..data.checks import check_dataset_present
 
-    for name in dict.fromkeys(list(run.cfg.data.sources) + list(run.cfg.data.targets)):
+    sources = list(run.cfg.data.sources)
+    for name in dict.fromkeys(sources + list(run.cfg.data.targets)):
         try:
-            check_dataset_present(name, run.cfg.data.root)
+            check_dataset_present(name, run.cfg.data.root, key="data.sources" if name in sources else "data.targets")
         except (KeyError, FileNotFoundError) as exc:
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
             raise HarnessError(f"{run.config}: {msg}") from exc

@@ -20,6 +20,7 @@ from .distances import DISTANCES, CosineDistance, EuclideanDistance
 from .drsl import DRSLoss, drsl_loss
 from .reducers import MeanReducer
 from .registry import (
+    LossOptions,
     LossSpec,
     UnknownLossError,
     build_loss,
@@ -45,6 +46,7 @@ __all__ = [
     "drsl_loss",
     "support_neighbor_loss",
     "LossSpec",
+    "LossOptions",
     "UnknownLossError",
     "register_loss",
     "unregister_loss",

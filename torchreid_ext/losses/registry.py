@@ -28,6 +28,7 @@ from ..registry import Registry, same_object
 
 __all__ = [
     "LossSpec",
+    "LossOptions",
     "UnknownLossError",
     "WEIGHT_DEFAULTS",
     "register_loss",
@@ -217,26 +218,51 @@ def section_weights(name: str, section) -> Dict[str, float]:
     return {f"loss.{name}.{key}": float(section[key]) for key in spec.weight_keys}
 
 
-def loss_terms(cfg) -> Tuple[float, Dict[str, float]]:
-    """(cross-entropy weight, {term name: weight}) of ``cfg.loss.name``, weights checked
+@dataclass(frozen=True)
+class LossOptions:
+    """``loss.name`` and the config section of every registered loss (read-only copies): the
+    argument each loss's builder takes, its own ``from_config``. :func:`build_loss_terms` turns
+    them into the terms a run trains with."""
+
+    name: str
+    sections: Mapping[str, Any]  # loss name -> its section (a frozen yacs node: attribute access)
+
+    @classmethod
+    def from_config(cls, cfg) -> "LossOptions":
+        sections = {}
+        for spec in specs():
+            if spec.name in cfg.loss:
+                section = cfg.loss[spec.name].clone()
+                section.freeze()
+                sections[spec.name] = section
+        return cls(name=cfg.loss.name, sections=sections)
+
+    @property
+    def label_smooth(self) -> bool:
+        """Cross-entropy's label smoothing (upstream's ``loss.softmax.label_smooth``)."""
+        return bool(self.sections["softmax"].label_smooth)
+
+
+def loss_terms(options: LossOptions) -> Tuple[float, Dict[str, float]]:
+    """(cross-entropy weight, {term name: weight}) of ``loss.name``, weights checked
     (:class:`~torchreid_ext.errors.ConfigError` naming the config key); terms with weight 0 are
     left out."""
-    name = cfg.loss.name
+    name = options.name
     spec = get_loss(name)
-    keyed = section_weights(name, cfg.loss[name])
+    keyed = section_weights(name, options.sections[name])
     try:
         check_loss_weights(keyed if keyed else {"cross-entropy (loss.name softmax)": 1.0})
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    weight_x, terms = spec.weights(cfg.loss[name])
+    weight_x, terms = spec.weights(options.sections[name])
     return weight_x, {term: w for term, w in terms.items() if w > 0}
 
 
-def build_loss_terms(cfg) -> Tuple[float, Dict[str, Tuple[float, nn.Module]]]:
-    """(cross-entropy weight, {term name: (weight, module)}) for ``cfg.loss.name``: the loss
-    terms a run trains with. Raises ConfigError naming the config key of a bad value."""
-    weight_x, terms = loss_terms(cfg)
-    return weight_x, {term: (w, build_loss(term, cfg.loss[term])) for term, w in terms.items()}
+def build_loss_terms(options: LossOptions) -> Tuple[float, Dict[str, Tuple[float, nn.Module]]]:
+    """(cross-entropy weight, {term name: (weight, module)}) for ``loss.name``: the loss terms a
+    run trains with. Raises ConfigError naming the config key of a bad value."""
+    weight_x, terms = loss_terms(options)
+    return weight_x, {term: (w, build_loss(term, options.sections[term])) for term, w in terms.items()}
 
 
 def _triplet(section) -> nn.Module:

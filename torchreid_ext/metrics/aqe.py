@@ -19,7 +19,7 @@ import torch
 from torch.nn import functional as F
 
 from ..options import is_int, is_number
-from .distance import ArrayLike, _as_features
+from .distance import ArrayLike, as_features
 
 __all__ = ["alpha_query_expansion", "check_aqe_args"]
 
@@ -54,8 +54,8 @@ def alpha_query_expansion(
     among the top ``k`` with a non-integer ``alpha`` has no real power and raises ``ValueError``.
     """
     check_aqe_args(k, alpha, rounds)
-    q = _as_features(qf, "qf")
-    g = _as_features(gf, "gf")
+    q = as_features(qf, "qf")
+    g = as_features(gf, "gf")
     if q.shape[1] != g.shape[1]:
         raise ValueError(f"qf and gf must have the same feature dimension, got {q.shape[1]} and {g.shape[1]}")
     if q.device != g.device:

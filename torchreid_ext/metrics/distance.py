@@ -31,6 +31,14 @@ __all__ = [
     "auto_chunk_rows",
     "compute_distance_matrix",
     "iter_distance_chunks",
+    # the shared steps of the metrics modules (rank, re-ranking, AQE, verification, k-NN)
+    "as_real_matrix",
+    "as_features",
+    "prepare_features",
+    "distance_block",
+    "distance_blocks",
+    "check_chunk_size",
+    "torch_threads",
 ]
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
@@ -72,7 +80,9 @@ def as_real_matrix(x: ArrayLike, name: str, axes: str) -> torch.Tensor:
     return x
 
 
-def _as_features(x: ArrayLike, name: str) -> torch.Tensor:
+def as_features(x: ArrayLike, name: str) -> torch.Tensor:
+    """Features ``x`` as a finite floating-point ``num_samples x feature_dim`` tensor (float32 for
+    integers, and for half precision on the CPU)."""
     x = as_real_matrix(x, name, "num_samples x feature_dim")
     if not x.is_floating_point() or (x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16)):
         x = x.float()  # integer features, or half precision where CPU matmul is slow
@@ -84,14 +94,14 @@ def _as_features(x: ArrayLike, name: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _prepare(
+def prepare_features(
     qf: ArrayLike, gf: ArrayLike, metric: str, normalize: bool
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Check inputs; return (q, g, |q|^2, |g|^2) ready for row blocks (norms only for euclidean)."""
     if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; allowed: {', '.join(map(repr, METRICS))}")
-    q = _as_features(qf, "qf")
-    g = _as_features(gf, "gf")
+        raise ValueError(f"metric = {metric!r} is unknown; choose one of {list(METRICS)}")
+    q = as_features(qf, "qf")
+    g = as_features(gf, "gf")
     if q.shape[1] != g.shape[1]:
         raise ValueError(
             f"qf and gf must have the same feature dimension, got {q.shape[1]} and {g.shape[1]}"
@@ -109,7 +119,10 @@ def _prepare(
     return q, g, None, None
 
 
-def _block(q: torch.Tensor, g: torch.Tensor, qn: Optional[torch.Tensor], gn: Optional[torch.Tensor]) -> torch.Tensor:
+def distance_block(q: torch.Tensor, g: torch.Tensor, qn: Optional[torch.Tensor], gn: Optional[torch.Tensor]
+                   ) -> torch.Tensor:
+    """Distances of prepared rows ``q`` to ``g`` (:func:`prepare_features`): squared Euclidean with
+    the squared norms ``qn`` / ``gn``, else 1 - cosine."""
     if qn is not None:  # squared euclidean, Torchreid's formula: |q|^2 + |g|^2, then addmm(-2 q g^T)
         out = qn.unsqueeze(1) + gn.unsqueeze(0)
         return out.addmm_(q, g.t(), beta=1, alpha=-2)
@@ -125,8 +138,8 @@ def compute_distance_matrix(
     Use it where the whole matrix is needed (re-ranking, visualisation); for plain evaluation
     :func:`torchreid_ext.metrics.evaluate_features` works chunk by chunk instead.
     """
-    q, g, qn, gn = _prepare(qf, gf, metric, normalize)
-    return _block(q, g, qn, gn)
+    q, g, qn, gn = prepare_features(qf, gf, metric, normalize)
+    return distance_block(q, g, qn, gn)
 
 
 def iter_distance_chunks(
@@ -141,19 +154,22 @@ def iter_distance_chunks(
     Only one block exists at a time, so memory is ``chunk_size * G`` floats plus the features.
     ``chunk_size=None`` picks :func:`auto_chunk_rows`. Inputs are checked at the call, not lazily.
     """
-    prepared = _prepare(qf, gf, metric, normalize)
-    rows = auto_chunk_rows(prepared[1].shape[0], prepared[0].device) if chunk_size is None else _check_chunk(chunk_size)
-    return _blocks(*prepared, rows)
+    prepared = prepare_features(qf, gf, metric, normalize)
+    rows = (auto_chunk_rows(prepared[1].shape[0], prepared[0].device) if chunk_size is None
+            else check_chunk_size(chunk_size))
+    return distance_blocks(*prepared, rows)
 
 
 @torch.no_grad()
-def _blocks(q, g, qn, gn, rows: int) -> Iterator[Tuple[int, torch.Tensor]]:
+def distance_blocks(q, g, qn, gn, rows: int) -> Iterator[Tuple[int, torch.Tensor]]:
+    """``(first row, block)`` of :func:`distance_block` for ``rows`` query rows at a time."""
     for start in range(0, q.shape[0], rows):
         stop = min(start + rows, q.shape[0])
-        yield start, _block(q[start:stop], g, None if qn is None else qn[start:stop], gn)
+        yield start, distance_block(q[start:stop], g, None if qn is None else qn[start:stop], gn)
 
 
-def _check_chunk(chunk_size: int) -> int:
+def check_chunk_size(chunk_size: int) -> int:
+    """``chunk_size`` as an int, a ValueError unless it is a positive integer."""
     if not is_int(chunk_size) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     return int(chunk_size)

@@ -31,9 +31,9 @@ from torch.nn import functional as F
 from ..errors import ConfigError
 from ..options import ConfigOptions, is_int
 from .aqe import alpha_query_expansion, check_aqe_args
-from .distance import METRICS, ArrayLike, _as_features
+from .distance import METRICS, ArrayLike, as_features
 from .knn_index import KNNOptions
-from .rank import LabelLike, RankResult, _check_max_rank, evaluate_features
+from .rank import LabelLike, RankResult, check_max_rank, evaluate_features
 from .rerank import check_rerank_args, reranked_distance_matrix
 from .verification import (VerificationPasses, VerificationResult, second_pass_from_features,
                            verification_from_features, verification_line, verification_metrics)
@@ -111,7 +111,7 @@ class EvaluationOptions(ConfigOptions):
     def check(self) -> None:
         """The rules between options (re-ranking's k2 <= k1, ...), naming the config keys."""
         try:
-            _check_max_rank(self.max_rank)
+            check_max_rank(self.max_rank)
             check_rerank_args(self.rerank_k1, self.rerank_k2, self.rerank_lambda, names=self._rerank_keys)
             check_aqe_args(self.aqe_k, self.aqe_alpha, self.aqe_rounds,
                            names=tuple(map(self.describe, ("aqe_k", "aqe_alpha", "aqe_rounds"))))
@@ -123,20 +123,23 @@ class EvaluationOptions(ConfigOptions):
         return {f.name: asdict(self.knn) if f.name == "knn" else getattr(self, f.name) for f in fields(self)}
 
     def check_sizes(self, num_query: int, num_gallery: int) -> None:
-        """Raise ``ValueError`` (naming the config key) unless the options fit a query and gallery
-        of these sizes: re-ranking's ``k1`` and AQE's ``k`` need that many items."""
+        """Raise :class:`ConfigError` (naming the config key) unless the options fit a query and
+        gallery of these sizes: re-ranking's ``k1`` and AQE's ``k`` need that many items."""
         n = num_query + num_gallery
         if self.rerank:
-            check_rerank_args(self.rerank_k1, self.rerank_k2, self.rerank_lambda, num_items=n,
-                              names=self._rerank_keys)
+            try:
+                check_rerank_args(self.rerank_k1, self.rerank_k2, self.rerank_lambda, num_items=n,
+                                  names=self._rerank_keys)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         if self.aqe and self.aqe_k > n:
-            raise ValueError(f"{self.describe('aqe_k')} = {self.aqe_k} exceeds the number of query + gallery features "
+            raise ConfigError(f"{self.describe('aqe_k')} = {self.aqe_k} exceeds the number of query + gallery features "
                              f"({num_query} + {num_gallery} = {n})")
 
 
 def ranking_features(qf: ArrayLike, gf: ArrayLike, opts: EvaluationOptions) -> Tuple[torch.Tensor, torch.Tensor]:
     """Steps 1-2: AQE, then L2 normalisation: the features distances are computed from."""
-    q, g = _as_features(qf, "qf"), _as_features(gf, "gf")
+    q, g = as_features(qf, "qf"), as_features(gf, "gf")
     if opts.aqe:
         q, g = alpha_query_expansion(q, g, k=opts.aqe_k, alpha=opts.aqe_alpha, rounds=opts.aqe_rounds)
     if opts.normalize_feature:

@@ -31,7 +31,7 @@ from torch.nn import functional as F
 
 from ..errors import MissingDependencyError
 from ..options import ConfigOptions, is_int
-from .distance import METRICS, ArrayLike, _as_features, _block
+from .distance import METRICS, ArrayLike, as_features, distance_block
 
 __all__ = ["BACKENDS", "KNNIndex", "KNNOptions", "build_index", "faiss_available"]
 
@@ -101,7 +101,7 @@ class KNNIndex:
         """``(distances, indices)``, both ``num_query x k``, nearest first: float32 distances in the
         evaluator's units for the index's metric, int64 gallery indices; on the gallery's device
         (exact) or the CPU (faiss)."""
-        q = _as_features(query, "query")
+        q = as_features(query, "query")
         if q.shape[1] != self.dim:
             raise ValueError(f"query features are {q.shape[1]}-d, the indexed gallery {self.dim}-d")
         if not is_int(k) or not 1 <= k <= self.size:
@@ -137,7 +137,7 @@ class _ExactIndex(KNNIndex):
             best_d = best_i = None
             for c in range(0, self.size, cols):
                 e = min(c + cols, self.size)
-                d = _block(q[a:b], g[c:e], None if qn is None else qn[a:b], None if gn is None else gn[c:e])
+                d = distance_block(q[a:b], g[c:e], None if qn is None else qn[a:b], None if gn is None else gn[c:e])
                 v, i = torch.topk(d, min(k, e - c), dim=1, largest=False, sorted=False)
                 i += c
                 if best_d is not None:
@@ -207,7 +207,7 @@ def build_index(gallery: ArrayLike, options: Optional[KNNOptions] = None, metric
     options = options or KNNOptions()
     if metric not in METRICS:
         raise ValueError(f"metric = {metric!r} is not valid; choose one of {list(METRICS)}")
-    g = _as_features(gallery, "gallery")
+    g = as_features(gallery, "gallery")
     if options.backend == "exact":
         return _ExactIndex(g, metric)
     options.check()  # faiss installed (options made before it was uninstalled, or by replace())

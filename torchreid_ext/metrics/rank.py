@@ -67,10 +67,11 @@ import numpy as np
 import torch
 
 from ..options import is_int
-from .distance import ArrayLike, _blocks, _check_chunk, _prepare, as_real_matrix, auto_chunk_rows, torch_threads
+from .distance import (ArrayLike, as_real_matrix, auto_chunk_rows, check_chunk_size, distance_blocks,
+                       prepare_features, torch_threads)
 from .knn_index import KNNOptions
 
-__all__ = ["RankResult", "evaluate_features", "evaluate_rank"]
+__all__ = ["RankResult", "evaluate_features", "evaluate_rank", "as_labels", "check_max_rank"]
 
 LabelLike = Union[np.ndarray, torch.Tensor, Sequence[int]]
 
@@ -114,7 +115,8 @@ def _as_distmat(distmat: ArrayLike) -> torch.Tensor:
     return as_real_matrix(distmat, "distmat", "num_query x num_gallery").detach()
 
 
-def _as_labels(x: LabelLike, name: str, length: int, device: torch.device) -> torch.Tensor:
+def as_labels(x: LabelLike, name: str, length: int, device: torch.device) -> torch.Tensor:
+    """Identity or camera labels ``x`` as an int64 tensor of ``length`` on ``device``."""
     if isinstance(x, torch.Tensor):
         if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
             raise TypeError(f"{name} must hold integers, got dtype {x.dtype}")
@@ -138,7 +140,8 @@ def _check_threads(num_threads: Optional[int]) -> None:
         raise ValueError(f"num_threads must be a positive integer or None, got {num_threads!r}")
 
 
-def _check_max_rank(max_rank: int) -> int:
+def check_max_rank(max_rank: int) -> int:
+    """``max_rank`` as an int, a ValueError unless it is an integer >= 1."""
     if not is_int(max_rank) or max_rank < 1:
         raise ValueError(f"max_rank must be an integer >= 1, got {max_rank!r}")
     return int(max_rank)
@@ -154,12 +157,12 @@ class _RankAccumulator:
     def __init__(self, q_pids, g_pids, q_camids, g_camids, num_q, num_g, device, max_rank, cuhk03):
         self.num_q, self.num_g = num_q, num_g
         self.device = device
-        self.max_rank = _check_max_rank(max_rank)
+        self.max_rank = check_max_rank(max_rank)
         self.cuhk03 = bool(cuhk03)
-        self.q_pids = _as_labels(q_pids, "q_pids", num_q, device)
-        g_pids_t = _as_labels(g_pids, "g_pids", num_g, device)
-        self.q_camids = _as_labels(q_camids, "q_camids", num_q, device)
-        self.g_camids = _as_labels(g_camids, "g_camids", num_g, device)
+        self.q_pids = as_labels(q_pids, "q_pids", num_q, device)
+        g_pids_t = as_labels(g_pids, "g_pids", num_g, device)
+        self.q_camids = as_labels(q_camids, "q_camids", num_q, device)
+        self.g_camids = as_labels(g_camids, "g_camids", num_g, device)
 
         # Gallery identities as 0..P-1; each query's identity index (-1: not in the gallery).
         uniq, self.g_gid, counts = torch.unique(g_pids_t, sorted=True, return_inverse=True, return_counts=True)
@@ -435,7 +438,7 @@ def _merge_slots_sorted(rows: torch.Tensor, vals: torch.Tensor, pos_d: torch.Ten
 def _chunk_rows(chunk_size: Optional[int], num_g: int, device: torch.device, cuhk03: bool) -> int:
     """Query rows per block: ``chunk_size``, or automatic (smaller for the CUHK03 path)."""
     if chunk_size is not None:
-        return _check_chunk(chunk_size)
+        return check_chunk_size(chunk_size)
     rows = auto_chunk_rows(num_g, device)
     return max(1, rows // _CUHK03_ROW_DIVISOR) if cuhk03 else rows
 
@@ -538,13 +541,13 @@ def evaluate_features(
     (the plain distances, or the re-ranked ones with ``rerank``), so that other metrics can be read from
     the same values (the evaluator's verification metrics, :mod:`torchreid_ext.metrics.verification`).
     """
-    _check_max_rank(max_rank)
+    check_max_rank(max_rank)
     _check_threads(num_threads)
     if rerank:
         return _evaluate_reranked(qf, gf, q_pids, g_pids, q_camids, g_camids, metric, normalize, max_rank,
                                   use_metric_cuhk03, chunk_size, progress, num_threads, k1, k2, lambda_value,
                                   block_hook, knn)
-    q, g, qn, gn = _prepare(qf, gf, metric, normalize)
+    q, g, qn, gn = prepare_features(qf, gf, metric, normalize)
     acc = _RankAccumulator(q_pids, g_pids, q_camids, g_camids, q.shape[0], g.shape[0], q.device, max_rank,
                            use_metric_cuhk03)
     rows = _chunk_rows(chunk_size, g.shape[0], q.device, use_metric_cuhk03)
@@ -552,7 +555,7 @@ def evaluate_features(
     # slow: with 51-row blocks the MSMT17 shape took 1.35x as long as with 256), ranked `rows` at a time.
     mm_rows = rows if chunk_size is not None else rows * -(-_MATMUL_MIN_ROWS // rows)
     with _progress(q.shape[0], progress, "evaluate") as bar:
-        for start, block in _blocks(q, g, qn, gn, mm_rows):
+        for start, block in distance_blocks(q, g, qn, gn, mm_rows):
             if block_hook is not None:
                 block_hook(start, block)
             with _cpu_threads(q.device, num_threads):

@@ -28,8 +28,9 @@ from typing import Iterator, Optional, Tuple
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from ..options import is_int, is_number
-from .distance import ArrayLike, _block, _prepare, as_real_matrix, auto_chunk_rows, torch_threads
+from .distance import ArrayLike, as_real_matrix, auto_chunk_rows, distance_block, prepare_features, torch_threads
 from .knn import RunningTopK
 from .knn_index import KNNOptions, build_index
 
@@ -111,7 +112,8 @@ class _FeatureSource:
     def _d(self, a, b, c, e):
         xn = self.xn
         with torch_threads(self.matmul_threads):
-            return _block(self.x[a:b], self.x[c:e], None if xn is None else xn[a:b], None if xn is None else xn[c:e])
+            return distance_block(self.x[a:b], self.x[c:e], None if xn is None else xn[a:b],
+                                  None if xn is None else xn[c:e])
 
     def neighbours(self, top: RunningTopK, tile: int, bar) -> None:
         n = self.x.shape[0]
@@ -136,8 +138,8 @@ class _FeatureSource:
         with torch_threads(self.matmul_threads):
             _, rank = index.search(self.x, k)
         if bool((rank < 0).any()):
-            raise ValueError(f"knn.backend '{knn.backend}' found fewer than k1 + 1 = {k} neighbours for some items; "
-                             "search more of the index (knn.ivf_nprobe)")
+            raise ConfigError(f"knn.backend = '{knn.backend}' found fewer than k1 + 1 = {k} neighbours for some "
+                              "items; search more of the index (knn.ivf_nprobe)")
         rank = rank.to(self.device)
         me = torch.arange(n, device=self.device)
         missing = ~(rank == me.unsqueeze(1)).any(1)  # an approximate search may miss the item itself
@@ -153,7 +155,7 @@ class _FeatureSource:
         for a in range(0, n, rows):
             b = min(a + rows, n)
             with torch_threads(self.matmul_threads):
-                d = _block(self.x[a:b], xs, None if self.xn is None else self.xn[a:b], xns)
+                d = distance_block(self.x[a:b], xs, None if self.xn is None else self.xn[a:b], xns)
             amax[a:b] = torch.maximum(amax[a:b], d.abs_().amax(1))
         return rank, near, amax
 
@@ -467,7 +469,7 @@ def reranked_distance_blocks(
     its neighbours and a fixed sample of items (``_MAX_SAMPLE``), not over all N; the rest is unchanged.
     Approximate, and much faster for large N (the exact pass grows with N^2); ``exact`` or None: the
     exact pass, as Torchreid."""
-    q, g, qn, gn = _prepare(qf, gf, metric, normalize)
+    q, g, qn, gn = prepare_features(qf, gf, metric, normalize)
     check_rerank_args(k1, k2, lambda_value, q.shape[0] + g.shape[0])
     if chunk_size is not None and (not is_int(chunk_size) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")

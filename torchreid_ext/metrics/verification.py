@@ -34,8 +34,9 @@ import torch
 
 from ..errors import DeployInputError, InputNotFound
 from ..options import is_number
-from .distance import ArrayLike, _block, _blocks, _check_chunk, _prepare, as_real_matrix, auto_chunk_rows
-from .rank import LabelLike, _as_labels
+from .distance import (ArrayLike, as_real_matrix, auto_chunk_rows, check_chunk_size, distance_block, distance_blocks,
+                       prepare_features)
+from .rank import LabelLike, as_labels
 
 __all__ = ["FPRS", "VerificationPasses", "VerificationResult", "fpr_key", "read_verification",
            "second_pass_from_features", "threshold_from_metrics", "verification_from_features", "verification_line",
@@ -123,10 +124,10 @@ class _Labels:
     """Labels on the distances' device; per block of query rows, the masks of positive and negative pairs."""
 
     def __init__(self, q_pids, g_pids, q_camids, g_camids, num_q: int, num_g: int, device: torch.device):
-        self.q_pids = _as_labels(q_pids, "q_pids", num_q, device)
-        self.g_pids = _as_labels(g_pids, "g_pids", num_g, device)
-        self.q_cams = _as_labels(q_camids, "q_camids", num_q, device)
-        self.g_cams = _as_labels(g_camids, "g_camids", num_g, device)
+        self.q_pids = as_labels(q_pids, "q_pids", num_q, device)
+        self.g_pids = as_labels(g_pids, "g_pids", num_g, device)
+        self.q_cams = as_labels(q_camids, "q_camids", num_q, device)
+        self.g_cams = as_labels(g_camids, "g_camids", num_g, device)
         # pair counts from label counts: cross-camera pairs, and among them same-pid ones
         _, pid = torch.unique(torch.cat([self.q_pids, self.g_pids]), return_inverse=True)
         cams, cam = torch.unique(torch.cat([self.q_cams, self.g_cams]), return_inverse=True)
@@ -339,7 +340,7 @@ def verification_metrics(
     ``chunk_size`` query rows at a time (None: automatic); NaN distances raise ``ValueError``."""
     d = as_real_matrix(distmat, "distmat", "num_query x num_gallery")  # no copy: read a block at a time
     passes = VerificationPasses(q_pids, g_pids, q_camids, g_camids, d.shape[0], d.shape[1], d.device, fprs)
-    rows = auto_chunk_rows(d.shape[1], d.device) if chunk_size is None else _check_chunk(chunk_size)
+    rows = auto_chunk_rows(d.shape[1], d.device) if chunk_size is None else check_chunk_size(chunk_size)
     for step in (passes.first, passes.second):
         for s in range(0, d.shape[0], rows):
             step(s, d[s:s + rows])
@@ -362,10 +363,10 @@ def verification_from_features(
     """:func:`verification_metrics` of ``compute_distance_matrix(qf, gf, metric, normalize)`` (squared
     Euclidean or 1 - cos, as the evaluator ranks by), computed a block of query rows at a time: the
     matrix never exists."""
-    q, g, qn, gn = _prepare(qf, gf, metric, normalize)
+    q, g, qn, gn = prepare_features(qf, gf, metric, normalize)
     passes = VerificationPasses(q_pids, g_pids, q_camids, g_camids, q.shape[0], g.shape[0], q.device, fprs)
-    rows = auto_chunk_rows(g.shape[0], q.device) if chunk_size is None else _check_chunk(chunk_size)
-    for start, block in _blocks(q, g, qn, gn, rows):
+    rows = auto_chunk_rows(g.shape[0], q.device) if chunk_size is None else check_chunk_size(chunk_size)
+    for start, block in distance_blocks(q, g, qn, gn, rows):
         passes.first(start, block)
     return second_pass_from_features(passes, qf, gf, metric, normalize)
 
@@ -377,9 +378,9 @@ def second_pass_from_features(passes: VerificationPasses, qf: ArrayLike, gf: Arr
     blocks (e.g. through ``evaluate_features(..., block_hook=passes.first)``): the same blocks
     (:attr:`VerificationPasses.bounds`) are computed again, with the same function and shapes, so the
     same values, for the second pass."""
-    q, g, qn, gn = _prepare(qf, gf, metric, normalize)
+    q, g, qn, gn = prepare_features(qf, gf, metric, normalize)
     for a, b in passes.bounds:
-        passes.second(a, _block(q[a:b], g, None if qn is None else qn[a:b], gn))
+        passes.second(a, distance_block(q[a:b], g, None if qn is None else qn[a:b], gn))
     return passes.result()
 
 

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from ..adapter import torchreid
 from ..losses import get_loss
+from .options import ModelOptions
 from .registry import MODEL_OPTIONS, MODELS, UnknownModelError, register_model
 
 __all__ = [
@@ -20,7 +21,8 @@ __all__ = [
     "register_model",
     "available_models",
     "build_model",
-    "build_model_from_config",
+    "build_model_from_options",
+    "ModelOptions",
     "UnknownModelError",
 ]
 
@@ -50,9 +52,7 @@ def build_model(
         )
     factory = torchreid().model_factory()
     if name not in factory:
-        raise UnknownModelError(
-            f"Unknown model '{name}'. Available models: {', '.join(available_models())}"
-        )
+        raise UnknownModelError(f"model.name = {name!r} is unknown; choose one of {available_models()}")
     if kwargs:
         raise TypeError(f"Torchreid model '{name}' takes no extra options, got {sorted(kwargs)}")
     tr_loss = "triplet" if get_loss(loss).needs_features else "softmax"
@@ -61,23 +61,10 @@ def build_model(
     )
 
 
-def build_model_from_config(cfg, num_classes: int) -> nn.Module:
-    """Build ``cfg.model.name`` with the options its factory declares."""
-    name = cfg.model.name
-    kwargs = {}
-    for key in MODEL_OPTIONS.get(name, ()):
-        value = cfg
-        for part in key.split("."):
-            value = value[part]
-        kwargs[key.rsplit(".", 1)[-1]] = value
-    return build_model(
-        name,
-        num_classes=num_classes,
-        loss=cfg.loss.name,
-        pretrained=cfg.model.pretrained,
-        use_gpu=cfg.use_gpu,
-        **kwargs,
-    )
+def build_model_from_options(options: ModelOptions, num_classes: int, use_gpu: bool = True) -> nn.Module:
+    """Build ``options.name`` with the options its factory declares (:class:`ModelOptions`)."""
+    return build_model(options.name, num_classes=num_classes, loss=options.loss, pretrained=options.pretrained,
+                       use_gpu=use_gpu, **options.factory_options)
 
 
 from . import complexity, msfl  # noqa: E402,F401

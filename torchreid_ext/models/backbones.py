@@ -126,7 +126,7 @@ def osnet(width: str) -> Backbone:
     """Torchreid's OSNet of ``width`` (x1_0, x0_75, x0_5, x0_25) cut at conv2..conv5 (see the
     module docstring). The neck's default width is C5's: 128 for x0_25, 512 for x1_0."""
     if width not in OSNET_CHANNELS:
-        raise ValueError(f"OSNet width '{width}' is unknown; choose one of {list(OSNET_CHANNELS)}")
+        raise ValueError(f"width = {width!r} is unknown; choose one of {list(OSNET_CHANNELS)}")
     _, c1, c2, c3 = OSNET_CHANNELS[width]
     names = ("conv1", "maxpool", "conv2", "conv3", "conv4", "conv5")
 

@@ -383,7 +383,7 @@ def _returns_features(loss: str) -> bool:
     """Whether training mode must return ``(logits, f)`` for ``loss`` (a registered loss name):
     the factories read the loss name once, the model only this flag."""
     if loss not in loss_names():
-        raise ValueError(f"Unsupported loss '{loss}'; valid losses: {', '.join(loss_names())}")
+        raise ValueError(f"loss = {loss!r} is unknown; choose one of {loss_names()}")
     return get_loss(loss).needs_features
 
 

@@ -2,7 +2,7 @@
 
 A factory has Torchreid's signature ``(num_classes, loss='softmax', pretrained=True,
 use_gpu=True, **kwargs)``. ``options`` are dotted config keys (e.g. ``'model.msfl.lateral'``)
-that :func:`torchreid_ext.models.build_model_from_config` passes to the factory as keyword
+that :func:`torchreid_ext.models.build_model_from_options` passes to the factory as keyword
 arguments named after the last part of the key.
 """
 from __future__ import annotations
