@@ -33,10 +33,10 @@ import sys
 import time
 from typing import Dict, List
 
-from memory import peak_rss  # benchmarks/memory.py
-
 import torch
 import torch.nn.functional as F
+
+from memory import peak_rss  # benchmarks/memory.py
 
 MODES = ("plain", "exact", "fast")
 STAGES = ["layer1", "layer2"]

@@ -18,6 +18,8 @@ import urllib.error
 import pytest
 import torch
 
+from conftest import REPO, model_for, tiny_opts
+from readonly import read_only
 from torchreid_ext import builders, cli
 from torchreid_ext.checkpoint import load_checkpoint
 from torchreid_ext.config import ConfigError
@@ -25,9 +27,6 @@ from torchreid_ext.data import SynthSpec, generate
 from torchreid_ext.data.checks import DatasetNotFound, UnreadableImageError
 from torchreid_ext.engines import ImageMetricEngine
 from torchreid_ext.run_options import RunOptions
-
-from conftest import REPO, model_for, tiny_opts
-from readonly import read_only
 
 
 def run_main(argv):

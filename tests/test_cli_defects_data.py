@@ -13,11 +13,11 @@ from typing import Callable, Sequence, Tuple
 import numpy as np
 import pytest
 from PIL import Image
+from test_cli_defects import MAINS, WORK_STARTED
 
 from conftest import png_declaring, tiny_opts
 from deploy.deploy_fixtures import checkpoints, one_thread  # noqa: F401
 from readonly import read_only
-from test_cli_defects import MAINS, WORK_STARTED
 
 
 def _image(path: str, value: int = 100) -> str:

@@ -12,12 +12,11 @@ import os.path as osp
 import pytest
 import torch
 
+from conftest import REPO
 from torchreid_ext import build_engine
 from torchreid_ext.builders import build_datamanager, build_optimizer, build_run_model, build_scheduler
 from torchreid_ext.config import get_default_config, load_config
 from torchreid_ext.run_options import RunOptions
-
-from conftest import REPO
 
 CONFIGS = sorted(  # base/ folders (at any depth) hold mix-ins, not runs
     p for p in glob.glob(osp.join(REPO, "configs", "**", "*.yaml"), recursive=True)

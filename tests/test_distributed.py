@@ -17,15 +17,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
+from conftest import REPO, free_port
+from ddp_net import StageNet
 from torchreid_ext import distributed
 from torchreid_ext.adapter import torchreid
 from torchreid_ext.checkpoint import load_checkpoint
 from torchreid_ext.data.sampler import DistributedIdentitySampler
 from torchreid_ext.engines import ImageMetricEngine
 from torchreid_ext.engines.msgr import MSGREngine
-
-from conftest import REPO, free_port
-from ddp_net import StageNet
 
 WORLD, P, K, CLASSES = 2, 2, 4, 4
 

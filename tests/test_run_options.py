@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 import torch
 
+from conftest import tiny_opts
 from torchreid_ext import cli
 from torchreid_ext.config import flat_keys, load_config
 from torchreid_ext.data.checks import DataOptions
@@ -16,8 +17,6 @@ from torchreid_ext.models import ModelOptions
 from torchreid_ext.msgr import MSGROptions
 from torchreid_ext.options import config_value
 from torchreid_ext.run_options import RunOptions, engine_run_kwargs, imagedata_kwargs
-
-from conftest import tiny_opts
 
 
 def snapshot(cfg):

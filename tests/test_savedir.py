@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from readonly import read_only
 from torchreid_ext.checkpoint import save_checkpoint
 from torchreid_ext.config import ConfigError
 from torchreid_ext.savedir import (
@@ -22,8 +23,6 @@ from torchreid_ext.savedir import (
     remove_stale_temp_files,
     resolve_resume,
 )
-
-from readonly import read_only
 
 
 def dead_pid():

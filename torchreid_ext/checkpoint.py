@@ -33,8 +33,8 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
-from .errors import CheckpointError, DiskFullError, InputNotFound
 from .distributed import unwrap_model
+from .errors import CheckpointError, DiskFullError, InputNotFound
 from .files import atomic_output, missing_file_reason
 from .options import is_int, is_number
 

@@ -29,13 +29,13 @@ from .distributed import DistOptions
 from .engines.options import EngineOptions
 from .errors import ConfigError, yaml_problem
 from .files import read_text
+from .losses import registry as loss_registry
 from .metrics.evaluation import EvaluationOptions
 from .metrics.knn_index import KNNOptions
 from .models.msfl import MSFLOptions
 from .msgr.options import MSGROptions
 from .options import is_int, is_number
 from .torchrun import env_world_size
-from .losses import registry as loss_registry
 
 __all__ = [
     "CN",

@@ -25,13 +25,13 @@ import os.path as osp
 import torch
 
 from .adapter import torchreid
-from .config import IDENTITY_SAMPLERS, ConfigError
 from .checkpoint import load_checkpoint, state_dict_of
-from .errors import CheckpointError, InputNotFound
-from .files import missing_file_reason
-from .data.loaders import check_distributed_sampler
+from .config import IDENTITY_SAMPLERS, ConfigError
 from .data.checks import DatasetError, check_dataset_present, check_train_identities, scan_image_folders
 from .data.image_list import ImageListSpec, register_dataset_files, scan_image_list
+from .data.loaders import check_distributed_sampler
+from .errors import CheckpointError, InputNotFound
+from .files import missing_file_reason
 from .memory import check_memory, meta_model
 from .models import available_models
 from .run_options import RunOptions

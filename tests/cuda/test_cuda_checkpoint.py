@@ -9,13 +9,12 @@ import os.path as osp
 import pytest
 import torch
 
-from torchreid_ext import build_engine
-from torchreid_ext.builders import build_optimizer
-from torchreid_ext.run_options import RunOptions
-from torchreid_ext.checkpoint import load_checkpoint
-
 from conftest import model_for, tiny_setup
 from cuda_env import DEVICE, MARKS, ON_GPU, strict_fp32
+from torchreid_ext import build_engine
+from torchreid_ext.builders import build_optimizer
+from torchreid_ext.checkpoint import load_checkpoint
+from torchreid_ext.run_options import RunOptions
 
 pytestmark = MARKS
 

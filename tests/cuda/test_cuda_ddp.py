@@ -16,13 +16,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
+from conftest import free_port
+from cuda_env import FORCED_CPU, MARKS
+from ddp_net import StageNet
 from torchreid_ext.adapter import torchreid
 from torchreid_ext.engines import ImageMetricEngine
 from torchreid_ext.engines.msgr import MSGREngine
-
-from conftest import free_port
-from ddp_net import StageNet
-from cuda_env import FORCED_CPU, MARKS
 
 WORLD, P, K, CLASSES = 2, 2, 4, 4
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0

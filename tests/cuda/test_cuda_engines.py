@@ -9,12 +9,11 @@ import math
 import pytest
 import torch
 
+from conftest import model_for, tiny_setup
+from cuda_env import DEVICE, FORCED_CPU, MARKS, ON_GPU
 from torchreid_ext import build_engine
 from torchreid_ext.builders import build_optimizer
 from torchreid_ext.run_options import RunOptions
-
-from conftest import model_for, tiny_setup
-from cuda_env import DEVICE, FORCED_CPU, MARKS, ON_GPU
 
 pytestmark = MARKS
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from cuda_env import DEVICE, MARKS, strict_fp32
 from torchreid_ext.adapter import torchreid
 from torchreid_ext.metrics import (
     EvaluationOptions,
@@ -19,8 +20,6 @@ from torchreid_ext.metrics import (
     re_ranking,
     reranked_distance_matrix,
 )
-
-from cuda_env import DEVICE, MARKS, strict_fp32
 
 pytestmark = MARKS
 

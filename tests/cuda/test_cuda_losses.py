@@ -7,9 +7,8 @@ unequal identity counts with singletons), and half-precision inputs computed in 
 import pytest
 import torch
 
-from torchreid_ext.losses import DRSLoss, SupportNeighborLoss
-
 from cuda_env import DEVICE, MARKS, strict_fp32
+from torchreid_ext.losses import DRSLoss, SupportNeighborLoss
 
 pytestmark = MARKS
 

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import torchreid_ext.msgr.step as step_mod
+from cuda_env import DEVICE, MARKS, strict_fp32, sync
 from torchreid_ext.msgr import (
     FusedBatchNormDoubleBackward,
     RNGSnapshot,
@@ -22,8 +23,6 @@ from torchreid_ext.msgr import (
     feature_gradient_penalty,
     msgr_backward,
 )
-
-from cuda_env import DEVICE, MARKS, strict_fp32, sync
 
 pytestmark = MARKS
 

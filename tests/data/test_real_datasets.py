@@ -1,7 +1,6 @@
 """The real-data protocols on the real files (skipped where ../shared/data is absent)."""
 import glob
 import json
-import os
 import os.path as osp
 
 import pytest

@@ -9,8 +9,16 @@ import pytest
 import torch
 
 from conftest import REPO
-from deploy_fixtures import (ACCEPTANCE_MODELS, SUBPROCESS_ENV, checkpoints, deploy_cfg, listing,  # noqa: F401
-                             one_thread, query_images, reference_model)
+from deploy_fixtures import (  # noqa: F401
+    ACCEPTANCE_MODELS,
+    SUBPROCESS_ENV,
+    checkpoints,
+    deploy_cfg,
+    listing,
+    one_thread,
+    query_images,
+    reference_model,
+)
 from torchreid_ext.deploy import ExportCheckError, export_model
 from torchreid_ext.deploy import export as export_module
 from torchreid_ext.deploy.images import eval_transform, load_image

@@ -12,10 +12,10 @@ from conftest import tiny_setup
 from deploy_fixtures import calibrated_model, deploy_cfg, one_thread, query_images  # noqa: F401
 from torchreid_ext.adapter import torchreid
 from torchreid_ext.builders import build_engine, build_optimizer, build_scheduler
-from torchreid_ext.run_options import RunOptions
 from torchreid_ext.deploy import extract_features
 from torchreid_ext.models import build_model
 from torchreid_ext.models.msfl import BackboneWeightsError
+from torchreid_ext.run_options import RunOptions
 
 
 @pytest.fixture(scope="module")

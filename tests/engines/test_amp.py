@@ -4,10 +4,9 @@ import math
 import pytest
 import torch
 
+from conftest import model_for, tiny_setup
 from torchreid_ext import build_engine, cli
 from torchreid_ext.config import ConfigError
-
-from conftest import model_for, tiny_setup
 
 
 @pytest.fixture(scope="module")

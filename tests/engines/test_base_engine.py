@@ -14,13 +14,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_opts
 from torchreid_ext import cli
 from torchreid_ext.adapter import TorchreidAPI, torchreid
 from torchreid_ext.checkpoint import DiskFullError, load_checkpoint
 from torchreid_ext.engines import base
 from torchreid_ext.engines.base import ReIDEngine
-
-from conftest import tiny_opts
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -4,12 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import model_for, tiny_setup
 from torchreid_ext import build_engine, cli
 from torchreid_ext.adapter import torchreid
 from torchreid_ext.engines import ReIDEngine
 from torchreid_ext.metrics import EvaluationOptions, alpha_query_expansion
-
-from conftest import model_for, tiny_setup
 
 MAX_RANK = 50
 

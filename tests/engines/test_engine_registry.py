@@ -9,10 +9,9 @@ import sys
 import pytest
 
 from conftest import REPO, model_for, tiny_opts
-from torchreid_ext import cli
-from torchreid_ext.config import ConfigError
-from torchreid_ext import build_engine
+from torchreid_ext import build_engine, cli
 from torchreid_ext.builders import build_datamanager, build_optimizer
+from torchreid_ext.config import ConfigError
 from torchreid_ext.engines import ENGINES, ImageMetricEngine, MSGREngine, engine_name, register_engine
 from torchreid_ext.run_options import RunOptions
 

@@ -12,14 +12,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from torchreid_ext import cli
+from conftest import REPO, model_for, tiny_opts, tiny_setup
+from torchreid_ext import build_engine, cli
 from torchreid_ext.adapter import torchreid
 from torchreid_ext.config import ConfigError, load_config
-from torchreid_ext import build_engine
 from torchreid_ext.engines.msgr import MSGREngine, penalty_due
 from torchreid_ext.msgr import StageCapture, feature_gradient_penalty
-
-from conftest import REPO, model_for, tiny_opts, tiny_setup
 
 OSNET_STAGES = ["conv2", "conv3"]
 

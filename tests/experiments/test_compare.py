@@ -13,13 +13,12 @@ import pytest
 from PIL import Image
 from scipy import stats as sps
 
-from torchreid_ext.config import load_config
-from torchreid_ext.experiments import compare as compare_mod
-from torchreid_ext.experiments import HarnessError, method_label, plan_runs, published_for
-from torchreid_ext.experiments.published import METHOD_LABELS, ROWS, render_table, render_tables
-from torchreid_ext.experiments.compare import compare
-
 from conftest import REPO, tiny_opts
+from torchreid_ext.config import load_config
+from torchreid_ext.experiments import HarnessError, method_label, plan_runs, published_for
+from torchreid_ext.experiments import compare as compare_mod
+from torchreid_ext.experiments.compare import compare
+from torchreid_ext.experiments.published import METHOD_LABELS, ROWS, render_table, render_tables
 
 A = "model:\n  name: osnet_x0_25\nloss:\n  name: softmax\n"
 B = "model:\n  name: osnet_x0_25\nloss:\n  name: drsl\n"

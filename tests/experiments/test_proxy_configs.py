@@ -4,9 +4,8 @@ import os.path as osp
 
 import pytest
 
-from torchreid_ext.config import flat_keys, load_config
-
 from conftest import REPO
+from torchreid_ext.config import flat_keys, load_config
 
 ROWS = {  # file -> what the row is
     "ce": "softmax", "ce_triplet": "triplet", "ce_drsl": "drsl", "sn": "sn",

@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import REPO
 from torchreid_ext import cli
 from torchreid_ext.config import load_config
 from torchreid_ext.experiments.ranks import ranked_lists, visualize_ranks
-
-from conftest import REPO
 
 GRID, QUERY_EXTRA = 10, 90  # Torchreid's reidtools layout constants
 

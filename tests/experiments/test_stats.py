@@ -4,8 +4,15 @@ import pytest
 from scipy import stats as sps
 
 from torchreid_ext.experiments.runs import HarnessError
-from torchreid_ext.experiments.stats import (GAIN, LOSS, NO_DIFFERENCE, NO_INTERVAL, paired_difference,
-                                             summarize, verdict)
+from torchreid_ext.experiments.stats import (
+    GAIN,
+    LOSS,
+    NO_DIFFERENCE,
+    NO_INTERVAL,
+    paired_difference,
+    summarize,
+    verdict,
+)
 from torchreid_ext.experiments.summary import paired_comparisons, summarize_groups
 
 

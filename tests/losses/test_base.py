@@ -4,6 +4,7 @@ against a float64 loop, and on DRSL and SN with custom reducers."""
 import pytest
 import torch
 
+from loss_batches import features, unequal_labels
 from torchreid_ext.losses import (
     AnchorLosses,
     BaseMetricLoss,
@@ -12,7 +13,6 @@ from torchreid_ext.losses import (
     EuclideanDistance,
     SupportNeighborLoss,
 )
-from loss_batches import features, unequal_labels
 
 
 class PullPush(BaseMetricLoss):

@@ -3,9 +3,9 @@ their config key ``loss.<name>.distance``."""
 import pytest
 import torch
 
+from loss_batches import features
 from torchreid_ext.config import ConfigError, load_config
 from torchreid_ext.losses import DISTANCES, CosineDistance, DRSLoss, EuclideanDistance, SupportNeighborLoss, build_loss
-from loss_batches import features
 
 
 def loop(f, pair):

@@ -3,11 +3,11 @@ distances), gradcheck, the exact-AP limit, edge cases; and ``build_loss`` from c
 import pytest
 import torch
 
+from loss_batches import features as _features
+from loss_batches import pk_labels, unequal_labels
 from torchreid_ext.adapter import torchreid
 from torchreid_ext.config import get_default_config
 from torchreid_ext.losses import CosineDistance, DRSLoss, build_loss, drsl_loss, loss_names
-from loss_batches import pk_labels, unequal_labels
-from loss_batches import features as _features
 
 
 def features(n, d, seed, dtype=torch.float64):

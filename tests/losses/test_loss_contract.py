@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
+from loss_batches import features, pk_labels
 from tensor_probe import LargestTensor
 from torchreid_ext.losses import DRSLoss, SupportNeighborLoss
-from loss_batches import pk_labels, features
 
 # name -> (factory, largest tensor allowed for B items with K per identity)
 LOSSES = {

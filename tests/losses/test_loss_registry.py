@@ -13,9 +13,8 @@ import torch
 
 from conftest import REPO, model_for
 from torchreid_ext import build_engine, cli
-from torchreid_ext.builders import build_datamanager
-from torchreid_ext.run_options import RunOptions
 from torchreid_ext.adapter import torchreid
+from torchreid_ext.builders import build_datamanager
 from torchreid_ext.config import ConfigError, get_default_config, load_config, validate_config
 from torchreid_ext.losses import (
     BaseMetricLoss,
@@ -29,6 +28,7 @@ from torchreid_ext.losses import (
     unregister_loss,
 )
 from torchreid_ext.models import build_model
+from torchreid_ext.run_options import RunOptions
 
 SEEN = []  # every section the toy builder received
 

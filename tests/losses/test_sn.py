@@ -5,8 +5,8 @@ test_loss_contract.py)."""
 import pytest
 import torch
 
+from loss_batches import features, pk_labels, unequal_labels
 from torchreid_ext.losses import CosineDistance, SupportNeighborLoss
-from loss_batches import pk_labels, unequal_labels, features
 
 
 def euclidean(u, v):

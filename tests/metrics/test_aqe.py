@@ -3,9 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from torchreid_ext.metrics import alpha_query_expansion
-
 from tensor_probe import LargestTensor
+from torchreid_ext.metrics import alpha_query_expansion
 
 
 def fastreid_aqe(qf, gf, qe_times, qe_k, alpha):

@@ -2,6 +2,8 @@
 import numpy as np
 import pytest
 import torch
+from test_aqe import fastreid_aqe
+from test_rerank import clustered, torchreid_matrices
 
 from torchreid_ext.adapter import torchreid
 from torchreid_ext.config import ConfigError, load_config
@@ -14,9 +16,6 @@ from torchreid_ext.metrics import (
     evaluation_distance_matrix,
     re_ranking,
 )
-
-from test_aqe import fastreid_aqe
-from test_rerank import clustered, torchreid_matrices
 
 MAX_RANK = 20
 

@@ -7,6 +7,7 @@ import torch
 
 import torchreid_ext.metrics.knn as knn_mod
 import torchreid_ext.metrics.rerank as rerank_mod
+from tensor_probe import LargestTensor
 from torchreid_ext.adapter import torchreid
 from torchreid_ext.metrics import (
     evaluate_features,
@@ -15,8 +16,6 @@ from torchreid_ext.metrics import (
     reranked_distance_blocks,
     reranked_distance_matrix,
 )
-
-from tensor_probe import LargestTensor
 
 MAX_RANK = 20
 

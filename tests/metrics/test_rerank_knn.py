@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from test_rerank import clustered, metrics_close
 
 import torchreid_ext.metrics.rerank as rerank_mod
 from torchreid_ext.config import get_default_config, merge_from_list
@@ -11,8 +12,6 @@ from torchreid_ext.metrics import EvaluationOptions, evaluate_features, evaluate
 from torchreid_ext.metrics.distance import prepare_features
 from torchreid_ext.metrics.knn import RunningTopK
 from torchreid_ext.metrics.knn_index import KNNOptions, faiss_available
-
-from test_rerank import clustered, metrics_close
 
 needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss is not installed (pip install -e '.[faiss]')")
 

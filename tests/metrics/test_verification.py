@@ -12,13 +12,18 @@ import numpy as np
 import pytest
 import torch
 
+from tensor_probe import LargestTensor
 from torchreid_ext.errors import UserError
 from torchreid_ext.metrics import iter_distance_chunks
-from torchreid_ext.metrics.verification import (FPRS, VerificationResult, fpr_key, read_verification,
-                                                threshold_from_metrics, verification_from_features,
-                                                verification_metrics)
-
-from tensor_probe import LargestTensor
+from torchreid_ext.metrics.verification import (
+    FPRS,
+    VerificationResult,
+    fpr_key,
+    read_verification,
+    threshold_from_metrics,
+    verification_from_features,
+    verification_metrics,
+)
 
 
 def problem(seed, num_q=30, num_g=90, num_ids=12, num_cams=3, dim=8, dtype=np.float32):

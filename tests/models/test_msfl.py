@@ -11,14 +11,13 @@ import torch.nn.functional as F
 import torchvision
 
 import torchreid_ext
+from conftest import REPO  # noqa: E402
 from torchreid_ext.adapter import torchreid
 from torchreid_ext.config import load_config
 from torchreid_ext.losses import get_loss
 from torchreid_ext.models import MODEL_OPTIONS, ModelOptions, build_model, build_model_from_options
 from torchreid_ext.models.complexity import count_macs, count_params
 from torchreid_ext.models.msfl import BackboneWeightsError, MSFLNet, msfl_resnet50_csip
-
-from conftest import REPO  # noqa: E402
 
 # (registered name, options, head input dim): every Table I / IV switch that changes the graph.
 VARIANTS = {

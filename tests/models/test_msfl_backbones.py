@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import MSMT17_WEIGHTS, REAL_DATA
+from conftest import MSMT17_WEIGHTS
 from torchreid_ext import cli
 from torchreid_ext.adapter import torchreid
 from torchreid_ext.checkpoint import load_model_weights

@@ -5,14 +5,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from msgr_nets import STAGES, flat_grads, make
 from torchreid_ext.msgr import (
     FusedBatchNormDoubleBackward,
     check_double_backward,
     find_sync_batchnorm,
     msgr_backward,
 )
-
-from msgr_nets import STAGES, flat_grads, make
 
 
 @pytest.mark.parametrize("shape, affine", [((4, 3, 5, 2), True), ((6, 3), True), ((4, 3, 3), False)])

@@ -8,10 +8,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from msgr_nets import INF, STAGES, TinyNet, cosine, flat_grads, make, plain_grads, run_mode
 from torchreid_ext.msgr import PiecewiseReplay, StageCapture, dual_direction, msgr_backward
 from torchreid_ext.msgr.step import _reaches_upstream
-
-from msgr_nets import INF, STAGES, TinyNet, cosine, flat_grads, make, plain_grads, run_mode
 
 
 @pytest.mark.parametrize("q", [2.0, 1.0, INF, 3.0])

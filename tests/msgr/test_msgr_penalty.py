@@ -4,9 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from torchreid_ext.msgr import StageCapture, check_q, feature_gradient_penalty, per_sample_norm
-
 from msgr_nets import INF, STAGES, make, ref_norm
+from torchreid_ext.msgr import StageCapture, check_q, feature_gradient_penalty, per_sample_norm
 
 
 def brute_force_norms(net, x, y, q, grad_of):

@@ -5,9 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from torchreid_ext.msgr import StageCapture, expand_eps, msgr_backward, stage_modules
-
 from msgr_nets import STAGES, make
+from torchreid_ext.msgr import StageCapture, expand_eps, msgr_backward, stage_modules
 
 
 def test_unknown_stage_lists_the_models_children():

@@ -5,9 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from torchreid_ext.msgr import StageCapture, exact_step, fast_step, feature_gradient_penalty, msgr_backward
-
 from msgr_nets import INF, STAGES, cosine, flat_grads, make, plain_grads, run_mode
+from torchreid_ext.msgr import StageCapture, exact_step, fast_step, feature_gradient_penalty, msgr_backward
 
 
 def objective(net, x, y, eps, q, squared, grad_of="sum", weight=1.0):

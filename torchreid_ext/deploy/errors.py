@@ -6,7 +6,6 @@ long work; an exported file that does not reproduce PyTorch raises :class:`Expor
 """
 from __future__ import annotations
 
-
 from ..errors import DeployInputError, ExportCheckError, FeatureFileError, MissingDependencyError
 from ..files import check_output_path
 

@@ -21,10 +21,10 @@ import numpy as np
 import yaml
 
 from ..config import CN, ConfigError, get_default_config, merge_dict, merge_from_list
-from ..metrics.evaluation import format_results  # noqa: F401  (re-exported: deploy.format_results)
+from ..data.checks import check_queries
 from ..errors import InputNotFound
 from ..files import METRICS_FILE, check_output_path, missing_folder_reason, write_json_atomic
-from ..data.checks import check_queries
+from ..metrics.evaluation import format_results  # noqa: F401  (re-exported: deploy.format_results)
 from .errors import DeployInputError, FeatureFileError
 from .model import model_device
 from .saved_features import FeatureSet, load_features

@@ -29,8 +29,8 @@ from typing import Callable, Dict, Optional
 import numpy as np
 import torch
 
-from ..config import check_input_size
 from ..checkpoint import is_torchscript
+from ..config import check_input_size
 from ..data.checks import set_max_image_side
 from ..errors import InputNotFound, UserError
 from ..files import atomic_output, missing_file_reason

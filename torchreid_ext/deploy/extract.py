@@ -20,8 +20,15 @@ from ..features import extract_loader
 from ..memory import allocation_failures, check_memory, meta_model
 from ..models import ModelOptions
 from .errors import DeployInputError, check_output_path
-from .images import (DATASET_SPLITS, CheckedBatches, ImageSet, dataset_images, eval_transform, folder_images,
-                     image_loader)
+from .images import (
+    DATASET_SPLITS,
+    CheckedBatches,
+    ImageSet,
+    dataset_images,
+    eval_transform,
+    folder_images,
+    image_loader,
+)
 from .model import build_eval_model, file_sha256, model_device, resolve_weights
 from .saved_features import FEATURES_KIND, FeatureSet, save_features
 

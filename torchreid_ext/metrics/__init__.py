@@ -17,10 +17,16 @@
 """
 from .aqe import alpha_query_expansion
 from .distance import METRICS, compute_distance_matrix, iter_distance_chunks
-from .evaluation import (EVALUATORS, EvaluationOptions, evaluate_test_features, evaluation_distance_matrix,
-                         format_results, results_dict)
-from .rank import RankResult, evaluate_features, evaluate_rank
+from .evaluation import (
+    EVALUATORS,
+    EvaluationOptions,
+    evaluate_test_features,
+    evaluation_distance_matrix,
+    format_results,
+    results_dict,
+)
 from .knn_index import KNNIndex, KNNOptions, build_index
+from .rank import RankResult, evaluate_features, evaluate_rank
 from .rerank import check_rerank_args, re_ranking, reranked_distance_blocks, reranked_distance_matrix
 from .verification import VerificationResult, threshold_from_metrics, verification_metrics
 

@@ -19,10 +19,9 @@ it is carried here so that one object holds every test-time option.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Callable, ClassVar, Dict, Optional, Sequence, Tuple
-
-import logging
 
 import numpy as np
 import torch
@@ -35,8 +34,14 @@ from .distance import METRICS, ArrayLike, as_features
 from .knn_index import KNNOptions
 from .rank import LabelLike, RankResult, check_max_rank, evaluate_features
 from .rerank import check_rerank_args, reranked_distance_matrix
-from .verification import (VerificationPasses, VerificationResult, second_pass_from_features,
-                           verification_from_features, verification_line, verification_metrics)
+from .verification import (
+    VerificationPasses,
+    VerificationResult,
+    second_pass_from_features,
+    verification_from_features,
+    verification_line,
+    verification_metrics,
+)
 
 __all__ = ["EVALUATORS", "EvaluationOptions", "evaluate_test_features", "evaluation_distance_matrix",
            "format_results", "ranking_features", "results_dict"]

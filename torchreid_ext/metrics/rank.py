@@ -67,8 +67,15 @@ import numpy as np
 import torch
 
 from ..options import is_int
-from .distance import (ArrayLike, as_real_matrix, auto_chunk_rows, check_chunk_size, distance_blocks,
-                       prepare_features, torch_threads)
+from .distance import (
+    ArrayLike,
+    as_real_matrix,
+    auto_chunk_rows,
+    check_chunk_size,
+    distance_blocks,
+    prepare_features,
+    torch_threads,
+)
 from .knn_index import KNNOptions
 
 __all__ = ["RankResult", "evaluate_features", "evaluate_rank", "as_labels", "check_max_rank"]

@@ -34,8 +34,15 @@ import torch
 
 from ..errors import DeployInputError, InputNotFound
 from ..options import is_number
-from .distance import (ArrayLike, as_real_matrix, auto_chunk_rows, check_chunk_size, distance_block, distance_blocks,
-                       prepare_features)
+from .distance import (
+    ArrayLike,
+    as_real_matrix,
+    auto_chunk_rows,
+    check_chunk_size,
+    distance_block,
+    distance_blocks,
+    prepare_features,
+)
 from .rank import LabelLike, as_labels
 
 __all__ = ["FPRS", "VerificationPasses", "VerificationResult", "fpr_key", "read_verification",

@@ -26,8 +26,10 @@ Modules, one concept each:
     R = feature_gradient_penalty(x.shape[0] * loss, cap.outputs, eps=0.01).penalty
     (loss + R).backward()
 """
+from ..distributed import unwrap_model
 from .batchnorm import FusedBatchNormDoubleBackward, check_double_backward, find_sync_batchnorm
 from .fast import PiecewiseReplay, RNGSnapshot, dual_direction, frozen_running_stats
+from .options import GRAD_OF, MODES, Q_VALUES, MSGROptions
 from .penalty import (
     GradientPenalty,
     check_grad_of,
@@ -36,10 +38,8 @@ from .penalty import (
     penalty_from_gradients,
     per_sample_norm,
 )
-from .options import GRAD_OF, MODES, Q_VALUES, MSGROptions
 from .stages import StageCapture, expand_eps, stage_modules
 from .step import FastInfo, MSGRStep, check_mode, exact_step, fast_step, msgr_backward
-from ..distributed import unwrap_model
 
 __all__ = [
     "GradientPenalty",
