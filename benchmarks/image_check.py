@@ -61,11 +61,11 @@ def main():
             parts = {"train": lists["bounding_box_train"],
                      "query+gallery": lists["query"] + lists["bounding_box_test"]}
             parts["all"] = parts["train"] + parts["query+gallery"]
-            for part, paths in parts.items():
+            for part, paths in parts.items():  # the lambdas below run before the loop moves on
                 check_images(paths)  # page cache
-                header = best(lambda: check_images(paths), args.repeats)
-                decode = best(lambda: check_images(paths, decode=True), args.repeats)
-                single = best(lambda: check_images(paths, decode=True, workers=1), args.repeats)
+                header = best(lambda: check_images(paths), args.repeats)  # noqa: B023
+                decode = best(lambda: check_images(paths, decode=True), args.repeats)  # noqa: B023
+                single = best(lambda: check_images(paths, decode=True, workers=1), args.repeats)  # noqa: B023
                 print(f"{label + ' ' + part:<28}{len(paths):>8}{header:>12.2f}{decode:>12.2f}{single:>21.2f}"
                       f"{decode / header:>8.1f}")
     finally:

@@ -97,7 +97,7 @@ def timings(models, sizes, batches, train_batch, repeats, warmup, device) -> Dic
         runs: Dict[str, List[float]] = {name: [] for name in models}
         for _ in range(repeats):
             for name, m in models.items():
-                runs[name].append(_seconds(lambda: fn(m), device))
+                runs[name].append(_seconds(lambda: fn(m), device))  # noqa: B023  (called at once)
         for name in models:
             out[name][case] = statistics.median(runs[name])
         print(f"  {case}: " + ", ".join(f"{n} {s * 1e3:.1f} ms" for n, s in out.items() for s in [s[case]]),

@@ -87,7 +87,8 @@ def test_truncated_file_is_a_clear_error(tmp_path):
     save_checkpoint({"w": torch.ones(1000)}, path)
     data = open(path, "rb").read()
     open(path, "wb").write(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=r"is a zip archive that is not a readable PyTorch checkpoint \(truncated or damaged\?\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"is a zip archive that is not a readable PyTorch checkpoint \(truncated or damaged\?\)"):
         load_checkpoint(path)
 
 
@@ -239,8 +240,8 @@ def _runtime_error_with_context(code):
     def save(obj, f):
         try:
             raise OSError(code, os.strerror(code))
-        except OSError:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+        except OSError:  # implicitly chained (__context__, not __cause__), as torch raises it
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")  # noqa: B904
 
     return save
 

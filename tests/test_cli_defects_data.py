@@ -241,7 +241,8 @@ CASES = [
     Case("9-list-not-utf8", "main",
          lambda e: e.run_opts("t9_latin1", e.dataset("t9_latin1", list_text=b"path,pid,camid,split\n"
                                                                           b"train/" + LATIN1 + b".jpg,1,0,train\n")),
-         lambda e: (f"list file '{osp.join(e.data, 't9_latin1', 'list.csv')}' is not UTF-8 text (byte 0xe9 on line 2)",)),
+         lambda e: (f"list file '{osp.join(e.data, 't9_latin1', 'list.csv')}' is not UTF-8 text "
+                    "(byte 0xe9 on line 2)",)),
     # 13: lists naming one image twice, or images outside the folder
     _list_case("13-duplicate-row", _rows(add=[GOOD_ROWS[3]]),
                "{list}:22: the image 'train/1_1_1.jpg' repeats the row at {list}:5"),

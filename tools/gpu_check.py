@@ -202,8 +202,8 @@ def build_steps(out: str, gpu: bool, data_root: str, train_dir: str) -> List[Ste
             ("throughput", "benchmarks/throughput.py (GPU defaults)", [
                 _script("benchmarks", "throughput.py"), "--device", "cuda", "--json", j("throughput.json")],
              180, throughput_keys, [j("throughput.json")]),
-            ("msgr", "benchmarks/msgr.py (GPU defaults, 3 repeats)", [_script("benchmarks", "msgr.py"), "--device", "cuda",
-                                                                       "--repeats", "3", "--json", j("msgr.json")],
+            ("msgr", "benchmarks/msgr.py (GPU defaults, 3 repeats)", [
+                _script("benchmarks", "msgr.py"), "--device", "cuda", "--repeats", "3", "--json", j("msgr.json")],
              300, msgr_keys, [j("msgr.json")]),
             ("evaluation", "benchmarks/evaluation.py --device cuda", [
                 _script("benchmarks", "evaluation.py"), "--device", "cuda", "--shapes", "market", "msmt17",
@@ -252,7 +252,8 @@ def build_steps(out: str, gpu: bool, data_root: str, train_dir: str) -> List[Ste
                  "data.workers", "0"]
     for name, what, argv, timeout, keys, outputs in bench:
         steps.append(Step(name, what, [PY, *argv], timeout, keys, outputs))
-    data = "SynthReID, resnet50_bnfc512 at 256x128, batch 64" if gpu else "synthreid_small, osnet_x0_25 at 64x32 (CPU-sized)"
+    data = ("SynthReID, resnet50_bnfc512 at 256x128, batch 64" if gpu
+            else "synthreid_small, osnet_x0_25 at 64x32 (CPU-sized)")
     steps.append(Step("train", f"scripts/main.py: 2 epochs bf16 + channels-last on {data}, then evaluation", [
         PY, _script("scripts", "main.py"), "--config", _script("configs", "synthreid", "ce.yaml"),
         "data.root", data_root, "data.save_dir", train_dir, "train.max_epoch", "2", "train.amp", "bf16",
@@ -378,7 +379,8 @@ def goal_lines(steps: Dict[str, Step], gpu: bool) -> List[str]:
     for name, r in (data or {}).get("results", {}).items():
         if "exact" in r["median_s"]:
             x, goal = r["median_s"]["exact"] / r["median_s"]["plain"], GOALS["msgr_exact_x"]
-            lines.append(f"MSGR exact on {name}: {x:.2f}x a plain step, median (goal <= {goal:g}x: {verdict(x <= goal)})")
+            lines.append(f"MSGR exact on {name}: {x:.2f}x a plain step, median "
+                         f"(goal <= {goal:g}x: {verdict(x <= goal)})")
     rows = _read_json(steps["evaluation"].outputs[0]) if "evaluation" in steps else None
     for r in rows or []:
         if r["shape"] in ("market", "tiny"):

@@ -480,7 +480,8 @@ def load_model_weights(model: torch.nn.Module, path: str, strict: bool = False,
                      f"(a classifier sized for this training set's identities): {shapes}"
                      + (" ..." if len(reshaped) > 4 else ""))
     if absent:
-        notes.append(f"ignored {len(absent)} the model does not have: {absent[:5]}" + (" ..." if len(absent) > 5 else ""))
+        notes.append(f"ignored {len(absent)} the model does not have: {absent[:5]}"
+                     + (" ..." if len(absent) > 5 else ""))
     if parts:  # the model's own account replaces the generic one
         notes = [parts]
     logger.info("Loaded %d of %d tensors from '%s'%s", len(matched), len(state_dict), path,

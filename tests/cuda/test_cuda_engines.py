@@ -94,7 +94,7 @@ def test_one_training_step(setup, engine, variant):
     # fp16: GradScaler skips a step whose gradients overflow and halves its scale (from 2 ** 16;
     # a fresh network's first gradients often overflow): a skipped step changes nothing
     scale = eng.grad_scaler.get_scale() if amp == "fp16" else None
-    for attempt in range(16 if amp == "fp16" else 1):
+    for attempt in range(16 if amp == "fp16" else 1):  # noqa: B007  (read after the loop)
         summary = eng.forward_backward(next(batches))
         assert math.isfinite(summary["loss"]), summary
         changed = [k for k, v in model.named_parameters() if not torch.equal(v, before[k])]

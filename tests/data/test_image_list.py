@@ -95,9 +95,11 @@ GOOD = [(_rel(*r), r[1], r[2], r[0]) for r in ROWS]
 @pytest.mark.parametrize("kind", ["csv", "yaml"])
 @pytest.mark.parametrize("case, change, message", [
     ("missing file", {3: ("train/nope.jpg", 7, 2, "train")}, r"{file}:{line}: the image '.*nope\.jpg' does not exist"),
-    ("pid not an integer", {3: (_rel("train", 7, 2, 1), "seven", 2, "train")}, r"{file}:{line}: pid 'seven' is not an integer"),
+    ("pid not an integer", {3: (_rel("train", 7, 2, 1), "seven", 2, "train")},
+     r"{file}:{line}: pid 'seven' is not an integer"),
     ("camera missing", {3: (_rel("train", 7, 2, 1), 7, "", "train")}, r"{file}:{line}: camid is missing"),
-    ("unknown split", {3: (_rel("train", 7, 2, 1), 7, 2, "val")}, r"{file}:{line}: image .* has split 'val'; choose one of"),
+    ("unknown split", {3: (_rel("train", 7, 2, 1), 7, 2, "val")},
+     r"{file}:{line}: image .* has split 'val'; choose one of"),
 ])
 def test_a_bad_row_names_the_file_and_line(crops, kind, case, change, message):
     rows = [change.get(i, r) for i, r in enumerate(GOOD)]

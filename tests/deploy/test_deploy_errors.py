@@ -160,11 +160,13 @@ def test_python_api_rejects_unknown_split_and_format(env, data_root):
     from torchreid_ext.deploy import DeployInputError, export_model, extract_features
 
     cfg = load_config(None, env["opts"])
-    with pytest.raises(DeployInputError, match=r"split = 'probe' is not valid; choose one of \['query', 'gallery', 'train'\]"):
+    with pytest.raises(DeployInputError,
+                       match=r"split = 'probe' is not valid; choose one of \['query', 'gallery', 'train'\]"):
         extract_features(cfg, dataset="synthreid_small", split="probe")
     with pytest.raises(DeployInputError, match="split = 'query' goes with dataset"):
         extract_features(cfg, images=str(env["tmp"]), split="query")
-    with pytest.raises(DeployInputError, match=r"format = 'tflite' is not valid; choose one of \['onnx', 'torchscript'\]"):
+    with pytest.raises(DeployInputError,
+                       match=r"format = 'tflite' is not valid; choose one of \['onnx', 'torchscript'\]"):
         export_model(cfg, str(env["out"] / "m"), "tflite")
     assert listing(str(env["out"])) == []
 
@@ -186,7 +188,8 @@ def test_unknown_export_format(env, capsys):
 
 
 def test_bad_export_size_and_check_image(env, capsys, tmp_path):
-    _fails(export_main, _export(env, "--weights", env["osnet"], "--height", "0"), capsys, "height = 0 is not valid", out=env["out"])
+    _fails(export_main, _export(env, "--weights", env["osnet"], "--height", "0"), capsys, "height = 0 is not valid",
+           out=env["out"])
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8 broken")
     argv = [a if a != env["image"] else str(bad) for a in _export(env, "--weights", env["osnet"])]

@@ -31,7 +31,8 @@ ort = pytest.importorskip("onnxruntime", reason="the deploy extra (onnxruntime) 
 # every model we register, Torchreid's two named in the issue, and the tiny test OSNet
 # Every registered model, but of MSFL on OSNet only the x0_25 width: the other widths are the same
 # code with other channel counts (tests/models/test_msfl_backbones.py builds each of them).
-OTHER_WIDTHS = {n for n, (backbone, _) in MSFL_VARIANTS.items() if backbone.startswith("osnet") and backbone != "osnet_x0_25"}
+OTHER_WIDTHS = {n for n, (backbone, _) in MSFL_VARIANTS.items()
+                if backbone.startswith("osnet") and backbone != "osnet_x0_25"}
 EVERY_MODEL = sorted((set(MODELS) - OTHER_WIDTHS) | {"osnet_x1_0", "resnet50"} | set(ACCEPTANCE_MODELS))
 
 
@@ -128,7 +129,8 @@ def test_a_file_that_fails_its_check_is_not_left_behind(fmt, monkeypatch, checkp
 
 def test_export_script_prints_the_difference(checkpoints, query_images, data_root, tmp_path):
     out = tmp_path / "m.pt"
-    cmd = [sys.executable, osp.join(REPO, "scripts", "export.py"), "--config", osp.join(REPO, "configs", "quickstart.yaml"),
+    cmd = [sys.executable, osp.join(REPO, "scripts", "export.py"),
+           "--config", osp.join(REPO, "configs", "quickstart.yaml"),
            "--weights", checkpoints("osnet_x0_25"), "--format", "torchscript", "--out", str(out),
            "--check-image", query_images[0], "--height", "64", "--width", "32",
            "model.name", "osnet_x0_25", "model.pretrained", "False", "data.root", data_root,

@@ -76,8 +76,8 @@ def test_image_folder_recursive_sorted_without_labels(checkpoints, query_images,
     weights = checkpoints("osnet_x0_25")
     cfg = deploy_cfg(data_root, str(tmp_path / "log"), "osnet_x0_25", **{"test.batch_size": 2})
     out = str(tmp_path / "f.h5")
-    assert extract_main(["--config", osp.join(REPO, "configs", "quickstart.yaml"), "--weights", weights, "--images", str(folder), "--out", out,
-                         *_overrides(cfg)]) == 0
+    assert extract_main(["--config", osp.join(REPO, "configs", "quickstart.yaml"), "--weights", weights,
+                         "--images", str(folder), "--out", out, *_overrides(cfg)]) == 0
     fs = load_features(out)
     assert fs.paths == sorted(str(t) for t in targets)
     assert fs.pids is None and fs.camids is None and not fs.has_labels

@@ -87,7 +87,8 @@ def test_installed_search_csv_json_cache_and_report_in_a_browser(checkpoints, da
     first = _command(*argv, *opts)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "15 images, none in the cache yet: extracting all" in first.stdout
-    assert "gallery features:" in first.stderr and "batch/s" in first.stderr  # the progress bar (tqdm may clear it before 100% shows)
+    # the progress bar (tqdm may clear it before 100% shows)
+    assert "gallery features:" in first.stderr and "batch/s" in first.stderr
     with open(out / "matches.json") as f:
         record = json.load(f)
     first_query = [m["distance"] for m in record["matches"][:K]]

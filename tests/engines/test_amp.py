@@ -49,7 +49,8 @@ def test_bf16_step_runs_for_every_engine(setup, loss, msgr, capsys):
     assert any(not torch.equal(v, before[k]) for k, v in model.named_parameters())
     assert all(p.dtype == torch.float32 for p in model.parameters())
     if msgr == "fast":  # the finite difference needs float32: said in the log, not silent
-        assert set(dtypes) == {torch.float32} and "MSGR fast: the forward passes run in float32" in capsys.readouterr().out
+        assert set(dtypes) == {torch.float32}
+        assert "MSGR fast: the forward passes run in float32" in capsys.readouterr().out
     else:
         assert set(dtypes) == {torch.bfloat16}
 

@@ -507,4 +507,5 @@ def test_a_test_time_config_changes_evaluation_only(compared, data_root, tmp_pat
     with pytest.raises(HarnessError, match=message):
         plan_runs(configs, out, harness_opts(data_root), test_time=[bad], test_time_of=configs[0])
     with pytest.raises(HarnessError, match="give --baseline too"):
-        plan_runs(configs, out, harness_opts(data_root), test_time=[write(tmp_path / "ok.yaml", "test:\n  flip: True\n")])
+        plan_runs(configs, out, harness_opts(data_root),
+                  test_time=[write(tmp_path / "ok.yaml", "test:\n  flip: True\n")])

@@ -31,9 +31,11 @@ def report(path, rows):
 def test_pooled_difference_is_the_paired_t_interval(tmp_path, capsys):
     a = {1: 0.50, 2: 0.52, 3: 0.49, 4: 0.55}
     b = {1: 0.53, 2: 0.56, 3: 0.50, 4: 0.60}
-    first = report(tmp_path / "r1.csv", [("a.yaml", s, "d", a[s]) for s in (1, 2)] + [("b.yaml", s, "d", b[s]) for s in (1, 2)]
+    first = report(tmp_path / "r1.csv", [("a.yaml", s, "d", a[s]) for s in (1, 2)]
+                   + [("b.yaml", s, "d", b[s]) for s in (1, 2)]
                    + [("a.yaml", 1, "d", a[1]), ("a.yaml", 2, "d", a[2])])
-    second = report(tmp_path / "r2.csv", [("a.yaml", s, "d", a[s]) for s in (2, 3, 4)] + [("b.yaml", s, "d", b[s]) for s in (3, 4)]
+    second = report(tmp_path / "r2.csv", [("a.yaml", s, "d", a[s]) for s in (2, 3, 4)]
+                    + [("b.yaml", s, "d", b[s]) for s in (3, 4)]
                     + [("a.yaml", 9, "d", 0.4), ("a.yaml", 1, "other", 0.1)])
     out = str(tmp_path / "pooled.csv")
     assert pool.main([first, second, "--baseline", "a.yaml", "--datasets", "d", "--csv", out]) == 0
@@ -43,7 +45,8 @@ def test_pooled_difference_is_the_paired_t_interval(tmp_path, capsys):
     sd = (sum((x - mean) ** 2 for x in d) / 3) ** 0.5
     half = student_t.ppf(0.975, 3) * sd / 2
     assert rows["b.yaml"]["n"] == "4" and float(rows["b.yaml"]["diff"]) == pytest.approx(mean)
-    assert float(rows["b.yaml"]["low"]) == pytest.approx(mean - half) and float(rows["b.yaml"]["high"]) == pytest.approx(mean + half)
+    assert float(rows["b.yaml"]["low"]) == pytest.approx(mean - half)
+    assert float(rows["b.yaml"]["high"]) == pytest.approx(mean + half)
     assert rows["a.yaml"]["n"] == "5" and rows["a.yaml"]["seeds"] == "1 2 3 4 9"
     assert "| `b` | 4 |" in capsys.readouterr().out
 

@@ -95,7 +95,8 @@ def test_from_config_reads_test_keys_and_names_bad_ones():
 @pytest.mark.parametrize("overrides, message", [
     (["test.rerank_k1", "0"], "test.rerank_k1 = 0 must be an integer >= 1"),
     (["test.rerank_k2", "0"], "test.rerank_k2 = 0 must be an integer in [1, test.rerank_k1 = 20]"),
-    (["test.rerank_k1", "5", "test.rerank_k2", "6"], "test.rerank_k2 = 6 must be an integer in [1, test.rerank_k1 = 5]"),
+    (["test.rerank_k1", "5", "test.rerank_k2", "6"],
+     "test.rerank_k2 = 6 must be an integer in [1, test.rerank_k1 = 5]"),
     (["test.rerank_lambda", "1.5"], "test.rerank_lambda = 1.5 must be a number in [0, 1]"),
     (["test.rerank_lambda", "-0.1"], "test.rerank_lambda = -0.1 must be a number in [0, 1]"),
     (["test.aqe_k", "0"], "test.aqe_k = 0 must be an integer >= 1"),

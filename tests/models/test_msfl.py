@@ -165,7 +165,8 @@ def test_train_outputs_per_loss_and_bad_options():
             assert out.shape == (4, 7)
         else:
             assert out[0].shape == (4, 7) and out[1].shape == (4, 512)
-    with pytest.raises(ValueError, match=r"loss = 'arcface' is unknown; choose one of \['softmax', 'triplet', 'drsl', 'sn'\]"):
+    with pytest.raises(ValueError,
+                       match=r"loss = 'arcface' is unknown; choose one of \['softmax', 'triplet', 'drsl', 'sn'\]"):
         make("msfl", loss="arcface")
     with pytest.raises(ValueError, match="no pyramid"):
         make("csip", lateral=False, topdown=False)

@@ -172,7 +172,8 @@ def test_osnet_file_fills_the_backbone_and_nothing_else(tmp_path, caplog):
         assert torch.equal(v, state[k] if k in backbone else before[k]), k
     line = caplog.text
     assert "backbone osnet_x0_25: all 558 tensors loaded" in line
-    assert "ignored from the file: fc 7, classifier 2" in line and "new, kept as built: neck 150, head 7, classifier 2" in line
+    assert "ignored from the file: fc 7, classifier 2" in line
+    assert "new, kept as built: neck 150, head 7, classifier 2" in line
 
 
 @pytest.mark.skipif(not osp.isfile(MSMT17_WEIGHTS), reason=f"model-zoo weights not found at '{MSMT17_WEIGHTS}'")
@@ -210,9 +211,11 @@ def test_weights_of_another_backbone_are_refused(tmp_path):
     r50 = make("resnet50_bnfc512")
     r50_path = str(tmp_path / "r50.pth")
     torch.save({k: v for k, v in r50.state_dict().items() if k.split(".")[0] in r50.backbone_layers}, r50_path)
-    with pytest.raises(BackboneWeightsError, match=r"model 'msfl_osnet_x0_25' \(its osnet_x0_25 backbone: 0 of its 558 tensors found"):
+    with pytest.raises(BackboneWeightsError,
+                       match=r"model 'msfl_osnet_x0_25' \(its osnet_x0_25 backbone: 0 of its 558 tensors found"):
         load_model_weights(make("msfl_osnet_x0_25"), r50_path)
-    with pytest.raises(BackboneWeightsError, match=r"model 'msfl_resnet50_csip' \(its resnet50 backbone: 0 of its \d+ tensors"):
+    with pytest.raises(BackboneWeightsError,
+                       match=r"model 'msfl_resnet50_csip' \(its resnet50 backbone: 0 of its \d+ tensors"):
         load_model_weights(make("msfl_resnet50_csip"), _osnet_file(tmp_path))
     x0_5 = torchreid().models.build_model("osnet_x0_5", num_classes=3, pretrained=False, use_gpu=False)
     half = str(tmp_path / "x0_5.pth")

@@ -32,7 +32,9 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from ..adapter import torchreid
 
-__all__ = ["SynthSpec", "generate", "ensure_generated", "dataset_classes", "SyntheticReID", "SyntheticReIDSmall"]
+# SyntheticReID and SyntheticReIDSmall are made on first access by the module's __getattr__
+__all__ = ["SynthSpec", "generate", "ensure_generated", "dataset_classes",  # noqa: F822
+           "SyntheticReID", "SyntheticReIDSmall"]
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,8 @@ def _engine(name: Any) -> Optional[str]:
 
 
 def _checkpoint_freq(n: Any) -> Optional[str]:
-    return None if is_int(n) and n >= 0 else "is not valid; give the epochs between checkpoints (>= 0; 0: evaluation epochs only)"
+    return (None if is_int(n) and n >= 0
+            else "is not valid; give the epochs between checkpoints (>= 0; 0: evaluation epochs only)")
 
 
 @dataclass(frozen=True)

@@ -262,7 +262,8 @@ def test_time_options(path: str) -> List[str]:
         raise HarnessError(f"--test-time '{path}' is not valid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(data, dict) or set(data) != {"test"} or not isinstance(data["test"], dict) or not data["test"]:
         raise HarnessError(f"--test-time '{path}' must hold only a test: section of evaluation options "
-                           f"(e.g. test: {{rerank: True}}); got keys {sorted(data) if isinstance(data, dict) else data}")
+                           f"(e.g. test: {{rerank: True}}); "
+                           f"got keys {sorted(data) if isinstance(data, dict) else data}")
     return [x for key, value in data["test"].items()
             for x in (f"test.{key}", yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n..."))]
 

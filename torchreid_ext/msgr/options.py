@@ -35,7 +35,8 @@ def _eps(eps: Sequence[Any]) -> Optional[str]:
 
 
 def _interval(n: Any) -> Optional[str]:
-    return None if is_int(n) and n >= 1 else "is not valid; apply R every N-th step with an integer N >= 1 (1: every step)"
+    return (None if is_int(n) and n >= 1
+            else "is not valid; apply R every N-th step with an integer N >= 1 (1: every step)")
 
 
 def _fast_h(h: Any) -> Optional[str]:
