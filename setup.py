@@ -44,9 +44,10 @@ setup(
         "tqdm",
         *TORCHREID_RUNTIME,
     ],
-    # pytest-xdist: the suite runs in two worker processes (pytest.ini), one torch thread each
+    # pytest-xdist: the suite runs in two worker processes (pytest.ini), one torch thread each;
+    # ruff: the linter CI runs before the tests (.ci/run; settings in pyproject.toml)
     extras_require={"deploy": DEPLOY, "faiss": FAISS,
-                    "test": ["pytest>=7", "pytest-timeout", "pytest-xdist", *DEPLOY, *FAISS]},
+                    "test": ["pytest>=7", "pytest-timeout", "pytest-xdist", "ruff", *DEPLOY, *FAISS]},
     # one console command per script (scripts/*.py are thin wrappers of the same functions)
     entry_points={"console_scripts": [
         "torchreid-ext=torchreid_ext.cli:main",  # train / evaluate (scripts/main.py)
