@@ -118,8 +118,8 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tiny, finished, tmp_pat
     assert osp.exists(ckpt2)
     assert not osp.exists(osp.join(killed, "model", "model.pth.tar-3")), "killed too late"
 
-    resumed = subprocess.run(main_cmd(tiny(save_dir=killed, **common)), env=env, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # the resume runs in this process, as ``finished`` did (same thread count)
+    run_main(tiny(save_dir=killed, **common))
     a, b = final_weights(straight, 3), final_weights(killed, 3)
     assert a.keys() == b.keys()
     for k in a:
@@ -215,7 +215,7 @@ def test_torchreid_dataset_reader_raises_instead_of_looping(tmp_path):
         torchreid().dataset_base.read_image(str(bad))
 
 
-def test_scripts_main_accepts_upstream_arguments(data_root, tmp_path):
+def test_scripts_main_accepts_upstream_arguments(data_root, tmp_path, monkeypatch, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model:\n  name: osnet_x0_25\n  pretrained: False\n")
     save = str(tmp_path / "run")
@@ -227,14 +227,14 @@ def test_scripts_main_accepts_upstream_arguments(data_root, tmp_path):
                         capture_output=True, text=True, cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "Rank-1" in ok.stdout
-    bad = subprocess.run(main_cmd(["--config", str(cfg), "train.lrr", "0.1"]), capture_output=True, text=True,
-                         cwd=tmp_path)
-    assert bad.returncode == 2
-    assert "error: Unknown config key 'train.lrr' on the command line; did you mean 'train.lr'?" in bad.stderr
+    # bad input: the script's main (the script only passes its status to sys.exit), in this process
+    monkeypatch.chdir(tmp_path)
+    code, err = cli_exit(["--config", str(cfg), "train.lrr", "0.1"], capsys)
+    assert code == 2
+    assert "error: Unknown config key 'train.lrr' on the command line; did you mean 'train.lr'?" in err
     # overrides swallowed by a multi-value option are caught, not silently ignored
-    swallowed = subprocess.run(main_cmd(["--config", str(cfg), "--transforms", "random_flip", "train.lr", "0.1"]),
-                               capture_output=True, text=True, cwd=tmp_path)
-    assert swallowed.returncode == 2 and "unknown entries ['train.lr', '0.1']" in swallowed.stderr
+    code, err = cli_exit(["--config", str(cfg), "--transforms", "random_flip", "train.lr", "0.1"], capsys)
+    assert code == 2 and "unknown entries ['train.lr', '0.1']" in err
     assert os.listdir(tmp_path) == ["c.yaml", "run"]
 
 
@@ -349,9 +349,9 @@ def test_second_run_in_a_locked_save_dir_refuses_and_a_dead_runs_lock_is_taken_o
         assert holder.stdout.readline().strip() == "locked"
         before = digest(save)
         argv = tiny(save_dir=save, **{"test.evaluate": True})
-        refused = subprocess.run(main_cmd(argv), capture_output=True, text=True)
-        assert refused.returncode == 2, refused.stderr[-2000:]
-        assert f"is in use by another run (pid {holder.pid} on host" in refused.stderr
+        code, err = cli_exit(argv, capsys)  # in this process: the lock is the holder's, another process
+        assert code == 2, err[-2000:]
+        assert f"is in use by another run (pid {holder.pid} on host" in err
         assert digest(save) == before
     finally:
         holder.kill()

@@ -1,8 +1,6 @@
 """Export parity: the exported file, loaded as a deployment loads it, reproduces PyTorch."""
 import json
 import os.path as osp
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,7 +9,6 @@ import torch
 from conftest import REPO
 from deploy_fixtures import (  # noqa: F401
     ACCEPTANCE_MODELS,
-    SUBPROCESS_ENV,
     checkpoints,
     deploy_cfg,
     listing,
@@ -21,6 +18,7 @@ from deploy_fixtures import (  # noqa: F401
 )
 from torchreid_ext.deploy import ExportCheckError, export_model
 from torchreid_ext.deploy import export as export_module
+from torchreid_ext.deploy.commands import export_main
 from torchreid_ext.deploy.images import eval_transform, load_image
 from torchreid_ext.models import MODELS
 from torchreid_ext.models.msfl import VARIANTS as MSFL_VARIANTS
@@ -127,14 +125,17 @@ def test_a_file_that_fails_its_check_is_not_left_behind(fmt, monkeypatch, checkp
     assert listing(str(tmp_path / "out")) == []
 
 
-def test_export_script_prints_the_difference(checkpoints, query_images, data_root, tmp_path):
+def test_export_script_prints_the_difference(checkpoints, query_images, data_root, tmp_path, capsys):
+    # scripts/export.py's main, in this process (tests/deploy/test_deploy_errors.py and
+    # tests/test_entry_points.py start the script and the installed command)
     out = tmp_path / "m.pt"
-    cmd = [sys.executable, osp.join(REPO, "scripts", "export.py"),
-           "--config", osp.join(REPO, "configs", "quickstart.yaml"),
-           "--weights", checkpoints("osnet_x0_25"), "--format", "torchscript", "--out", str(out),
-           "--check-image", query_images[0], "--height", "64", "--width", "32",
-           "model.name", "osnet_x0_25", "model.pretrained", "False", "data.root", data_root,
-           "data.save_dir", str(tmp_path / "log")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=SUBPROCESS_ENV)
-    assert proc.returncode == 0, proc.stderr
-    assert "max |difference| vs PyTorch" in proc.stdout and out.is_file()
+    argv = ["--config", osp.join(REPO, "configs", "quickstart.yaml"),
+            "--weights", checkpoints("osnet_x0_25"), "--format", "torchscript", "--out", str(out),
+            "--check-image", query_images[0], "--height", "64", "--width", "32",
+            "model.name", "osnet_x0_25", "model.pretrained", "False", "data.root", data_root,
+            "data.save_dir", str(tmp_path / "log")]
+    capsys.readouterr()
+    status = export_main(argv)
+    printed = capsys.readouterr()
+    assert status == 0, printed.err
+    assert "max |difference| vs PyTorch" in printed.out and out.is_file()

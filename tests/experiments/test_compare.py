@@ -1,12 +1,12 @@
 """scripts/compare.py: runs in one harness, report equal to metrics.json, no retraining, bad input."""
+import contextlib
 import csv
 import glob
+import io
 import json
 import os
 import os.path as osp
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -191,11 +191,12 @@ def test_bad_input_fails_before_any_run(make, overrides, pattern, tmp_path, data
     assert not out.exists()
 
 
-def test_script_prints_one_line_error_and_exit_status_2(tmp_path):
-    proc = subprocess.run([sys.executable, osp.join(REPO, "scripts", "compare.py"), str(tmp_path / "nope.yaml"),
-                           "--out", str(tmp_path / "out")], capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().startswith("error: input") and "nope.yaml" in proc.stderr
+def test_script_prints_one_line_error_and_exit_status_2(tmp_path, capsys):
+    # scripts/compare.py's main (the script, run by the seeded tests below, passes its status to sys.exit)
+    capsys.readouterr()
+    assert compare_mod.main([str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().startswith("error: input") and "nope.yaml" in err
 
 
 def test_published_numbers_and_labels():
@@ -269,17 +270,21 @@ SEEDS = (1, 2)
 
 @pytest.fixture(scope="module")
 def seeded(tmp_path_factory, data_root):
-    """scripts/compare.py a b --seeds 1 2 --baseline a (four runs)."""
+    """scripts/compare.py a b --seeds 1 2 --baseline a (four runs), through the script's main in this
+    process (its runs are scripts/main.py subprocesses, as always; tests/losses/test_loss_registry.py
+    starts the script itself)."""
     d = tmp_path_factory.mktemp("seeded")
     configs = [write(d / "a.yaml", A), write(d / "b.yaml", B)]
     out = str(d / "out")
-    cmd = [sys.executable, osp.join(REPO, "scripts", "compare.py"), configs[1], "--out", out,
-           "--seeds", *map(str, SEEDS), "--baseline", configs[0], "--opts", *harness_opts(data_root)]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    argv = [configs[1], "--out", out, "--seeds", *map(str, SEEDS), "--baseline", configs[0],
+            "--opts", *harness_opts(data_root)]
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
+        mp.chdir(REPO)
+        status = compare_mod.main(argv)
+    assert status == 0, printed.getvalue()[-3000:]
     paths = {ext: osp.join(out, f"results.{ext}") for ext in ("csv", "md", "png")}
-    return configs, out, paths, proc.stdout
+    return configs, out, paths, printed.getvalue()
 
 
 def reference(values):

@@ -10,6 +10,7 @@ from PIL import Image
 from conftest import REPO
 from torchreid_ext import cli
 from torchreid_ext.config import load_config
+from torchreid_ext.experiments.ranks import main as ranks_main
 from torchreid_ext.experiments.ranks import ranked_lists, visualize_ranks
 
 GRID, QUERY_EXTRA = 10, 90  # Torchreid's reidtools layout constants
@@ -53,7 +54,7 @@ def test_ranked_lists_skip_junk_and_follow_distances():
     assert item["matched"] == [False, True] and item["distances"] == [0.2, 0.3]
 
 
-def test_script_from_config_and_bad_input(trained, tmp_path):
+def test_script_from_config_and_bad_input(trained, tmp_path, capsys):
     opts, save = trained
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text("model:\n  name: osnet_x0_25\n")
@@ -62,10 +63,10 @@ def test_script_from_config_and_bad_input(trained, tmp_path):
                          "--out", str(tmp_path / "o"), "--opts", *opts], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert len(list((tmp_path / "o").glob("*.jpg"))) == 2 and "top-3 matches" in ok.stdout
-    bad = subprocess.run([sys.executable, script, "--config", str(cfg_path), "--topk", "0", "--opts", *opts],
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and "topk = 0" in bad.stderr
+    # bad input: the script's main (the script above only passes its status to sys.exit), in this process
+    capsys.readouterr()
+    assert ranks_main(["--config", str(cfg_path), "--topk", "0", "--opts", *opts]) == 2
+    assert "topk = 0" in capsys.readouterr().err
     empty = opts[:opts.index("data.save_dir") + 1] + [str(tmp_path / "none")] + opts[opts.index("data.save_dir") + 2:]
-    missing = subprocess.run([sys.executable, script, "--config", str(cfg_path), "--opts", *empty],
-                             capture_output=True, text=True)
-    assert missing.returncode == 2 and "no checkpoint" in missing.stderr
+    assert ranks_main(["--config", str(cfg_path), "--opts", *empty]) == 2
+    assert "no checkpoint" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from torchreid_ext import build_engine, cli
 from torchreid_ext.adapter import torchreid
 from torchreid_ext.builders import build_datamanager
 from torchreid_ext.config import ConfigError, get_default_config, load_config, validate_config
+from torchreid_ext.console import PLUGINS_ENV
 from torchreid_ext.losses import (
     BaseMetricLoss,
     DRSLoss,
@@ -132,7 +133,7 @@ register_loss("plugin_norm", lambda s: NormLoss(s.target), {"target": 1.0}, need
 '''
 
 
-def test_registered_loss_in_scripts_compare(data_root, tmp_path):
+def test_registered_loss_in_scripts_compare(data_root, tmp_path, monkeypatch, capsys):
     """compare.py runs each config in a scripts/main.py subprocess: a loss registered by a module
     named in TORCHREID_EXT_LOSSES exists there too."""
     (tmp_path / "toy_loss_plugin.py").write_text(PLUGIN)
@@ -153,22 +154,29 @@ def test_registered_loss_in_scripts_compare(data_root, tmp_path):
     text = open(logs[0]).read()
     assert "loss_plugin_norm" in text and "plugin_norm/mean_norm" in text
     assert "target: 2.0" in text  # the config's key reached the run
-    # without the variable the name is unknown, and the error says which names exist
-    env.pop("TORCHREID_EXT_LOSSES")
-    bad = subprocess.run([sys.executable, osp.join(REPO, "scripts", "main.py"), "--config", str(config)],
-                         capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert bad.returncode == 2 and "Unknown config key 'loss.plugin_norm'" in bad.stderr
+    # without the variable the name is unknown, and the error says which names exist (scripts/main.py's
+    # main, in this process, which never imported the plugin module)
+    assert "plugin_norm" not in loss_names()
+    for name in ("TORCHREID_EXT_LOSSES", PLUGINS_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert cli.main(["--config", str(config)]) == 2
+    assert "Unknown config key 'loss.plugin_norm'" in capsys.readouterr().err
 
 
-def test_plugin_modules_are_loaded_by_the_command_lines_not_by_import(tmp_path):
+def test_plugin_modules_are_loaded_by_the_command_lines_not_by_import(tmp_path, monkeypatch, capsys):
     env = dict(os.environ, TORCHREID_EXT_LOSSES="no_such_loss_module_xyz")
     imported = subprocess.run([sys.executable, "-c", "import torchreid_ext"], capture_output=True, text=True,
                               env=env, cwd=REPO)
     assert imported.returncode == 0 and imported.stderr == ""  # importing does only registration
-    proc = subprocess.run([sys.executable, osp.join(REPO, "scripts", "main.py"), "--config", "configs/quickstart.yaml"],
-                          capture_output=True, text=True, env=env, cwd=REPO)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
-    assert "TORCHREID_EXT_LOSSES names module 'no_such_loss_module_xyz', which cannot be imported" in proc.stderr
+    # the command line (scripts/main.py's main, in this process) imports it, and says so in one line
+    monkeypatch.setenv("TORCHREID_EXT_LOSSES", "no_such_loss_module_xyz")
+    capsys.readouterr()
+    assert cli.main(["--config", osp.join(REPO, "configs", "quickstart.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "TORCHREID_EXT_LOSSES names module 'no_such_loss_module_xyz', which cannot be imported" in err
 
 
 def test_registration_rules(toy):
