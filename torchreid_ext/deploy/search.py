@@ -180,16 +180,17 @@ class TopK(NamedTuple):
 
 
 @torch.no_grad()
-def top_matches(qf: np.ndarray, gf: np.ndarray, k: int, options, knn_options,
+def top_matches(qf: np.ndarray, gf: np.ndarray, k: int, options, knn_options=None,
                 exclude: Optional[Sequence[int]] = None) -> TopK:
     """Each query's k nearest gallery items under the evaluation ``options`` (AQE, normalisation,
     ``dist_metric``, re-ranking); ``exclude[q]`` (a gallery index, or -1) is never returned (the
-    query's own file). The neighbours come from ``knn_options``' index (re-ranking's neighbour
-    step too)."""
+    query's own file). The neighbours come from the index of ``knn_options`` (default
+    ``options.knn``, the ``knn`` section; re-ranking's neighbour step too)."""
     from ..metrics.distance import compute_distance_matrix
     from ..metrics.evaluation import ranking_features
     from ..metrics.rerank import reranked_distance_matrix
 
+    knn_options = options.knn if knn_options is None else knn_options
     exclude = np.full(len(qf), -1) if exclude is None else np.asarray(exclude)
     q, g = ranking_features(qf, gf, options)
     if options.rerank:
@@ -418,14 +419,12 @@ def search(
     ``per_page``: queries per report page.
     """
     from ..metrics.evaluation import EvaluationOptions
-    from ..metrics.knn_index import KNNOptions
 
     _check_k(k)
     if not is_int(per_page) or per_page < 1:
         raise DeployInputError(f"per_page = {per_page!r} must be an integer >= 1 (queries per report page)")
     out_dir = _check_out_dir(out_dir)
-    options = EvaluationOptions.from_config(cfg)
-    knn_options = KNNOptions.from_config(cfg)
+    options = EvaluationOptions.from_config(cfg)  # with the knn section (options.knn)
     limit = decision_threshold(threshold, calibration, fpr, calibration_target)
     if calibration:
         check_calibration(calibration, calibration_target, cfg.model.name, options)
@@ -446,7 +445,7 @@ def search(
                 len(query_set.paths), cfg.model.name, weights or "no weights")
     qf = image_features(cfg, model, query_set, device, progress, desc="query features")
     source.extract(cfg, model, device, progress)
-    top = top_matches(qf, source.features, k, options, knn_options, exclude)
+    top = top_matches(qf, source.features, k, options, exclude=exclude)
 
     matches = [Match(q, r + 1, source.paths[int(top.indices[i, r])], float(top.distances[i, r]),
                      decide(float(top.plain[i, r]), limit))
@@ -464,7 +463,7 @@ def search(
         "num_query": len(query_set.paths), "num_gallery": len(source.paths), "k": k,
         "threshold": limit, "calibration": osp.abspath(calibration) if calibration else None,
         "fpr": (0.01 if fpr is None else fpr) if calibration else None,
-        "options": {**asdict(options), "knn": asdict(knn_options)},
+        "options": asdict(options),  # the knn section included
         "matches": rows,
     }
     stale = _stale_pages(out_dir, len(pages))
