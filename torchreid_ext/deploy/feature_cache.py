@@ -60,18 +60,12 @@ class CacheEntry:
 @dataclass
 class CachePlan:
     """How the current files relate to an entry: ``rows[i]`` is file i's row in the entry, or -1
-    when it must be extracted (``new``: not in the entry; ``changed``: its size or modification time
+    when it must be extracted (not in the entry, or ``changed``: its size or modification time
     differs); ``removed`` counts the entry's files that are gone."""
 
     rows: np.ndarray  # int64
-    new: List[str]
     changed: List[str]
     removed: int
-
-    @property
-    def todo(self) -> np.ndarray:
-        """Indices of the files to extract."""
-        return np.flatnonzero(self.rows < 0)
 
 
 def _digest(key_json: str, entry: CacheEntry) -> str:
@@ -142,17 +136,17 @@ class GalleryCache:
         """Which of the current files (``paths`` with their ``sizes`` and ``mtimes``) ``entry`` holds."""
         known = {} if entry is None else {p: i for i, p in enumerate(entry.paths)}
         rows = np.full(len(paths), -1, dtype=np.int64)
-        new, changed = [], []
+        changed = []
         for i, p in enumerate(paths):
             row = known.get(p)
             if row is None:
-                new.append(p)
-            elif entry.sizes[row] != sizes[i] or entry.mtimes[row] != mtimes[i]:
+                continue
+            if entry.sizes[row] != sizes[i] or entry.mtimes[row] != mtimes[i]:
                 changed.append(p)
             else:
                 rows[i] = row
         removed = 0 if entry is None else len(set(known) - set(paths))
-        return CachePlan(rows, new, changed, removed)
+        return CachePlan(rows, changed, removed)
 
     def save(self, entry: CacheEntry) -> None:
         """Write ``entry`` atomically (the previous one stays whole until it is replaced)."""

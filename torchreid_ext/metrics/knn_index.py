@@ -79,11 +79,6 @@ class KNNOptions(ConfigOptions):
     hnsw_ef_search: int = 64  # search queue length (at least k is used)
     hnsw_ef_construction: int = 64  # build queue length
 
-    @property
-    def is_exact(self) -> bool:
-        """True for the backends that return the exact nearest items (exact, faiss-flat)."""
-        return self.backend in ("exact", "faiss-flat")
-
     def check(self) -> None:
         """A faiss backend needs faiss installed (named with the extra that installs it)."""
         if self.backend.startswith("faiss") and not faiss_available():
