@@ -31,9 +31,10 @@ from typing import Any, Callable, Iterator, List, Mapping, Optional, Tuple
 
 from .errors import DeployInputError, DiskFullError, InputNotFound, OutputPathError
 
-__all__ = ["TEMP_SUFFIX", "pid_alive", "temp_path", "remove_stale_temps", "probe_writable",
+__all__ = ["TEMP_SUFFIX", "pid_alive", "temp_path", "remove_stale_temps", "probe_writable", "nearest_existing",
            "missing_folder_reason", "missing_file_reason", "check_output_path", "atomic_output", "disk_full_errno",
-           "not_a_regular_file", "OutputKind", "write_json_atomic", "METRICS_FILE", "TEST_METRICS_FILE"]
+           "not_a_regular_file", "OutputKind", "write_json_atomic", "METRICS_FILE", "TEST_METRICS_FILE",
+           "read_text", "file_lock"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,12 +86,22 @@ def remove_stale_temps(folder: str, stem: Optional[str] = None) -> List[str]:
     return removed
 
 
+def nearest_existing(path: str) -> str:
+    """``path`` made absolute if it exists, else the nearest folder (or file) above it that does."""
+    path = osp.abspath(path)
+    while not osp.exists(path):
+        parent = osp.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
 def missing_folder_reason(folder: str) -> str:
     """Why ``folder`` cannot be used: it is a file, an ancestor is a file, or it does not exist."""
-    full = parent = osp.abspath(folder)
-    while parent and not osp.exists(parent):
-        parent = osp.dirname(parent)
-    if parent and osp.exists(parent) and not osp.isdir(parent):
+    full = osp.abspath(folder)
+    parent = nearest_existing(full)
+    if osp.exists(parent) and not osp.isdir(parent):
         return "is a file, not a folder" if parent == full else f"cannot exist: '{parent}' is a file, not a folder"
     return "does not exist (create it first)"
 
@@ -100,10 +111,8 @@ def missing_file_reason(path: str) -> str:
     exist."""
     if osp.isdir(path):
         return "is a folder, not a file"
-    parent = osp.dirname(osp.abspath(path))
-    while parent and not osp.exists(parent):
-        parent = osp.dirname(parent)
-    if parent and not osp.isdir(parent):
+    parent = nearest_existing(osp.dirname(osp.abspath(path)))
+    if osp.exists(parent) and not osp.isdir(parent):
         return f"cannot exist: '{parent}' is a file, not a folder"
     return "does not exist"
 
@@ -293,4 +302,3 @@ def file_lock(path: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
-__all__ += ["read_text", "file_lock"]

@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional
 from .checkpoint import CHECKPOINT_NAME, check_checkpoint, latest_checkpoint, load_checkpoint
 from .config import ConfigError
 from .errors import InputNotFound, SaveDirError
-from .files import missing_file_reason, pid_alive, probe_writable, remove_stale_temps
+from .files import missing_file_reason, nearest_existing, pid_alive, probe_writable, remove_stale_temps
 
 __all__ = [
     "LOCK_NAME",
@@ -174,23 +174,13 @@ class SaveDirLock:
         self.release()
 
 
-def _nearest_existing(path: str) -> str:
-    path = osp.abspath(path)
-    while not osp.exists(path):
-        parent = osp.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    return path
-
-
 def check_writable(save_dir: str) -> None:
     """Raise SaveDirError unless ``save_dir`` and ``save_dir/model`` are (or can be made)
     writable folders; writes nothing."""
     for key, path in (("data.save_dir", save_dir), ("data.save_dir's model folder", osp.join(save_dir, "model"))):
         if osp.exists(path) and not osp.isdir(path):
             raise SaveDirError(f"{key} = '{path}' is a file, not a folder; choose another data.save_dir")
-        existing = _nearest_existing(path)
+        existing = nearest_existing(path)
         if not osp.isdir(existing):
             raise SaveDirError(f"{key} = '{path}' cannot be created: '{existing}' is a file, not a folder")
         problem = probe_writable(existing)

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..files import atomic_output, probe_writable
+from ..files import atomic_output, nearest_existing, probe_writable
 from .errors import DeployInputError
 
 __all__ = ["CACHE_FORMAT", "default_cache_dir", "file_stats", "CacheEntry", "CachePlan", "GalleryCache"]
@@ -90,9 +90,7 @@ class GalleryCache:
         self._check_writable()
 
     def _check_writable(self) -> None:
-        existing = self.folder
-        while not osp.exists(existing):
-            existing = osp.dirname(existing)
+        existing = nearest_existing(self.folder)
         if not osp.isdir(existing):
             raise DeployInputError(f"cache folder '{self.folder}' cannot be created: '{existing}' is a file; "
                                    "choose another with --cache-dir, or --no-cache")
