@@ -14,8 +14,8 @@ is the method's own memory, its index included). Ratios are against ``exact``, m
   peak RSS, mAP and rank-1 and their difference from exact re-ranking, for ``exact`` and each of
   ``--rerank-backends`` (default ``faiss-hnsw`` and ``faiss-ivf``);
 * ``real``: the same on real features: CUHK03 camera pair 1 (its test split) extracted with the
-  MSMT17 OSNet-x0.25 model-zoo weights, where ``--real-data`` (default ``../shared/data``) has them;
-  skipped with the reason otherwise. Features are extracted once into the work folder.
+  MSMT17 OSNet-x0.25 model-zoo weights, where ``--real-data`` (default ``$TORCHREID_EXT_REAL_DATA``,
+  the tests' variable) has them; skipped with the reason otherwise. Features are extracted once into the work folder.
 
 Goals (issue 29): approximate re-ranking at the MSMT17 shape under 15 s including evaluation; mAP within
 0.1 (percentage points) of exact re-ranking on the real set. The summary says which are met.
@@ -246,9 +246,10 @@ def run_rerank(args, rows: List[Dict]) -> None:
 
 def run_real(args, rows: List[Dict]) -> None:
     root = args.real_data
-    if not os.path.isfile(os.path.join(root, "weights", "osnet_x0_25_msmt17.pth")) or \
+    if not root or not os.path.isfile(os.path.join(root, "weights", "osnet_x0_25_msmt17.pth")) or \
             not os.path.isdir(os.path.join(root, "cuhk03_pair1")):
-        reason = f"real data or MSMT17 weights not found under '{root}'"
+        reason = (f"real data or MSMT17 weights not found under '{root}'" if root
+                  else "no --real-data given (nor TORCHREID_EXT_REAL_DATA)")
         print(f"\n# real: skipped ({reason})")
         rows.append({"part": "real", "skipped": reason})
         return
@@ -284,7 +285,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--rerank-backends", nargs="+", default=["faiss-hnsw", "faiss-ivf"], choices=BACKENDS)
     p.add_argument("--knn", action="append", default=[], metavar="KEY=VALUE",
                    help="a knn option of the approximate backends (repeatable), e.g. hnsw_m=16")
-    p.add_argument("--real-data", default=os.path.join(os.path.dirname(REPO), "shared", "data"))
+    p.add_argument("--real-data", default=os.environ.get("TORCHREID_EXT_REAL_DATA", ""),
+                   help="real: the data root holding cuhk03_pair1 and weights/ (default $TORCHREID_EXT_REAL_DATA)")
     p.add_argument("--features-dir", default="", help="real: keep the extracted features here (default: temporary)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="", help="also write the rows here")
