@@ -30,7 +30,15 @@ import torch
 
 from ..errors import ConfigError
 from ..options import is_int, is_number
-from .distance import ArrayLike, as_real_matrix, auto_chunk_rows, distance_block, prepare_features, torch_threads
+from .distance import (
+    ArrayLike,
+    as_real_matrix,
+    auto_chunk_rows,
+    check_chunk_size,
+    distance_block,
+    prepare_features,
+    torch_threads,
+)
 from .knn import RunningTopK
 from .knn_index import KNNOptions, build_index
 
@@ -471,8 +479,8 @@ def reranked_distance_blocks(
     exact pass, as Torchreid."""
     q, g, qn, gn = prepare_features(qf, gf, metric, normalize)
     check_rerank_args(k1, k2, lambda_value, q.shape[0] + g.shape[0])
-    if chunk_size is not None and (not is_int(chunk_size) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    if chunk_size is not None:
+        chunk_size = check_chunk_size(chunk_size)
     return _reranked(_FeatureSource(q, g, qn, gn), k1, k2, float(lambda_value), chunk_size, progress, num_threads,
                      knn)
 
