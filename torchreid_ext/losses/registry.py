@@ -5,9 +5,10 @@ One entry (:class:`LossSpec`) per loss says: its name; its builder (``builder(se
 config section with defaults; which keys of that section weight which terms; whether the model
 must return features in training mode; whether the batch must hold positives (same-identity
 pairs); and the smallest batch it accepts. The config (``get_default_config``,
-``validate_config``), the engines (``build_engine``) and the models (what training mode returns)
-all read this registry, so a loss registered here, after ``import torchreid_ext`` and before the
-config is built, works everywhere ``loss.name`` does.
+``validate_config``), the run's options (:class:`LossOptions`, whose :func:`build_loss_terms` the
+engine builder calls) and the models (what training mode returns) all read this registry, so a
+loss registered here, after ``import torchreid_ext`` and before the config is built, works
+everywhere ``loss.name`` does.
 
 Terms of ``loss.name = N`` (section ``s = cfg.loss.N``): cross-entropy weighted by ``s.weight_x``
 (1 for ``softmax``), N's own term weighted by ``s.weight`` (``s.weight_t`` for ``triplet``, whose

@@ -54,7 +54,7 @@ and the global generator ends in the same state. E4's shortcut does not cover th
 every identity's nearest item and on a random item of each), so this path sorts each row of the block;
 CUHK03 galleries are small (5,332 items) and its automatic blocks are 8x smaller.
 
-Why one module of ~570 lines: the sparse, dense and CUHK03 paths share the per-block gathering of
+Why one module of ~590 lines: the sparse, dense and CUHK03 paths share the per-block gathering of
 positives and junk and the rank formula above; split apart they would each need that machinery.
 """
 from __future__ import annotations
