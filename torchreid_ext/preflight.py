@@ -19,6 +19,7 @@ the run sequence (:mod:`torchreid_ext.savedir`).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os.path as osp
 
@@ -105,13 +106,7 @@ def check_memory_need(options: RunOptions) -> None:
          "data.height / data.width or train.batch_size")]
     steps.append((test_batch, False, f"evaluating '{name}' at {size} with test.batch_size = {test_batch}",
                   "data.height / data.width or test.batch_size"))
-    built = {}
-
-    def model():
-        if "model" not in built:
-            built["model"] = meta_model(options.model)
-        return built["model"]
-
+    model = functools.cache(lambda: meta_model(options.model))  # built once, and only if a step is measured
     for batch, train, what, lower in steps:
         check_memory(model, batch=batch, height=height, width=width, train=train, device=device,
                      what=what, lower=lower, half_precision=train and options.engine.amp != "none")
