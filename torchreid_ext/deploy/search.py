@@ -94,9 +94,12 @@ def decide(distance: float, threshold: Optional[float]) -> str:
 
 
 def decision_threshold(threshold: Optional[float] = None, calibration: Optional[str] = None,
-                       fpr: Optional[float] = None, target: Optional[str] = None) -> Optional[float]:
+                       fpr: Optional[float] = None, target: Optional[str] = None, model_name: str = "",
+                       options=None) -> Optional[float]:
     """The distance threshold: ``threshold`` itself, or the one at false-positive rate ``fpr``
-    (default 0.01) in the verification metrics of ``calibration`` (a metrics.json), or None."""
+    (default 0.01) in the verification metrics of ``calibration`` (a metrics.json, read once), or None.
+    With ``options`` (the search's evaluation options) and ``model_name``, a calibration of another
+    kind of distance is refused (:func:`check_calibration`)."""
     if threshold is not None and calibration:
         raise DeployInputError("give a threshold or a calibration file, not both")
     if calibration is None and (fpr is not None or target is not None):
@@ -107,28 +110,29 @@ def decision_threshold(threshold: Optional[float] = None, calibration: Optional[
         return float(threshold)
     if calibration is None:
         return None
-    if not osp.isfile(calibration):
-        raise InputNotFound(f"calibration file '{calibration}' does not exist")
-    from ..metrics.verification import threshold_from_metrics
+    from ..metrics.verification import load_record, threshold_at, verification_block
 
-    return float(threshold_from_metrics(calibration, 0.01 if fpr is None else fpr, target))
+    record = load_record(calibration)
+    block = verification_block(record, calibration, target)
+    limit = float(threshold_at(block, 0.01 if fpr is None else fpr, calibration))
+    if options is not None:
+        check_calibration(calibration, record, block, model_name, options)
+    return limit
 
 
 # the options that make a distance what it is (the verification block records them with its thresholds)
 _DISTANCE_KEYS = ("dist_metric", "normalize_feature", "flip", "aqe")
 
 
-def check_calibration(calibration: str, target: Optional[str], model_name: str, options) -> None:
+def check_calibration(calibration: str, record: Any, block: Dict[str, Any], model_name: str, options) -> None:
     """Refuse a calibration file whose thresholds are distances of another kind than this search's:
-    another model (where the file records it), metric, normalisation, flip or AQE setting."""
-    from ..metrics.verification import read_verification
-
-    with open(calibration, encoding="utf-8") as f:
-        recorded_model = json.load(f).get("model")
+    another model (where the file records it), metric, normalisation, flip or AQE setting. ``record``
+    is the file's content, ``block`` its verification block (:func:`decision_threshold` reads them)."""
+    recorded_model = record.get("model") if isinstance(record, dict) else None
     if recorded_model and recorded_model != model_name:
         raise DeployInputError(f"calibration file '{calibration}' was measured with model '{recorded_model}', "
                                f"not model.name = '{model_name}': its thresholds are another model's distances")
-    kind = read_verification(calibration, target).get("distance") or {}
+    kind = block.get("distance") or {}
     for key in _DISTANCE_KEYS:
         if key in kind and kind[key] != getattr(options, key):
             raise DeployInputError(
@@ -425,9 +429,7 @@ def search(
         raise DeployInputError(f"per_page = {per_page!r} must be an integer >= 1 (queries per report page)")
     out_dir = _check_out_dir(out_dir)
     options = EvaluationOptions.from_config(cfg)  # with the knn section (options.knn)
-    limit = decision_threshold(threshold, calibration, fpr, calibration_target)
-    if calibration:
-        check_calibration(calibration, calibration_target, cfg.model.name, options)
+    limit = decision_threshold(threshold, calibration, fpr, calibration_target, cfg.model.name, options)
     weights = resolve_weights(cfg, weights)
     query_set = query_images(queries, cfg.data.max_image_side)
     source = _Gallery(cfg, gallery, weights, None if cache_dir is None else (cache_dir or default_cache_dir()))

@@ -45,9 +45,9 @@ from .distance import (
 )
 from .rank import LabelLike, as_labels
 
-__all__ = ["FPRS", "VerificationPasses", "VerificationResult", "fpr_key", "read_verification",
-           "second_pass_from_features", "threshold_from_metrics", "verification_from_features", "verification_line",
-           "verification_metrics"]
+__all__ = ["FPRS", "VerificationPasses", "VerificationResult", "fpr_key", "load_record", "read_verification",
+           "second_pass_from_features", "threshold_at", "threshold_from_metrics", "verification_block",
+           "verification_from_features", "verification_line", "verification_metrics"]
 
 FPRS = (1e-4, 1e-3, 1e-2)  # the false positive rates FastReID reports
 _TABLE_BITS = 20  # about 2^20 bins over the positives' range (_BelowCounter)
@@ -395,7 +395,9 @@ def second_pass_from_features(passes: VerificationPasses, qf: ArrayLike, gf: Arr
 # reading a threshold back
 
 
-def _load_record(path: str) -> Any:
+def load_record(path: str) -> Any:
+    """The JSON content of a calibration file (a metrics.json); a missing or unreadable file is a
+    one-line :class:`~torchreid_ext.errors.UserError`."""
     if not osp.isfile(path):
         raise InputNotFound(f"calibration file '{path}' does not exist (give the metrics.json of a labelled "
                             "evaluation: a training run's save dir or torchreid-ext-evaluate's output)")
@@ -411,7 +413,12 @@ def read_verification(path: str, target: Optional[str] = None) -> Dict[str, Any]
     (``torchreid-ext``: the last evaluation, of dataset ``target`` where it evaluated several) or from
     ``torchreid-ext-evaluate`` (one query / gallery pair; ``target`` must be None). Raises a
     :class:`~torchreid_ext.errors.UserError` (one line) where there is none."""
-    data = _load_record(path)
+    return verification_block(load_record(path), path, target)
+
+
+def verification_block(data: Any, path: str, target: Optional[str] = None) -> Dict[str, Any]:
+    """:func:`read_verification` of ``data``, the content of the metrics.json at ``path`` (named in
+    errors), for a caller that reads the file once for more than this block."""
     if isinstance(data, dict) and isinstance(data.get("evaluations"), list):
         if not data["evaluations"] or not isinstance(data["evaluations"][-1], dict):
             raise DeployInputError(f"calibration file '{path}' records no evaluation yet (the run has not "
@@ -448,9 +455,20 @@ def threshold_from_metrics(path: str, fpr: float, target: Optional[str] = None) 
     (:func:`read_verification` picks the block): accept a pair as the same person when its distance
     is <= it. Only recorded rates are available; any other ``fpr`` is a one-line
     :class:`~torchreid_ext.errors.UserError` naming the file and the recorded rates."""
+    _check_fpr(fpr)
+    return threshold_at(read_verification(path, target), fpr, path)
+
+
+def _check_fpr(fpr: float) -> None:
     if not is_number(fpr) or not 0.0 < float(fpr) < 1.0:
         raise DeployInputError(f"fpr = {fpr!r} is not a false positive rate in (0, 1) (e.g. 0.01)")
-    at_fpr = read_verification(path, target)["at_fpr"]
+
+
+def threshold_at(block: Dict[str, Any], fpr: float, path: str) -> float:
+    """:func:`threshold_from_metrics` from the verification ``block`` of the file at ``path``
+    (:func:`verification_block`)."""
+    _check_fpr(fpr)
+    at_fpr = block["at_fpr"]
     for key, entry in at_fpr.items():
         try:
             match = float(key) == float(fpr)
