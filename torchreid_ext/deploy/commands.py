@@ -137,14 +137,14 @@ def search_main(argv: Optional[List[str]] = None) -> int:
 
     def step():
         from ..config import load_config
-        from .search import search
+        from .search import DECISIONS, search
 
         cfg = load_config(args.config, args.opts)
         result = search(cfg, args.query, args.gallery, args.out, weights=args.weights, k=args.k,
                         threshold=args.threshold, calibration=args.calibration, fpr=args.fpr,
                         calibration_target=args.calibration_target,
                         cache_dir=None if args.no_cache else args.cache_dir, per_page=args.per_page)
-        counts = {d: sum(m.decision == d for m in result.matches) for d in ("same", "different", "not decided")}
+        counts = {d: sum(m.decision == d for m in result.matches) for d in DECISIONS}
         print(f"Searched {result.num_gallery} gallery images for {result.num_query} queries: "
               + ", ".join(f"{n} {d}" for d, n in counts.items() if n))
         print(f"Report: {result.files[2]}")
