@@ -184,8 +184,9 @@ BACKBONES: Dict[str, Callable[[], Backbone]] = {
 
 def read_state_dict(path: str, what: str = "model.backbone_weights") -> Dict[str, torch.Tensor]:
     """A local state dict (through the safe loader): raw or under 'state_dict'; 'module.'
-    prefixes stripped. ``what`` names the file in errors."""
-    from ..checkpoint import CheckpointError, load_checkpoint, strip_module_prefix
+    prefixes stripped (:func:`~torchreid_ext.checkpoint.state_dict_of`). ``what`` names the file
+    in errors."""
+    from ..checkpoint import CheckpointError, load_checkpoint, state_dict_of
 
     path = os.path.expanduser(path)
     if not os.path.isfile(path):
@@ -194,8 +195,7 @@ def read_state_dict(path: str, what: str = "model.backbone_weights") -> Dict[str
         obj = load_checkpoint(path)
     except CheckpointError as exc:
         raise BackboneWeightsError(f"{what}: cannot read '{path}' ({exc})") from exc
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping):
-        raise BackboneWeightsError(f"{what}: '{path}' holds a {type(obj).__name__}, not a state dict")
-    return dict(strip_module_prefix(obj))
+    try:
+        return dict(state_dict_of(obj, path))
+    except CheckpointError as exc:  # not a state dict
+        raise BackboneWeightsError(f"{what}: {exc}") from exc
