@@ -485,19 +485,29 @@ def test_a_killed_exports_temporary_file_is_removed_by_the_next_export(env, caps
     assert sorted(os.listdir(env.root)) == ["m.pt"]
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_during_extraction_is_one_line_exit_130_and_no_file(env, tmp_path):
     out = tmp_path / "f.h5"
     argv = [sys.executable, osp.join(REPO, "scripts", "extract.py"), *_extract(env, "--out", str(out)),
             "data.height", "512", "data.width", "256", "test.batch_size", "1", "test.flip", "True"]
     # One image a batch, flipped, at 512x256: extraction takes seconds even on a fast machine, and the
     # signal goes as soon as the log says it has begun (a fixed sleep raced a fast extraction).
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=SUBPROCESS_ENV)
-    started = time.time()
+    # The child gets SIGINT's default action and an unblocked mask whatever the test worker's are (a
+    # disposition of SIG_IGN is inherited through exec, and Python then installs no handler of its own).
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=SUBPROCESS_ENV,
+                            preexec_fn=_default_sigint)
+    started, begun = time.time(), False
     for line in proc.stdout:  # wait until extraction has begun
-        if "Extracting" in line or time.time() - started > 300:
+        begun = "Extracting" in line
+        if begun or time.time() - started > 300:
             break
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=300)
+    printed, err = proc.communicate(timeout=300)
+    assert begun, f"the signal was not sent during extraction: no 'Extracting' line came ({printed!r})"
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
     assert not out.exists() and [n for n in os.listdir(tmp_path) if n.startswith(".f.h5")] == []
