@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import os.path as osp
+from typing import Callable, Optional
 
 import torch
 
@@ -74,13 +75,19 @@ def check_torchrun(options: RunOptions) -> None:
                           "CUDA tensors only); set train.sync_bn False on the CPU")
 
 
-def check_msgr_stages(options: RunOptions) -> None:
-    """With ``msgr.enabled``: every name in ``msgr.stages`` is a submodule of the model."""
+def _meta_model_once(options: RunOptions) -> Callable[[], Optional[torch.nn.Module]]:
+    """The run's model on the meta device, built on the first call only (the checks share it)."""
+    return functools.cache(lambda: meta_model(options.model))
+
+
+def check_msgr_stages(options: RunOptions, model: Optional[Callable[[], Optional[torch.nn.Module]]] = None) -> None:
+    """With ``msgr.enabled``: every name in ``msgr.stages`` is a submodule of the model (``model``:
+    a callable giving it on the meta device, default built here)."""
     if not options.msgr.enabled:
         return
     from .msgr import stage_modules
 
-    model = meta_model(options.model)
+    model = (model or _meta_model_once(options))()
     if model is None:  # the engine resolves the stages again later
         logger.debug("msgr.stages not checked up front: %s cannot be built on the meta device", options.model.name)
         return
@@ -90,7 +97,7 @@ def check_msgr_stages(options: RunOptions) -> None:
         raise ConfigError(f"msgr.stages = {list(options.msgr.stages)}: {exc}") from None
 
 
-def check_memory_need(options: RunOptions) -> None:
+def check_memory_need(options: RunOptions, model: Optional[Callable[[], Optional[torch.nn.Module]]] = None) -> None:
     """Training at ``train.batch_size`` and evaluating at ``test.batch_size``, at ``data.height`` x
     ``data.width``, fit in the memory of the device the run uses (:func:`torchreid_ext.memory.check_memory`:
     parameters and activations, measured on the meta device)."""
@@ -106,7 +113,7 @@ def check_memory_need(options: RunOptions) -> None:
          "data.height / data.width or train.batch_size")]
     steps.append((test_batch, False, f"evaluating '{name}' at {size} with test.batch_size = {test_batch}",
                   "data.height / data.width or test.batch_size"))
-    model = functools.cache(lambda: meta_model(options.model))  # built once, and only if a step is measured
+    model = model or _meta_model_once(options)  # built once, and only if a step is measured
     for batch, train, what, lower in steps:
         check_memory(model, batch=batch, height=height, width=width, train=train, device=device,
                      what=what, lower=lower, half_precision=train and options.engine.amp != "none")
@@ -166,7 +173,8 @@ def preflight(options: RunOptions) -> None:
     check_names(options)
     check_weights_file(options.model.load_weights)
     check_torchrun(options)
-    check_msgr_stages(options)
-    check_memory_need(options)
+    model = _meta_model_once(options)  # one meta-device build for both checks
+    check_msgr_stages(options, model)
+    check_memory_need(options, model)
     check_writable(options.save_dir)
     check_datasets(options)
